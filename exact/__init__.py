@@ -1,0 +1,3 @@
+"""Exact MIQP solvers and relaxation bounds; each module registers its solvers."""
+
+from . import enumerate as _enumerate  # noqa: F401

@@ -1,0 +1,1 @@
+"""Baseline pruning heuristics; each module registers its solvers."""

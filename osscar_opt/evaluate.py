@@ -1,0 +1,87 @@
+"""The one fp64 evaluator: every objective and err reported goes through it.
+
+For a support S (a set of groups) it computes, with a Cholesky factor of H_SS,
+
+    W_S  = H_SS^-1 G_S                       (optimal weights on S, zero elsewhere)
+    f(S) = -0.5 tr(G_S' H_SS^-1 G_S)
+    err(S) = (f(S) - f(all)) / (-f(all))     (0 = lossless, 1 = everything pruned)
+
+independently of any solver's own bookkeeping (DESIGN.md section 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import scipy.linalg
+
+from .errors import InstanceError
+from .instance import Instance
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    keep: np.ndarray  # sorted group ids of the support
+    objective: float  # f(S)
+    err: float  # relative reconstruction error
+    weights: np.ndarray | None  # (d, m) optimal weights, zero outside S
+    feasible: bool  # exactly `keep` groups and every partition budget met
+
+
+def support_array(instance: Instance, keep_groups: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Validate a support and return it as a sorted int64 array of group ids."""
+    S = np.asarray(keep_groups)
+    if S.ndim != 1:
+        raise InstanceError(f"a support is a 1-D list of group ids, got shape {S.shape}")
+    if S.size and not np.issubdtype(S.dtype, np.integer):
+        if not np.all(np.isfinite(S)) or not np.all(S == np.round(S)):
+            raise InstanceError("a support must contain integer group ids")
+    S = np.sort(S.astype(np.int64))
+    if S.size and (S[0] < 0 or S[-1] >= instance.n_groups):
+        raise InstanceError(f"support group ids must lie in [0, {instance.n_groups - 1}]")
+    if S.size > 1 and np.any(S[1:] == S[:-1]):
+        raise InstanceError("support contains duplicate group ids")
+    return S
+
+
+def is_feasible(instance: Instance, S: np.ndarray) -> bool:
+    if S.size != instance.keep:
+        return False
+    part = instance.partition
+    if part is None:
+        return True
+    counts = np.bincount(part.parts[S], minlength=part.n_parts)
+    return bool(np.array_equal(counts, part.budget))
+
+
+def evaluate(instance: Instance, keep_groups: Sequence[int] | np.ndarray, weights: bool = True) -> Evaluation:
+    """Objective f(S), err(S) and the optimal weights on the support, in fp64."""
+    S = support_array(instance, keep_groups)
+    feasible = is_feasible(instance, S)
+    if S.size == 0:
+        W = np.zeros_like(instance.W) if weights else None
+        return Evaluation(S, 0.0, 1.0, W, feasible)
+    rows = instance.rows_of(S)
+    H_SS = instance.H[np.ix_(rows, rows)]
+    G_S = instance.H[rows] @ instance.W
+    try:
+        L = scipy.linalg.cholesky(H_SS, lower=True, check_finite=False)
+    except np.linalg.LinAlgError:
+        raise InstanceError(
+            "H restricted to the support is not positive definite: the instance H is not SPD; rebuild it with damping"
+        ) from None
+    Y = scipy.linalg.solve_triangular(L, G_S, lower=True, check_finite=False)
+    objective = -0.5 * float(np.einsum("ij,ij->", Y, Y))
+    err = (objective - instance.full_objective) / (-instance.full_objective)
+    W = None
+    if weights:
+        W = np.zeros_like(instance.W)
+        W[rows] = scipy.linalg.solve_triangular(L, Y, lower=True, trans="T", check_finite=False)
+    return Evaluation(S, objective, float(err), W, feasible)
+
+
+def err_of_objective(instance: Instance, objective: float) -> float:
+    """The err value that corresponds to an objective value f (or a bound on it)."""
+    return (objective - instance.full_objective) / (-instance.full_objective)

@@ -1,0 +1,199 @@
+"""Instance files: one self-describing `.npz` file per instance.
+
+The file is a plain (uncompressed) numpy `.npz` archive with the members
+
+    header   uint8 array holding UTF-8 JSON: format, version, sizes, keep,
+             group size, meta (provenance) and a sha256 checksum
+    H        (d, d) float64, the damped Gram matrix
+    W        (d, m) float64, the original weights W_hat (rows = input features)
+    groups   (d,)   int64, the group id of every row
+    parts    (p,)   int64, part id per group     (only with a partition)
+    budget   (n_parts,) int64, kept per part     (only with a partition)
+
+The checksum covers every array (name, dtype, shape and bytes, in the order
+above) and the header without the checksum field. Files are written to a
+temporary name in the same folder and renamed into place, so a failed save
+never leaves a partial file. See instances/README.md for a plain-numpy loader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InstanceError, InstanceFileError
+from .instance import Instance
+
+FORMAT = "osscar-instance"
+VERSION = 1
+_ARRAYS = ("H", "W", "groups", "parts", "budget")
+
+
+def _canonical(header: dict) -> bytes:
+    body = {k: v for k, v in header.items() if k != "checksum"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def checksum(arrays: dict[str, np.ndarray], header: dict) -> str:
+    """sha256 over the arrays and the header (without its checksum field)."""
+    h = hashlib.sha256()
+    for name in _ARRAYS:
+        if name not in arrays:
+            continue
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    h.update(_canonical(header))
+    return "sha256:" + h.hexdigest()
+
+
+def _arrays_of(instance: Instance) -> dict[str, np.ndarray]:
+    arrays = {
+        "H": np.ascontiguousarray(instance.H, dtype=np.float64),
+        "W": np.ascontiguousarray(instance.W, dtype=np.float64),
+        "groups": np.ascontiguousarray(instance.groups, dtype=np.int64),
+    }
+    if instance.partition is not None:
+        arrays["parts"] = np.ascontiguousarray(instance.partition.parts, dtype=np.int64)
+        arrays["budget"] = np.ascontiguousarray(instance.partition.budget, dtype=np.int64)
+    return arrays
+
+
+def instance_checksum(instance: Instance) -> str:
+    """The checksum `save_instance` would record for this instance."""
+    return checksum(_arrays_of(instance), _header_of(instance))
+
+
+def _header_of(instance: Instance) -> dict:
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "d": instance.d,
+        "m": instance.m,
+        "n_groups": instance.n_groups,
+        "group_size": instance.group_size,
+        "keep": instance.keep,
+        "meta": instance.meta,
+    }
+    try:
+        _canonical(header)
+    except (TypeError, ValueError) as exc:
+        raise InstanceError(
+            f"instance meta is not JSON-serializable ({exc}): keep only str, int, float, bool, list and dict in meta"
+        ) from None
+    return header
+
+
+def save_instance(instance: Instance, path: str | os.PathLike) -> Path:
+    """Write `instance` to `path` atomically; returns the path written."""
+    if not isinstance(instance, Instance):
+        raise InstanceError(f"save_instance expects an Instance, got {type(instance).__name__}")
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise InstanceFileError(f"instance files end in .npz, got {path.name!r}: rename the target")
+    arrays = _arrays_of(instance)
+    header = _header_of(instance)
+    header["checksum"] = checksum(arrays, header)
+    blob = np.frombuffer(json.dumps(header, sort_keys=True, allow_nan=False).encode(), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, header=blob, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The JSON header of an instance file, without loading the matrices."""
+    path = Path(path)
+    with _open(path) as z:
+        return _header(z, path)
+
+
+def _open(path: Path):
+    if not path.exists():
+        raise InstanceFileError(f"no instance file at {path}: check the path, or rebuild with `osscar-opt instances build`")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise InstanceFileError(
+            f"{path} is not a readable instance file (truncated or corrupt: {exc}); "
+            "re-download it or rebuild it with `osscar-opt instances build`"
+        ) from None
+
+
+def _header(z: Any, path: Path) -> dict:
+    if "header" not in z.files:
+        raise InstanceFileError(f"{path} is an .npz file but not an osscar instance (no header member)")
+    try:
+        header = json.loads(bytes(z["header"]).decode())
+    except (ValueError, UnicodeDecodeError, zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise InstanceFileError(f"{path} has a corrupt header ({exc}): re-download or rebuild the file") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise InstanceFileError(f"{path} is not an osscar instance file (format {header.get('format')!r})")
+    version = header.get("version")
+    if not isinstance(version, int) or version > VERSION:
+        raise InstanceFileError(
+            f"{path} has format version {version!r}, newer than this osscar-opt reads ({VERSION}): upgrade osscar-opt"
+        )
+    return header
+
+
+def load_instance(path: str | os.PathLike, verify: bool = True) -> Instance:
+    """Read and validate an instance file (checksum, shapes, then Instance checks)."""
+    path = Path(path)
+    with _open(path) as z:
+        header = _header(z, path)
+        arrays = {}
+        for name in _ARRAYS:
+            if name in z.files:
+                try:
+                    arrays[name] = z[name]
+                except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+                    raise InstanceFileError(
+                        f"{path}: member {name!r} is corrupt ({exc}); re-download or rebuild the file"
+                    ) from None
+    for name in ("H", "W", "groups"):
+        if name not in arrays:
+            raise InstanceFileError(f"{path} lacks the array {name!r}: the file is incomplete; rebuild it")
+    if verify:
+        recorded = header.get("checksum")
+        actual = checksum(arrays, header)
+        if recorded != actual:
+            raise InstanceFileError(
+                f"{path} fails its checksum (recorded {recorded}, computed {actual}): "
+                "the file was modified or corrupted; re-download or rebuild it"
+            )
+    d, m = header.get("d"), header.get("m")
+    if arrays["H"].shape != (d, d) or arrays["W"].shape != (d, m) or arrays["groups"].shape != (d,):
+        raise InstanceFileError(
+            f"{path} does not match its header (H {arrays['H'].shape}, W {arrays['W'].shape}, d={d}, m={m}): rebuild it"
+        )
+    partition = None
+    if "parts" in arrays:
+        if "budget" not in arrays:
+            raise InstanceFileError(f"{path} has partition parts but no budget: rebuild it")
+        partition = (arrays["parts"], arrays["budget"])
+    try:
+        return Instance(
+            arrays["H"], arrays["W"], header["keep"], groups=arrays["groups"],
+            partition=partition, meta=header.get("meta") or {},
+        )
+    except InstanceError as exc:
+        raise InstanceFileError(f"{path}: {exc}") from None
