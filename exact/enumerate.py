@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from osscar_opt.errors import SolverError
 from osscar_opt.instance import Instance
+from osscar_opt.linalg import batched_objectives, output_factor
 from osscar_opt.registry import Result, Solver, Status, register
 
 
@@ -28,16 +28,6 @@ class EnumerateParams:
 
     max_supports: int = 5_000_000
     batch: int = 32768
-
-
-def gram_factor(H: np.ndarray, W: np.ndarray) -> np.ndarray:
-    """F (d x r, r <= min(d, m)) with F F' = G G' for G = H W."""
-    G = H @ W
-    d, m = G.shape
-    if m <= d:
-        return G
-    R = np.linalg.qr(G.T, mode="r")  # G' = Q R  =>  G G' = R' R
-    return R.T
 
 
 def n_supports(instance: Instance) -> int:
@@ -60,16 +50,6 @@ def supports(instance: Instance):
         yield tuple(sorted(itertools.chain.from_iterable(combo)))
 
 
-def _values(H: torch.Tensor, F: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """f(S) for a batch of supports given as (B, rows) index arrays."""
-    Hs = H[idx[:, :, None], idx[:, None, :]]
-    L, info = torch.linalg.cholesky_ex(Hs)
-    if bool((info != 0).any()):
-        raise SolverError("H restricted to a support is not positive definite: rebuild the instance with damping")
-    Y = torch.linalg.solve_triangular(L, F[idx], upper=False)
-    return -0.5 * (Y * Y).sum((1, 2))
-
-
 @register
 class Enumerate(Solver):
     name = "enumerate"
@@ -86,8 +66,9 @@ class Enumerate(Solver):
 
     def prepare(self, instance, params, device):
         dev = torch.device(device)
-        F = gram_factor(instance.H, instance.W)
-        return instance, torch.as_tensor(instance.H, device=dev), torch.as_tensor(F, device=dev)
+        H = torch.as_tensor(instance.H, device=dev)
+        F = output_factor(H @ torch.as_tensor(instance.W, device=dev))
+        return instance, H, F
 
     def run(self, state, params, deadline):
         instance, H, F = state
@@ -105,7 +86,7 @@ class Enumerate(Solver):
             combos = np.array(chunk, dtype=np.int64)
             if b is not None:
                 idx = (combos[:, :, None] * b + np.arange(b)).reshape(len(chunk), -1)
-                vals = _values(H, F, torch.as_tensor(idx, device=H.device))
+                vals = batched_objectives(H, F, torch.as_tensor(idx, device=H.device))
             else:  # uneven groups: batch the supports that have the same row count
                 idx_list = [instance.rows_of(S) for S in chunk]
                 vals = torch.empty(len(chunk), dtype=H.dtype, device=H.device)
@@ -113,7 +94,7 @@ class Enumerate(Solver):
                 for n_rows in np.unique(lengths):
                     sel = np.flatnonzero(lengths == n_rows)
                     idx = torch.as_tensor(np.stack([idx_list[i] for i in sel]), device=H.device)
-                    vals[torch.as_tensor(sel, device=H.device)] = _values(H, F, idx)
+                    vals[torch.as_tensor(sel, device=H.device)] = batched_objectives(H, F, idx)
             j = int(torch.argmin(vals))
             if float(vals[j]) < best_val:
                 best_val, best_S = float(vals[j]), chunk[j]

@@ -109,6 +109,7 @@ def save_instance(instance: Instance, path: str | os.PathLike) -> Path:
             np.savez(fh, header=blob, **arrays)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -117,6 +118,12 @@ def save_instance(instance: Instance, path: str | os.PathLike) -> Path:
             pass
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_header(path: str | os.PathLike) -> dict:

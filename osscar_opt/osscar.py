@@ -35,6 +35,7 @@ import torch
 
 from .errors import SolverError
 from .instance import Instance
+from .linalg import batched_objectives, output_factor
 from .registry import Result, Solver, Status, register
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -51,6 +52,9 @@ class OsscarParams:
     swap_size: initial number of groups swapped at once (halved on failure);
         None chooses about 1/16 of min(keep, p - keep), at least 1.
     max_iter: cap on local-search steps (tried multi-swaps plus single swaps).
+    pair_swap_limit: when a single swap no longer improves, every exchange of
+        two groups for two others is evaluated exactly if there are at most
+        this many (0 disables); catches local optima of small instances.
     dtype: "float64" (default) or "float32" for the working precision; the
         reported objective is always re-evaluated in fp64.
     """
@@ -60,6 +64,7 @@ class OsscarParams:
     local_search: bool = True
     swap_size: int | None = None
     max_iter: int = 1000
+    pair_swap_limit: int = 50_000
     dtype: str = "float64"
 
     def __post_init__(self):
@@ -69,6 +74,8 @@ class OsscarParams:
             raise ValueError("stage_fraction must lie in (0, 1]")
         if self.swap_size is not None and int(self.swap_size) < 1:
             raise ValueError("swap_size must be a positive integer or None")
+        if int(self.pair_swap_limit) < 0:
+            raise ValueError("pair_swap_limit must be >= 0")
         if int(self.max_iter) < 0:
             raise ValueError("max_iter must be >= 0")
         if self.dtype not in _DTYPES:
@@ -400,22 +407,68 @@ def local_search(prep: _Prepared, params: OsscarParams, S: np.ndarray, deadline:
             info["multi_swaps"] += 1
         else:
             t //= 2
-    # Phase 2: best single swap, scored exactly for every pair, until none improves.
+    # Phase 2: best single swap, scored exactly for every pair, until none
+    # improves; then the best exchange of two groups for two (small instances).
+    F = None
+    info["pair_swaps"] = 0
     while info["steps"] < params.max_iter and not out_of_time():
         info["steps"] += 1
         delta = state.swap_deltas(prep)
         best = int(torch.argmin(delta))
-        if not float(delta.view(-1)[best]) < -tol:
+        trial = None
+        if float(delta.view(-1)[best]) < -tol:
+            h_pos, g_pos = divmod(best, state.S.size)
+            trial = state.S.copy()
+            trial[g_pos] = state.N[h_pos]
+            kind = "single_swaps"
+        elif params.pair_swap_limit:
+            if F is None:
+                F = output_factor(G)
+            trial = _best_pair_swap(prep, F, state, params.pair_swap_limit, state.objective - tol)
+            kind = "pair_swaps"
+        if trial is None:
             break
-        h_pos, g_pos = divmod(best, state.S.size)
-        trial = state.S.copy()
-        trial[g_pos] = state.N[h_pos]
         new = _Support(prep, G, trial)
         if not new.objective < state.objective - 0.5 * tol:  # guard against round-off
             break
         state = new
-        info["single_swaps"] += 1
+        info[kind] += 1
     return state.S, info
+
+
+def _best_pair_swap(prep: _Prepared, F: torch.Tensor, state: _Support, limit: int, below: float) -> np.ndarray | None:
+    """The best support S - {g1, g2} + {h1, h2} if its f is below `below`.
+
+    Evaluated exactly (batched Cholesky) when there are at most `limit` such
+    exchanges and the groups have equal sizes; otherwise None.
+    """
+    S, N = state.S, state.N
+    if S.size < 2 or N.size < 2 or np.any(prep.sizes != prep.sizes[0]):
+        return None
+    if math.comb(S.size, 2) * math.comb(N.size, 2) > limit:
+        return None
+    oa, ob = np.triu_indices(S.size, 1)
+    ia, ib = np.triu_indices(N.size, 1)
+    o_idx = np.repeat(np.arange(oa.size), ia.size)
+    i_idx = np.tile(np.arange(ia.size), oa.size)
+    if prep.parts is not None:  # the two groups out and in must cover the same parts
+        po = np.sort(np.stack([prep.parts[S[oa]], prep.parts[S[ob]]], 1), 1)[o_idx]
+        pi = np.sort(np.stack([prep.parts[N[ia]], prep.parts[N[ib]]], 1), 1)[i_idx]
+        ok = np.all(po == pi, axis=1)
+        o_idx, i_idx = o_idx[ok], i_idx[ok]
+        if o_idx.size == 0:
+            return None
+    T = np.repeat(S[None, :], o_idx.size, axis=0)
+    rows_n = np.arange(o_idx.size)
+    T[rows_n, oa[o_idx]] = N[ia[i_idx]]
+    T[rows_n, ob[o_idx]] = N[ib[i_idx]]
+    b = int(prep.sizes[0])
+    idx = (prep.offsets[T][:, :, None] + np.arange(b)).reshape(T.shape[0], -1)
+    vals = batched_objectives(prep.H, F, torch.as_tensor(idx, device=prep.device))
+    j = int(torch.argmin(vals))
+    if float(vals[j]) < below:
+        return np.sort(T[j])
+    return None
 
 
 # -------------------------------------------------------------------- solver

@@ -1,0 +1,61 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import osscar_opt as oo
+from osscar_opt.cli import main
+
+from conftest import random_instance
+
+
+@pytest.fixture
+def inst_file(tmp_path, rng):
+    inst = random_instance(rng, p=10, group_size=2, keep=5, m=4)
+    inst.meta["id"] = "cli-test"
+    return oo.save_instance(inst, tmp_path / "cli.npz")
+
+
+def test_solve_json_reports_the_evaluated_solution(inst_file, tmp_path, capsys):
+    out = tmp_path / "sol.json"
+    assert main(["solve", str(inst_file), "--sparsity", "0.7", "--json", "--out", str(out), "-p", "swap_size=2"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads(out.read_text())
+    assert printed["keep"] == saved["keep"] and len(printed["keep"]) == 3
+    inst = oo.load_instance(inst_file).with_keep(3)
+    assert printed["err"] == pytest.approx(oo.evaluate(inst, printed["keep"]).err, rel=1e-12)
+    assert printed["params"]["swap_size"] == 2 and printed["status"] == "FEASIBLE"
+
+
+def test_solve_with_exact_solver_prints_the_certificate(inst_file, capsys):
+    assert main(["solve", str(inst_file), "--solver", "enumerate", "--keep", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "status OPTIMAL" in text and "certified gap 0.0000%" in text
+
+
+def test_info_and_solvers(inst_file, capsys):
+    assert main(["info", str(inst_file), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["groups"] == 10 and info["meta"]["id"] == "cli-test"
+    assert main(["solvers", "--json"]) == 0
+    names = [row["name"] for row in json.loads(capsys.readouterr().out)]
+    assert "osscar" in names and "enumerate" in names
+
+
+def test_errors_are_one_line_with_exit_code_2(inst_file, tmp_path, capsys):
+    assert main(["solve", str(tmp_path / "none.npz")]) == 2
+    assert main(["solve", str(inst_file), "--keep", "50"]) == 2
+    assert main(["solve", str(inst_file), "-p", "nope=1"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 3 and all(line.startswith("osscar-opt: error: ") for line in errors)
+    assert "out of range" in errors[1] and "no parameter 'nope'" in errors[2]
+
+
+def test_console_script_runs(inst_file):
+    result = subprocess.run(
+        [sys.executable, "-m", "osscar_opt", "solve", str(inst_file), "--keep", "2", "--json"],
+        capture_output=True, text=True, check=True,
+    )
+    assert len(json.loads(result.stdout)["keep"]) == 2

@@ -1,0 +1,98 @@
+"""Conformance of every registered solver (benchopt / cvxpy style)."""
+
+import time
+
+import numpy as np
+import pytest
+
+import osscar_opt as oo
+from osscar_opt import SolverError
+from osscar_opt.registry import get_solver
+
+from conftest import brute_force, plain_objective, random_instance
+
+SOLVERS = [info.name for info in oo.solvers()]
+
+
+def _cases(rng):
+    yield "neurons", random_instance(rng, p=10, group_size=1, keep=4, m=6)
+    yield "heads", random_instance(rng, p=6, group_size=4, keep=3, m=5)
+    yield "gqa", random_instance(rng, p=9, group_size=2, keep=6, m=4, partition=np.repeat(np.arange(3), 3))
+    H = random_instance(rng, p=12, keep=2).H
+    yield "uneven", oo.Instance(H, rng.standard_normal((12, 3)), 2, groups=[0, 0, 1, 2, 2, 2, 3, 1, 4, 4, 3, 0])
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_solver_conformance(name, rng):
+    info = next(i for i in oo.solvers() if i.name == name)
+    if not info.available:
+        pytest.skip(f"{name} unavailable here: {info.reason}")
+    for label, inst in _cases(rng):
+        cls = get_solver(name)
+        skip, why = cls().skip(inst, cls.Params())
+        if skip:
+            assert why, f"{name} skips {label} without a reason"
+            continue
+        sol = oo.solve(inst, name, device="cpu")
+        assert sol.status in (oo.Status.OPTIMAL, oo.Status.FEASIBLE), (label, sol.message)
+        assert sol.keep.size == inst.keep, label
+        assert np.array_equal(sol.keep, np.unique(sol.keep))
+        if inst.partition is not None:
+            counts = np.bincount(inst.partition.parts[sol.keep], minlength=inst.partition.n_parts)
+            assert counts.tolist() == inst.partition.budget.tolist(), label
+        # the reported objective is the evaluator's, and an independent solve agrees
+        assert sol.objective == oo.evaluate(inst, sol.keep).objective
+        assert sol.objective == pytest.approx(plain_objective(inst, sol.keep), rel=1e-10)
+        assert 0.0 <= sol.err <= 1.0
+        if sol.bound is not None:
+            optimum, _ = brute_force(inst)
+            assert sol.bound <= optimum + 1e-9 * abs(inst.full_objective), label
+        if sol.status == oo.Status.OPTIMAL:
+            optimum, _ = brute_force(inst)
+            assert sol.objective == pytest.approx(optimum, rel=1e-10), label
+        assert sol.seconds >= 0 and isinstance(sol.params, dict)
+
+
+def test_exact_solvers_match_brute_force(rng):
+    exact = [i.name for i in oo.solvers() if i.exact and i.available]
+    assert "enumerate" in exact
+    for trial in range(5):
+        inst = random_instance(rng, p=9, group_size=2, keep=int(rng.integers(1, 9)), m=3)
+        optimum, best = brute_force(inst)
+        for name in exact:
+            sol = oo.solve(inst, name, device="cpu")
+            assert sol.status == oo.Status.OPTIMAL
+            assert sol.objective == pytest.approx(optimum, rel=1e-10), name
+
+
+def test_unknown_solver_and_parameter_are_clear_errors(small_instance):
+    with pytest.raises(SolverError, match="unknown solver 'nope'.*osscar"):
+        oo.solve(small_instance, "nope")
+    with pytest.raises(SolverError, match="no parameter 'swaps'.*swap_size"):
+        oo.solve(small_instance, "osscar", swaps=3)
+    with pytest.raises(SolverError, match="swap_size must be a positive"):
+        oo.solve(small_instance, "osscar", swap_size=0)
+    with pytest.raises(SolverError, match="time_limit"):
+        oo.solve(small_instance, "osscar", time_limit=-1)
+
+
+def test_enumerate_skips_large_instances_with_a_reason(rng):
+    inst = random_instance(rng, p=40, keep=20, m=2)
+    with pytest.raises(SolverError, match="skips this instance: .* supports exceed max_supports"):
+        oo.solve(inst, "enumerate")
+
+
+def test_time_limit_holds_and_reports_time_limit(rng):
+    inst = random_instance(rng, p=22, keep=11, m=3)
+    start = time.perf_counter()
+    sol = oo.solve(inst, "enumerate", time_limit=0.05, batch=64)
+    assert time.perf_counter() - start < 2.0
+    assert sol.status == oo.Status.TIME_LIMIT and sol.bound is None
+
+
+def test_registry_lists_every_solver_with_availability():
+    rows = oo.solvers()
+    names = [r.name for r in rows]
+    assert names[0] == "osscar" and "enumerate" in names
+    for r in rows:
+        assert isinstance(r.available, bool) and (r.available or r.reason)
