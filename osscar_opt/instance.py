@@ -310,6 +310,10 @@ class Instance:
             partition = (self.partition.parts, budget) if budget is not None else self.partition.parts
         return self._derive(keep=keep, partition=partition)
 
+    def without_partition(self) -> "Instance":
+        """The same instance without its side constraint (a relaxation)."""
+        return self._derive(partition=None)
+
     def keep_for_sparsity(self, sparsity: float) -> int:
         """Number of groups kept when a fraction `sparsity` of them is pruned."""
         if not (isinstance(sparsity, (int, float)) and 0.0 <= float(sparsity) <= 1.0):

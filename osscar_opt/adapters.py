@@ -1,0 +1,375 @@
+"""Architecture adapters: where the prunable groups of a model live.
+
+A *site* is one structure of one layer: the module whose input rows are
+pruned (the consumer: o_proj / out_proj / c_proj for heads, down_proj / fc2 /
+output.dense for neurons, a Conv2d for input channels), how its rows form
+groups, and which modules produce those rows (removed together with them).
+
+One small adapter class per architecture family, kept in a dict keyed by name
+that users can extend with `register_adapter` (the Torch-Pruning pattern).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import OsscarError
+
+
+class UnsupportedModelError(OsscarError, ValueError):
+    """The model, layer or structure is not supported by any adapter."""
+
+
+@dataclass(frozen=True)
+class Site:
+    layer: int
+    structure: str
+    consumer: str  # dotted module path whose input rows are the groups
+    n_groups: int
+    group_size: int
+    partition: tuple[int, ...] | None = None  # part id per group (e.g. KV group of a query head)
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def id(self) -> str:
+        return f"l{self.layer}-{self.structure}"
+
+
+# ------------------------------------------------------------ module helpers
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 Conv1D: a linear layer with weight stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The consumer's weight as W_hat (d x m): rows are input features."""
+    if isinstance(module, nn.Linear):
+        return module.weight.detach().T
+    if is_conv1d(module):
+        return module.weight.detach()
+    if isinstance(module, nn.Conv2d):
+        w = module.weight.detach()
+        return w.reshape(w.shape[0], -1).T  # rows ordered (in_channel, kh, kw)
+    raise UnsupportedModelError(f"cannot prune the inputs of a {type(module).__name__}: use Linear, Conv1D or Conv2d")
+
+
+def set_weight_matrix(module: nn.Module, W: torch.Tensor) -> None:
+    """Write W (d x m, rows = input features) back into the consumer module."""
+    dtype, device = module.weight.dtype, module.weight.device
+    if isinstance(module, nn.Linear):
+        new = W.T
+    elif is_conv1d(module):
+        new = W
+    elif isinstance(module, nn.Conv2d):
+        out = module.weight.shape[0]
+        kh, kw = module.kernel_size
+        new = W.T.reshape(out, -1, kh, kw)
+    else:
+        raise UnsupportedModelError(f"cannot write the weights of a {type(module).__name__}")
+    module.weight = nn.Parameter(new.to(device=device, dtype=dtype).contiguous(), requires_grad=module.weight.requires_grad)
+
+
+def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The consumer's input as rows (n x d) matching `weight_matrix`."""
+    if isinstance(module, nn.Conv2d):
+        padding = module.padding
+        if isinstance(padding, str):
+            if padding == "valid":
+                padding = 0
+            else:  # "same" with stride 1: symmetric for odd kernels
+                if any(k % 2 == 0 for k in module.kernel_size):
+                    raise UnsupportedModelError("Conv2d padding='same' with an even kernel is not supported")
+                padding = tuple(d * (k - 1) // 2 for d, k in zip(module.dilation, module.kernel_size))
+        if module.padding_mode != "zeros":
+            raise UnsupportedModelError(f"Conv2d padding_mode={module.padding_mode!r} is not supported: use 'zeros'")
+        cols = torch.nn.functional.unfold(x, module.kernel_size, module.dilation, padding, module.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+def _get(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path)
+
+
+def _first_path(model: nn.Module, candidates: tuple[str, ...]) -> str | None:
+    for path in candidates:
+        try:
+            model.get_submodule(path)
+            return path
+        except AttributeError:
+            continue
+    return None
+
+
+# ------------------------------------------------------------------ adapters
+class Adapter:
+    """Base class: subclass, set the class attributes, `register_adapter`."""
+
+    name: ClassVar[str] = ""
+    model_types: ClassVar[tuple[str, ...]] = ()
+    structures: ClassVar[tuple[str, ...]] = ()
+    default_structures: ClassVar[tuple[str, ...]] = ("heads", "neurons")
+    layer_paths: ClassVar[tuple[str, ...]] = ()  # candidate paths of the block list
+    body_paths: ClassVar[tuple[str, ...]] = ()  # the model without its task head
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        path = _first_path(model, self.layer_paths)
+        if path is None:
+            raise UnsupportedModelError(f"{type(model).__name__} has none of {self.layer_paths}: not a {self.name} model")
+        self.layers_path = path
+        self.body_path = _first_path(model, self.body_paths) if self.body_paths else ""
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        config = getattr(model, "config", None)
+        return getattr(config, "model_type", None) in cls.model_types
+
+    @property
+    def n_layers(self) -> int:
+        return len(_get(self.model, self.layers_path))
+
+    def block_name(self, layer: int) -> str:
+        return f"{self.layers_path}.{layer}"
+
+    def block(self, layer: int) -> nn.Module:
+        return _get(self.model, self.block_name(layer))
+
+    def body(self) -> nn.Module:
+        return _get(self.model, self.body_path) if self.body_path else self.model
+
+    def check_layer(self, layer: int) -> None:
+        if not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.n_layers:
+            raise UnsupportedModelError(
+                f"layer {layer!r} is out of range: this {self.name} model has layers 0..{self.n_layers - 1}"
+            )
+
+    def check_structure(self, structure: str) -> None:
+        if structure not in self.structures:
+            raise UnsupportedModelError(
+                f"{self.name} models have no structure {structure!r}: choose from {', '.join(self.structures)}"
+            )
+
+    def site(self, structure: str, layer: int) -> Site:
+        self.check_structure(structure)
+        self.check_layer(layer)
+        return self._site(structure, int(layer))
+
+    def sites(self, structures, layers=None) -> list[Site]:
+        layers = range(self.n_layers) if layers is None else layers
+        return [self.site(s, layer) for layer in layers for s in structures]
+
+    def _site(self, structure: str, layer: int) -> Site:
+        raise NotImplementedError
+
+
+class LlamaAdapter(Adapter):
+    """Llama family (Llama, Mistral, Qwen2, SmolLM2), grouped-query attention.
+
+    heads      query heads: head_dim input rows of o_proj each, partitioned by
+               KV group so that every KV group keeps the same number
+    kv-groups  whole KV groups (their query heads, k and v heads)
+    neurons    FFN neurons: input rows of down_proj (gate/up rows produce them)
+    """
+
+    name = "llama"
+    model_types = ("llama", "mistral", "qwen2")
+    structures = ("heads", "kv-groups", "neurons")
+    layer_paths = ("model.layers", "layers")
+    body_paths = ("model",)
+
+    def head_dim(self, layer: int) -> int:
+        attn = self.block(layer).self_attn
+        return int(attn.head_dim)
+
+    def _site(self, structure: str, layer: int) -> Site:
+        prefix = self.block_name(layer)
+        if structure == "neurons":
+            down = _get(self.model, f"{prefix}.mlp.down_proj")
+            return Site(layer, structure, f"{prefix}.mlp.down_proj", down.in_features, 1)
+        attn = self.block(layer).self_attn
+        hd = self.head_dim(layer)
+        n_heads = attn.o_proj.in_features // hd
+        n_kv = attn.k_proj.out_features // hd
+        rep = n_heads // n_kv
+        extra = {"head_dim": hd, "heads": n_heads, "kv_heads": n_kv}
+        if structure == "heads":
+            parts = tuple(h // rep for h in range(n_heads))
+            return Site(layer, structure, f"{prefix}.self_attn.o_proj", n_heads, hd, parts, extra)
+        return Site(layer, structure, f"{prefix}.self_attn.o_proj", n_kv, hd * rep, None, extra)
+
+
+class BertAdapter(Adapter):
+    """BERT encoders (MiniLM): heads of attention.output.dense, neurons of output.dense."""
+
+    name = "bert"
+    model_types = ("bert", "roberta")
+    structures = ("heads", "neurons")
+    layer_paths = ("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer")
+    body_paths = ("bert", "roberta")
+
+    def _site(self, structure: str, layer: int) -> Site:
+        prefix = self.block_name(layer)
+        if structure == "neurons":
+            inter = _get(self.model, f"{prefix}.intermediate.dense")
+            return Site(layer, structure, f"{prefix}.output.dense", inter.out_features, 1)
+        self_attn = _get(self.model, f"{prefix}.attention.self")
+        hd = int(self_attn.attention_head_size)
+        n_heads = self_attn.query.out_features // hd
+        return Site(layer, structure, f"{prefix}.attention.output.dense", n_heads, hd, None, {"head_dim": hd})
+
+
+class OPTAdapter(Adapter):
+    """OPT decoders: heads of self_attn.out_proj, neurons of fc2."""
+
+    name = "opt"
+    model_types = ("opt",)
+    structures = ("heads", "neurons")
+    layer_paths = ("model.decoder.layers", "decoder.layers")
+    body_paths = ("model",)
+
+    def _site(self, structure: str, layer: int) -> Site:
+        prefix = self.block_name(layer)
+        if structure == "neurons":
+            fc1 = _get(self.model, f"{prefix}.fc1")
+            return Site(layer, structure, f"{prefix}.fc2", fc1.out_features, 1)
+        attn = _get(self.model, f"{prefix}.self_attn")
+        hd = int(attn.head_dim)
+        return Site(layer, structure, f"{prefix}.self_attn.out_proj", attn.out_proj.in_features // hd, hd, None,
+                    {"head_dim": hd})
+
+
+class GPT2Adapter(Adapter):
+    """GPT-2: heads of attn.c_proj, neurons of mlp.c_proj (both transformers Conv1D)."""
+
+    name = "gpt2"
+    model_types = ("gpt2",)
+    structures = ("heads", "neurons")
+    layer_paths = ("transformer.h", "h")
+    body_paths = ("transformer",)
+
+    def _site(self, structure: str, layer: int) -> Site:
+        prefix = self.block_name(layer)
+        if structure == "neurons":
+            c_fc = _get(self.model, f"{prefix}.mlp.c_fc")
+            return Site(layer, structure, f"{prefix}.mlp.c_proj", int(c_fc.nf), 1)
+        attn = _get(self.model, f"{prefix}.attn")
+        hd = int(attn.head_dim)
+        return Site(layer, structure, f"{prefix}.attn.c_proj", attn.c_proj.weight.shape[0] // hd, hd, None,
+                    {"head_dim": hd})
+
+
+class ConvAdapter(Adapter):
+    """Plain CNNs: input channels of a Conv2d (kh*kw rows each) whose producer
+    is another Conv2d reached only through BatchNorm2d and element-wise or
+    pooling modules; its output channels (and the BatchNorm) are removed too.
+
+    Layers are numbered over the prunable convolutions in execution order.
+    """
+
+    name = "conv"
+    structures = ("channels",)
+    default_structures = ("channels",)
+    _PASS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.Identity,
+             nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Dropout2d)
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.layers_path = ""
+        self.body_path = ""
+        self.chains = self._chains(model)
+        if not self.chains:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has no Conv2d whose input channels come straight from another Conv2d"
+            )
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return getattr(model, "config", None) is None and any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+    @classmethod
+    def _chains(cls, model: nn.Module) -> list[dict]:
+        """(producer conv, [batchnorm], consumer conv) chains found by torch.fx."""
+        import torch.fx
+
+        try:
+            graph = torch.fx.symbolic_trace(model).graph
+        except Exception as exc:
+            raise UnsupportedModelError(f"cannot trace {type(model).__name__} with torch.fx ({exc}): "
+                                        "only traceable CNNs are supported") from None
+        modules = dict(model.named_modules())
+        users = {n: list(n.users) for n in graph.nodes}
+        chains = []
+        for node in graph.nodes:
+            if node.op != "call_module" or not isinstance(modules.get(node.target), nn.Conv2d):
+                continue
+            consumer = modules[node.target]
+            if consumer.groups != 1:
+                continue
+            norms: list[str] = []
+            cur = node.args[0] if node.args else None
+            producer = None
+            while isinstance(cur, torch.fx.Node) and len(users[cur]) == 1:
+                if cur.op == "call_module":
+                    mod = modules[cur.target]
+                    if isinstance(mod, nn.Conv2d):
+                        producer = cur.target if mod.groups == 1 else None
+                        break
+                    if isinstance(mod, nn.BatchNorm2d):
+                        norms.append(cur.target)
+                    elif not isinstance(mod, cls._PASS):
+                        break
+                elif cur.op == "call_function" and getattr(cur.target, "__name__", "") in (
+                    "relu", "gelu", "silu", "max_pool2d", "avg_pool2d", "dropout", "tanh", "sigmoid"
+                ):
+                    pass
+                else:
+                    break
+                cur = cur.args[0] if cur.args else None
+            if producer is not None and modules[producer].out_channels == consumer.in_channels:
+                chains.append({"producer": producer, "norms": norms, "consumer": node.target})
+        return chains
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.chains)
+
+    def block_name(self, layer: int) -> str:
+        return self.chains[layer]["consumer"]
+
+    def _site(self, structure: str, layer: int) -> Site:
+        chain = self.chains[layer]
+        conv = _get(self.model, chain["consumer"])
+        kh, kw = conv.kernel_size
+        return Site(layer, structure, chain["consumer"], conv.in_channels, kh * kw, None,
+                    {"producer": chain["producer"], "norms": list(chain["norms"])})
+
+
+ADAPTERS: dict[str, type[Adapter]] = {}
+
+
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    ADAPTERS[cls.name] = cls
+    return cls
+
+
+for _cls in (LlamaAdapter, BertAdapter, OPTAdapter, GPT2Adapter, ConvAdapter):
+    register_adapter(_cls)
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter of the first registered family that matches the model."""
+    for cls in ADAPTERS.values():
+        if cls.matches(model):
+            return cls(model)
+    kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+    raise UnsupportedModelError(
+        f"no adapter for {kind!r} models: supported are {', '.join(ADAPTERS)} "
+        f"(model types {', '.join(t for c in ADAPTERS.values() for t in c.model_types)} and traceable CNNs); "
+        "add one with osscar_opt.adapters.register_adapter"
+    )

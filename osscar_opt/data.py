@@ -1,0 +1,212 @@
+"""Calibration and evaluation text (DESIGN.md section 4).
+
+The default corpus is Python's own reference prose, `pydoc_data.topics`
+(about 465k characters shipped with every CPython), joined with blank lines.
+It is tokenized once and split by token position into two halves: the
+calibration half (first) and the evaluation half (second). Windows are cut
+from the start of a half, consecutively, so calibration and evaluation never
+overlap; a seed instead draws window starts at random inside the half.
+
+Other sources: `wikitext2`, `c4`, `ptb` through the `datasets` package when it
+and the data are available locally, and local `.txt` / `.jsonl` files (split
+the same way by position).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import OsscarError, require
+
+SPLITS = {"calibration": "calibration", "calib": "calibration", "train": "calibration",
+          "evaluation": "evaluation", "eval": "evaluation", "test": "evaluation"}
+DATASETS = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", {"calibration": "train", "evaluation": "test"}, "text"),
+    "ptb": ("ptb_text_only", "penn_treebank", {"calibration": "train", "evaluation": "test"}, "sentence"),
+    "c4": ("allenai/c4", "en", {"calibration": "train", "evaluation": "validation"}, "text"),
+}
+
+
+class DataError(OsscarError, ValueError):
+    """Text could not be found, read or cut into windows."""
+
+
+def _split_name(split: str) -> str:
+    try:
+        return SPLITS[split]
+    except KeyError:
+        raise DataError(f"unknown split {split!r}: use 'calibration' or 'evaluation'") from None
+
+
+def pydoc_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics.values())
+
+
+def _file_text(path: Path) -> str:
+    if path.suffix == ".jsonl":
+        texts = []
+        with open(path, encoding="utf-8") as fh:
+            for i, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    texts.append(json.loads(line)["text"])
+                except (ValueError, KeyError, TypeError):
+                    raise DataError(f"{path}:{i} is not a JSON object with a 'text' field") from None
+        return "\n\n".join(texts)
+    return path.read_text(encoding="utf-8")
+
+
+def source_text(name: str) -> str | None:
+    """The whole text of a positional source (pydoc or a local file); None for datasets."""
+    if name == "pydoc":
+        return pydoc_text()
+    path = Path(name)
+    if path.suffix in (".txt", ".jsonl", ".md"):
+        if not path.exists():
+            raise DataError(f"no text file at {path}: check the path")
+        return _file_text(path)
+    if name in DATASETS:
+        return None
+    raise DataError(
+        f"unknown text source {name!r}: use 'pydoc', one of {', '.join(DATASETS)} (needs `datasets`), "
+        "or a local .txt / .jsonl file"
+    )
+
+
+def load_text(name: str = "pydoc", split: str = "calibration") -> str:
+    """Raw text of one split (by character position for positional sources)."""
+    split = _split_name(split)
+    text = source_text(name)
+    if text is None:
+        return _dataset_text(name, split)
+    half = len(text) // 2
+    return text[:half] if split == "calibration" else text[half:]
+
+
+def _dataset_text(name: str, split: str) -> str:
+    datasets = require("datasets", "data", f"the {name} corpus")
+    path, config, splits, field = DATASETS[name]
+    try:
+        ds = datasets.load_dataset(path, config, split=splits[split])
+    except Exception as exc:  # network or cache failures surface in many types
+        raise DataError(
+            f"cannot load {name} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}): "
+            "download it once with `datasets` where the hub is reachable, or pass a local .txt file"
+        ) from None
+    if name == "c4":  # the C4 train split is huge: the first 20k documents
+        ds = ds.select(range(min(len(ds), 20000)))
+    return "\n\n".join(t for t in ds[field] if t)
+
+
+def token_ids(tokenizer: Any, name: str = "pydoc", split: str = "calibration") -> np.ndarray:
+    """Token ids of one split. Positional sources are tokenized whole and split
+    at the middle token, so the two halves never share a token."""
+    split = _split_name(split)
+    text = source_text(name)
+    if text is None:
+        ids = _encode(tokenizer, _dataset_text(name, split))
+        return ids
+    if not text.strip():
+        raise DataError(f"the text source {name!r} is empty: give a text with content")
+    ids = _encode(tokenizer, text)
+    half = ids.size // 2
+    return ids[:half] if split == "calibration" else ids[half:]
+
+
+def _encode(tokenizer: Any, text: str) -> np.ndarray:
+    enc = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)
+    return np.asarray(enc["input_ids"], dtype=np.int64)
+
+
+def windows(
+    tokenizer: Any,
+    name: str = "pydoc",
+    split: str = "calibration",
+    n_windows: int = 32,
+    seq_len: int = 512,
+    seed: int | None = None,
+):
+    """A (n_windows, seq_len) LongTensor of token windows from one split.
+
+    Consecutive non-overlapping windows from the start of the split by default;
+    with a seed, window starts are drawn uniformly inside the split.
+    """
+    import torch
+
+    if n_windows < 1 or seq_len < 1:
+        raise DataError(f"need n_windows >= 1 and seq_len >= 1, got {n_windows} and {seq_len}")
+    ids = token_ids(tokenizer, name, split)
+    if ids.size < seq_len:
+        raise DataError(
+            f"the {split} split of {name!r} has {ids.size} tokens, fewer than one window of {seq_len}: "
+            "use a longer text or a shorter --seq-len"
+        )
+    if seed is None:
+        available = ids.size // seq_len
+        if available < n_windows:
+            raise DataError(
+                f"the {split} split of {name!r} holds {available} windows of {seq_len} tokens, "
+                f"{n_windows} requested: ask for fewer windows or shorter ones"
+            )
+        out = ids[: n_windows * seq_len].reshape(n_windows, seq_len)
+    else:
+        rng = np.random.default_rng(seed)
+        starts = rng.integers(0, ids.size - seq_len + 1, size=n_windows)
+        out = np.stack([ids[s : s + seq_len] for s in starts])
+    return torch.as_tensor(out)
+
+
+class Calibration:
+    """Token windows plus a description of where they came from."""
+
+    def __init__(self, input_ids: Any, source: str = "tensor", split: str = "calibration",
+                 seed: int | None = None, tokenizer_name: str | None = None):
+        import torch
+
+        ids = torch.as_tensor(input_ids)
+        if ids.dim() == 1:
+            ids = ids[None, :]
+        if ids.dim() != 2 or ids.numel() == 0:
+            raise DataError(f"calibration needs a non-empty (windows, seq_len) tensor of token ids, got shape {tuple(ids.shape)}")
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise DataError(f"calibration token ids must be integers, got {ids.dtype}")
+        self.input_ids = ids.long()
+        self.source, self.split, self.seed, self.tokenizer_name = source, split, seed, tokenizer_name
+
+    @property
+    def n_windows(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    @property
+    def tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    def batches(self, batch_size: int):
+        for a in range(0, self.n_windows, batch_size):
+            yield self.input_ids[a : a + batch_size]
+
+    def describe(self) -> dict:
+        return {"source": self.source, "split": self.split, "windows": self.n_windows,
+                "seq_len": self.seq_len, "tokens": self.tokens, "seed": self.seed}
+
+    def __repr__(self) -> str:
+        return f"<Calibration {self.source}/{self.split} {self.n_windows} x {self.seq_len} tokens>"
+
+
+def calibration(tokenizer: Any, source: str = "pydoc", n_windows: int = 32, seq_len: int = 512,
+                seed: int | None = None, split: str = "calibration") -> Calibration:
+    """Calibration windows (the first half of `source` by default)."""
+    ids = windows(tokenizer, source, split, n_windows, seq_len, seed)
+    return Calibration(ids, source=source, split=_split_name(split), seed=seed,
+                       tokenizer_name=getattr(tokenizer, "name_or_path", None))

@@ -1,0 +1,218 @@
+"""Extraction: real pruning problems from a model and calibration data.
+
+Forward hooks on the consumer modules accumulate X'X in float64 batch by
+batch (memory constant in the number of tokens, the SparseGPT recipe), then
+every site becomes an `Instance` with
+
+    H = X'X/n + damping * mean(diag(X'X/n)) I,   W_hat = the consumer's weight.
+
+`extract` uses the dense model's activations. The model driver
+(`osscar_opt.apply`) prunes sequentially with the same `GramHooks` and
+`site_instance`, block by block, so both share one code path.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .adapters import Adapter, Site, adapter_for, input_rows, weight_matrix
+from .data import Calibration, DataError
+from .instance import Instance, damped_gram
+
+
+class GramHooks:
+    """Accumulate X'X (float64) of the inputs of a set of modules."""
+
+    def __init__(self, model: nn.Module, consumers: Iterable[str], device: Any = None):
+        self.model = model
+        self.device = None if device is None else torch.device(device)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self._handles = []
+        for name in dict.fromkeys(consumers):
+            module = model.get_submodule(name)
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor):
+                return
+            rows = input_rows(module, x.detach())
+            dev = self.device or rows.device
+            rows = rows.to(dev, torch.float64)
+            acc = self.sums.get(name)
+            if acc is None:
+                acc = self.sums[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=dev)
+                self.counts[name] = 0
+            acc.addmm_(rows.T, rows)
+            self.counts[name] += rows.shape[0]
+
+        return hook
+
+    def gram(self, name: str) -> np.ndarray:
+        """X'X/n as a float64 numpy array."""
+        if name not in self.sums or self.counts[name] == 0:
+            raise DataError(f"no activations reached {name}: the calibration data never ran through it")
+        g = (self.sums[name] / self.counts[name]).cpu().numpy()
+        return 0.5 * (g + g.T)
+
+    def samples(self, name: str) -> int:
+        return self.counts.get(name, 0)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def keep_count(site: Site, keep: float | int) -> tuple[int, list[int] | None]:
+    """Groups kept (and the per-part budget) for a keep fraction or count."""
+    p = site.n_groups
+    if isinstance(keep, float):
+        if not 0.0 <= keep <= 1.0:
+            raise DataError(f"keep fraction must lie in [0, 1], got {keep}")
+        if site.partition is None:
+            return int(round(keep * p)), None
+        parts = np.asarray(site.partition)
+        sizes = np.bincount(parts)
+        budget = [int(round(keep * s)) for s in sizes]
+        return int(sum(budget)), budget
+    return int(keep), None
+
+
+def site_instance(
+    model: nn.Module,
+    site: Site,
+    gram: np.ndarray,
+    samples: int,
+    keep: float | int = 0.5,
+    damping: float = 0.01,
+    meta: dict | None = None,
+) -> Instance:
+    """The Instance of one site from its Gram matrix X'X/n."""
+    module = model.get_submodule(site.consumer)
+    W = weight_matrix(module).to("cpu", torch.float64).numpy()
+    H = damped_gram(gram, damping)
+    k, budget = keep_count(site, keep)
+    partition = None if site.partition is None else (np.asarray(site.partition), budget)
+    info = dict(meta or {})
+    info.update({
+        "layer": site.layer, "structure": site.structure, "module": site.consumer,
+        "group_size": site.group_size, "damping": damping, "samples": samples,
+    })
+    if isinstance(keep, float):
+        info["keep_fraction"] = keep
+    return Instance(H, W, k, group_size=site.group_size, partition=partition, meta=info)
+
+
+def _batches(calibration: Any, batch_size: int):
+    if isinstance(calibration, Calibration):
+        yield from calibration.batches(batch_size)
+    elif isinstance(calibration, torch.Tensor):
+        if calibration.numel() == 0:
+            raise DataError("the calibration tensor is empty: give at least one window")
+        for a in range(0, calibration.shape[0], batch_size):
+            yield calibration[a : a + batch_size]
+    else:
+        yield from calibration
+
+
+def describe_calibration(calibration: Any) -> dict:
+    if isinstance(calibration, Calibration):
+        return calibration.describe()
+    if isinstance(calibration, torch.Tensor):
+        return {"source": "tensor", "shape": list(calibration.shape)}
+    return {"source": type(calibration).__name__}
+
+
+class _Stop(Exception):
+    pass
+
+
+def run_model(model: nn.Module, adapter: Adapter, batch: Any, device: Any = None, stop_after: int | None = None) -> None:
+    """Forward one batch through the model body (no task head), optionally
+    stopping after block `stop_after`."""
+    body = adapter.body()
+    handle = None
+    if stop_after is not None and stop_after < adapter.n_layers - 1:
+        def stop(module, args, output):
+            raise _Stop
+
+        handle = adapter.block(stop_after).register_forward_hook(stop)
+    try:
+        with torch.no_grad():
+            if isinstance(batch, dict):
+                body(**{k: v.to(device) if device is not None else v for k, v in batch.items()})
+            elif isinstance(batch, torch.Tensor) and not torch.is_floating_point(batch):
+                body(input_ids=batch.to(device) if device is not None else batch)
+            else:
+                body(batch.to(device) if device is not None else batch)
+    except _Stop:
+        pass
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def extract(
+    model: nn.Module,
+    calibration: Any,
+    structures: Sequence[str] | None = None,
+    layers: Sequence[int] | None = None,
+    damping: float = 0.01,
+    device: Any = None,
+    keep: float | int = 0.5,
+    batch_size: int = 8,
+    progress: bool = True,
+    model_name: str | None = None,
+) -> list[Instance]:
+    """Instances of every (layer, structure) site from dense-model activations.
+
+    `calibration` is a `Calibration`, a tensor of token ids (or images for a
+    CNN) batched along dim 0, or an iterable of ready batches. `keep` is the
+    fraction (float) or number (int) of groups each instance keeps.
+    """
+    from tqdm.auto import tqdm
+
+    adapter = adapter_for(model)
+    structures = tuple(structures or adapter.default_structures)
+    for s in structures:
+        adapter.check_structure(s)
+    layers = list(range(adapter.n_layers)) if layers is None else [int(x) for x in layers]
+    if not layers:
+        raise DataError("no layers selected: pass layers=None for all or a list of layer indices")
+    sites = adapter.sites(structures, layers)
+    dev = None if device is None else torch.device(device)
+    if dev is not None:
+        model.to(dev)
+    model.eval()
+    name = model_name or getattr(getattr(model, "config", None), "osscar_name", None) or \
+        getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
+    n_batches = None
+    if isinstance(calibration, (Calibration, torch.Tensor)):
+        n = calibration.n_windows if isinstance(calibration, Calibration) else calibration.shape[0]
+        n_batches = -(-n // batch_size)
+    with GramHooks(model, [s.consumer for s in sites], device=dev) as hooks:
+        for batch in tqdm(_batches(calibration, batch_size), total=n_batches, desc="calibration",
+                          disable=not progress, leave=False):
+            run_model(model, adapter, batch, dev, stop_after=max(layers))
+        meta = {"model": name, "architecture": adapter.name,
+                "calibration": describe_calibration(calibration), "activations": "dense"}
+        out = []
+        for site in sites:
+            inst = site_instance(model, site, hooks.gram(site.consumer), hooks.samples(site.consumer),
+                                 keep, damping, meta)
+            inst.meta["id"] = f"{name}-{site.id}"
+            out.append(inst)
+    return out
