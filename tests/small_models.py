@@ -1,0 +1,76 @@
+"""Small models of every supported architecture, built in-process (random
+weights from a fixed seed) for architecture tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def tiny_llama(layers=2, heads=4, kv_heads=2, head_dim=16, hidden=64, ffn=96, vocab=128):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                      max_position_embeddings=256, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_bert(layers=2, heads=4, hidden=48, ffn=80, vocab=128):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     intermediate_size=ffn, max_position_embeddings=256)
+    return BertModel(cfg, add_pooling_layer=False).eval()
+
+
+def tiny_opt(layers=2, heads=4, hidden=48, ffn=80, vocab=128):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    cfg = OPTConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=ffn,
+                    num_attention_heads=heads, word_embed_proj_dim=hidden, max_position_embeddings=256)
+    return OPTForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(layers=2, heads=4, hidden=48, ffn=80, vocab=128):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_inner=ffn, n_positions=256)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+class SmallCNN(nn.Module):
+    """8x8 digit classifier: three convolutions, BatchNorm, pooling, linear head."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 24, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(24)
+        self.pool = nn.MaxPool2d(2)
+        self.conv3 = nn.Conv2d(24, 32, 3, padding=1)
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.pool(torch.relu(self.bn2(self.conv2(x))))
+        x = torch.relu(self.conv3(x))
+        return self.head(x.mean((2, 3)))
+
+
+def random_tokens(n=6, seq_len=32, vocab=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, seq_len), generator=g)
+
+
+ARCHITECTURES = {
+    "llama": tiny_llama,
+    "bert": tiny_bert,
+    "opt": tiny_opt,
+    "gpt2": tiny_gpt2,
+}

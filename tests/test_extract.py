@@ -1,0 +1,92 @@
+import numpy as np
+import pytest
+import torch
+
+import osscar_opt as oo
+from osscar_opt.adapters import UnsupportedModelError, adapter_for, input_rows
+from osscar_opt.data import DataError
+from osscar_opt.extract import extract
+
+from small_models import ARCHITECTURES, SmallCNN, random_tokens, tiny_llama
+
+
+def _captured_inputs(model, module_name, batches):
+    """Inputs of a module recorded by a plain hook, independently of GramHooks."""
+    module = model.get_submodule(module_name)
+    rows = []
+    handle = module.register_forward_hook(lambda m, a, o: rows.append(input_rows(m, a[0].detach()).double()))
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    handle.remove()
+    return torch.cat(rows).numpy()
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_gram_from_hooks_equals_direct_product(arch):
+    model = ARCHITECTURES[arch]()
+    tokens = random_tokens()
+    insts = extract(model, tokens, layers=[1], batch_size=4, progress=False, damping=0.0)
+    assert {i.meta["structure"] for i in insts} == {"heads", "neurons"}
+    for inst in insts:
+        X = _captured_inputs(model, inst.meta["module"], [tokens[:4], tokens[4:]])
+        np.testing.assert_allclose(inst.H, X.T @ X / X.shape[0], rtol=1e-10, atol=1e-12)
+        assert inst.meta["samples"] == X.shape[0] == tokens.numel()
+
+
+def test_instance_reproduces_a_direct_least_squares_error():
+    model = tiny_llama()
+    tokens = random_tokens(n=8)
+    damping = 0.05
+    (inst,) = extract(model, tokens, structures=["neurons"], layers=[0], damping=damping, keep=0.5, progress=False)
+    X = _captured_inputs(model, "model.layers.0.mlp.down_proj", [tokens])
+    W_hat = model.model.layers[0].mlp.down_proj.weight.detach().double().numpy().T
+    n = X.shape[0]
+    lam = damping * np.mean(np.sum(X * X, 0) / n)
+    S = np.arange(0, inst.n_groups, 2)
+    A = np.vstack([X[:, S] / np.sqrt(n), np.sqrt(lam) * np.eye(S.size)])
+    B = np.vstack([X @ W_hat / np.sqrt(n), np.sqrt(lam) * W_hat[S]])
+    W_S, *_ = np.linalg.lstsq(A, B, rcond=None)
+    W = np.zeros_like(W_hat)
+    W[S] = W_S
+    loss = np.sum((X @ (W - W_hat)) ** 2) / n + lam * np.sum((W - W_hat) ** 2)
+    total = np.sum((X @ W_hat) ** 2) / n + lam * np.sum(W_hat**2)
+    assert oo.evaluate(inst, S).err == pytest.approx(loss / total, rel=1e-8)
+
+
+def test_llama_heads_carry_the_gqa_partition():
+    model = tiny_llama(heads=4, kv_heads=2)
+    insts = extract(model, random_tokens(), structures=["heads", "kv-groups"], layers=[0], progress=False)
+    heads, kv = insts
+    assert heads.group_size == 16 and heads.n_groups == 4
+    assert heads.partition.parts.tolist() == [0, 0, 1, 1] and heads.partition.budget.tolist() == [1, 1]
+    assert kv.group_size == 32 and kv.n_groups == 2 and kv.partition is None
+    assert heads.meta["module"] == kv.meta["module"] == "model.layers.0.self_attn.o_proj"
+    np.testing.assert_array_equal(heads.H, kv.H)
+
+
+def test_cnn_channels_are_unfolded_patches():
+    model = SmallCNN().eval()
+    images = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    insts = extract(model, images, progress=False, damping=0.0)
+    assert [i.meta["module"] for i in insts] == ["conv2", "conv3"]  # conv1 reads the image
+    for inst in insts:
+        conv = model.get_submodule(inst.meta["module"])
+        assert inst.group_size == 9 and inst.n_groups == conv.in_channels
+        X = _captured_inputs(model, inst.meta["module"], [images])
+        np.testing.assert_allclose(inst.H, X.T @ X / X.shape[0], rtol=1e-10, atol=1e-12)
+        # the instance's W_hat reproduces the convolution output from patches
+        out = model.get_submodule(inst.meta["module"])
+        np.testing.assert_allclose(inst.W, out.weight.detach().double().reshape(out.out_channels, -1).T.numpy())
+
+
+def test_bad_inputs_are_clear_errors():
+    model = tiny_llama(layers=2)
+    with pytest.raises(UnsupportedModelError, match="out of range.*0..1"):
+        extract(model, random_tokens(), layers=[5], progress=False)
+    with pytest.raises(UnsupportedModelError, match="no structure 'channels'.*heads, kv-groups, neurons"):
+        extract(model, random_tokens(), structures=["channels"], progress=False)
+    with pytest.raises(UnsupportedModelError, match="no adapter for 'Linear'.*llama"):
+        adapter_for(torch.nn.Linear(3, 3))
+    with pytest.raises(DataError, match="empty"):
+        extract(model, torch.zeros(0, 8, dtype=torch.long), progress=False)
