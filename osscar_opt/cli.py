@@ -172,6 +172,168 @@ def _solvers_args(p: argparse.ArgumentParser):
     return run
 
 
+# -------------------------------------------------------------- instances
+@command("instances", "the instance library: list, build, verify")
+def _instances_args(p: argparse.ArgumentParser):
+    sub = p.add_subparsers(dest="action", required=True)
+    ls = sub.add_parser("list", help="show the catalog as a table")
+    ls.add_argument("--select", default=None, help="tiers (T0,T1), ids or patterns (smollm2-l10-*)")
+    ls.add_argument("--json", action="store_true")
+    bd = sub.add_parser("build", help="rebuild instances from the embedded models (T2/T3 and missing files)")
+    bd.add_argument("--select", "--tier", dest="select", default="T2,T3",
+                    help="tiers, ids or patterns to build (default: T2,T3)")
+    bd.add_argument("--out", type=Path, default=None, help="folder for rebuilt files (default: instances/build)")
+    bd.add_argument("--device", default=None, help="device for the calibration forward passes")
+    cat = sub.add_parser("catalog", help="maintainers: rebuild every instance and rewrite catalog.json")
+    cat.add_argument("--no-solve", action="store_true", help="leave best-known values empty")
+    for q in (ls, bd, cat):
+        q.add_argument("--catalog", type=Path, default=None, help="catalog file (default: instances/catalog.json)")
+
+    def run(args: argparse.Namespace) -> int:
+        from . import library
+
+        if args.action == "catalog":
+            return _write_catalog(args)
+        catalog = library.Catalog.load(args.catalog)
+        entries = catalog.select(args.select)
+        if args.action == "list":
+            if args.json:
+                _print_json(entries)
+                return 0
+            _print_catalog(entries)
+            return 0
+        return _build_entries(catalog, entries, args)
+
+    return run
+
+
+def _print_catalog(entries: list[dict]) -> None:
+    head = f"{'id':<36} {'tier':<4} {'d':>5} {'m':>4} {'p':>5} {'b':>3} {'keep':>5} {'best err':>10} {'status':<10} {'lb err':>10}  file"
+    print(head)
+    print("-" * len(head))
+    for e in entries:
+        best = e.get("best") or {}
+        err = f"{best['err']:.6f}" if "err" in best else "-"
+        lb = f"{best['bound_err']:.6f}" if best.get("bound_err") is not None else "-"
+        where = e["file"] or f"build/{e['build_file']}"
+        print(f"{e['id']:<36} {e['tier']:<4} {e['d']:>5} {e['m']:>4} {e['p']:>5} {e['group_size']:>3} {e['keep']:>5} "
+              f"{err:>10} {best.get('status', '-'):<10} {lb:>10}  {where}")
+    print(f"{len(entries)} instances")
+
+
+def _build_entries(catalog, entries: list[dict], args: argparse.Namespace) -> int:
+    """Rebuild the selected entries and check them against the catalog."""
+    from . import library
+    from .evaluate import evaluate
+    from .io import instance_checksum
+
+    recipes = [e["recipe"] for e in entries]
+    results = library.build(recipes, out_dir=args.out, commit_dir=_scratch_dir(), device=args.device)
+    by_id = {e["id"]: e for e in entries}
+    worst = 0.0
+    same = 0
+    for recipe, path, inst in results:
+        entry = by_id[inst.meta["id"]]
+        if instance_checksum(inst) == entry["checksum"]:
+            same += 1
+        best = entry.get("best") or {}
+        if best.get("keep"):
+            worst = max(worst, abs(evaluate(inst, best["keep"], weights=False).err - best["err"]))
+    print(f"built {len(results)} instances ({len({p for _, p, _ in results})} files); "
+          f"{same}/{len(results)} match the catalog checksum bit for bit; "
+          f"largest err difference on the recorded best supports: {worst:.2e}")
+    return 0 if worst <= 1e-9 else 1
+
+
+def _scratch_dir() -> Path:
+    """Committed tiers are rebuilt into a scratch folder, never over the repo's files."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="osscar-committed-"))
+
+
+def _write_catalog(args: argparse.Namespace) -> int:
+    from . import library
+    from .registry import solve
+
+    path = Path(args.catalog or library.CATALOG)
+    old = {}
+    if path.exists():
+        old = {e["id"]: e for e in library.Catalog.load(path).entries}
+    results = library.build(library.default_recipes(), commit_dir=path.parent,
+                            out_dir=path.parent / "build")
+    entries = []
+    for recipe, file, inst in results:
+        entry = library.entry_for(recipe, file, inst, path.parent)
+        prev = old.get(entry["id"])
+        if prev and prev.get("checksum") == entry["checksum"]:
+            entry["best"] = prev.get("best")
+        entries.append(entry)
+    catalog = library.Catalog(path, {
+        "format": "osscar-catalog", "version": 1,
+        "defaults": {"calibration": library.CALIBRATION, "damping": library.DAMPING,
+                     "model_dtype": library.MODEL_DTYPE},
+        "instances": entries,
+    })
+    if not args.no_solve:
+        for (recipe, file, inst), entry in zip(results, entries):
+            inst = catalog.instance(entry)
+            if entry["best"] is None:
+                sol = solve(inst, "osscar", device="cpu")
+                catalog.update_best(entry["id"], inst, sol.keep, "osscar")
+            if entry["p"] <= 20 and entry["best"].get("status") != "optimal":
+                sol = solve(inst, "enumerate", device="cpu")
+                catalog.update_best(entry["id"], inst, sol.keep, "enumerate", proven=sol.status.value == "OPTIMAL")
+    catalog.save()
+    print(f"wrote {path} with {len(entries)} instances")
+    return 0
+
+
+# ----------------------------------------------------------------- prune
+@command("prune", "prune a whole model physically and report quality, size and speed")
+def _prune_args(p: argparse.ArgumentParser):
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, minilm-l6, a model folder or a hub id")
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of groups pruned in every structure")
+    p.add_argument("--heads", type=float, default=None, help="sparsity of attention heads (overrides --sparsity)")
+    p.add_argument("--neurons", type=float, default=None, help="sparsity of FFN neurons (overrides --sparsity)")
+    p.add_argument("--structures", default=None, help="comma-separated structures (default: heads,neurons)")
+    p.add_argument("--solver", default="osscar")
+    p.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE", help="solver parameter")
+    p.add_argument("--calib", default="pydoc", help="calibration text: pydoc, wikitext2, c4, ptb or a .txt/.jsonl file")
+    p.add_argument("--nsamples", type=int, default=32, help="calibration windows")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
+    p.add_argument("--eval-windows", type=int, default=40, help="evaluation windows (causal LMs)")
+    p.add_argument("--dense-activations", action="store_true", help="prune every layer on the dense model's activations")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
+    p.add_argument("--out", type=Path, default=None, help="write the pruned model, report.json and report.md here")
+    p.add_argument("--sweep", default=None, help="comma-separated sparsities: a quality-versus-sparsity table")
+    p.add_argument("--no-speed", action="store_true", help="skip the latency measurement")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    def run(args: argparse.Namespace) -> int:
+        from .prune_cli import prune_command
+
+        return prune_command(args)
+
+    return run
+
+
+# ------------------------------------------------------------ benchmarks
+@command("bench-reference", "OSSCAR against the published code on SmolLM2 layers 0/10/20 (results/reference.md)")
+def _bench_reference_args(p: argparse.ArgumentParser):
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=None, help="results folder (default: results/)")
+
+    def run(args: argparse.Namespace) -> int:
+        from .benchmarks import reference
+
+        rows = reference.run(device=args.device, repeats=args.repeats, out=args.out)
+        return 0 if all(r["no_worse"] for r in rows) else 1
+
+    return run
+
+
 # ------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(

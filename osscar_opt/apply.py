@@ -1,0 +1,298 @@
+"""The model driver: extract, solve and write back, layer by layer.
+
+`apply(model, calibration, sparsity)` prunes every selected structure of
+every layer and physically removes the pruned groups. Sequential by default
+(the published OSSCAR mode): each layer is pruned on the activations of the
+already-pruned upstream model; inside a block, attention is pruned before the
+FFN so the FFN sees the pruned attention. Blocks are moved to the device one
+at a time, so a model larger than the accelerator's memory works.
+
+Extraction and write-back use the same code as `osscar_opt.extract`:
+`GramHooks` on the consumer modules and `site_instance` to build each layer's
+`Instance`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .adapters import Adapter, ConvAdapter, Site, UnsupportedModelError, adapter_for
+from .data import Calibration, DataError
+from .errors import OsscarError
+from .extract import GramHooks, _batches, describe_calibration, run_model, site_instance
+from .registry import solve
+
+# structures pruned first inside a block (attention precedes the FFN)
+_ORDER = {"heads": 0, "kv-groups": 0, "neurons": 1, "channels": 1}
+
+
+class PruneError(OsscarError, ValueError):
+    """apply() was asked for something it cannot do; the model is untouched."""
+
+
+@dataclass
+class SiteReport:
+    layer: int
+    structure: str
+    module: str
+    groups: int
+    kept: int
+    err: float
+    status: str
+    seconds: float
+    keep: list[int]
+
+
+@dataclass
+class PruneReport:
+    model: str
+    solver: str
+    sparsity: Any
+    sequential: bool
+    params_before: int
+    params_after: int
+    seconds: float
+    solve_seconds: float
+    sites: list[SiteReport] = field(default_factory=list)
+    calibration: dict = field(default_factory=dict)
+    solver_params: dict = field(default_factory=dict)
+
+    @property
+    def mean_err(self) -> dict:
+        out: dict[str, list[float]] = {}
+        for s in self.sites:
+            out.setdefault(s.structure, []).append(s.err)
+        return {k: float(np.mean(v)) for k, v in out.items()}
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean_err"] = self.mean_err
+        return d
+
+    def to_markdown(self) -> str:
+        lines = [
+            f"# Pruning report: {self.model}",
+            "",
+            f"solver `{self.solver}`, sparsity {self.sparsity}, {'sequential' if self.sequential else 'dense'} activations, "
+            f"calibration {self.calibration}",
+            "",
+            f"parameters {self.params_before:,} -> {self.params_after:,} "
+            f"({100 * (1 - self.params_after / max(self.params_before, 1)):.1f}% fewer); "
+            f"{self.seconds:.1f} s in all, {self.solve_seconds:.1f} s solving",
+            "",
+            "| layer | structure | groups | kept | err | status | seconds |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for s in self.sites:
+            lines.append(f"| {s.layer} | {s.structure} | {s.groups} | {s.kept} | {s.err:.5f} | {s.status} | {s.seconds:.3f} |")
+        return "\n".join(lines) + "\n"
+
+
+def count_parameters(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def _fraction_for(sparsity: Any, structure: str, layer: int) -> float:
+    """Sparsity of one site from a float, {structure: s}, {layer: s} or {(layer, structure): s}."""
+    value = sparsity
+    if isinstance(sparsity, Mapping):
+        for key in ((layer, structure), structure, layer, "default"):
+            if key in sparsity:
+                value = sparsity[key]
+                break
+        else:
+            return 0.0
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= float(value) < 1.0:
+        raise PruneError(f"sparsity must be a number in [0, 1), got {value!r} for layer {layer} {structure}")
+    return float(value)
+
+
+def _check_sparsity(sparsity: Any) -> None:
+    values = sparsity.values() if isinstance(sparsity, Mapping) else [sparsity]
+    for v in values:
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= float(v) < 1.0:
+            raise PruneError(f"sparsity must be a number in [0, 1) (the fraction of groups pruned), got {v!r}")
+
+
+def _keep_for(site: Site, fraction: float) -> int | float:
+    """Groups kept: (1 - sparsity) of them, at least one (per KV group for GQA heads)."""
+    keep_frac = 1.0 - fraction
+    if site.partition is not None:
+        sizes = np.bincount(np.asarray(site.partition))
+        budget = [max(1, int(round(keep_frac * s))) for s in sizes]
+        if len(set(budget)) == 1 and len(set(sizes.tolist())) == 1:
+            return int(sum(budget))
+        return keep_frac
+    return max(1, int(round(keep_frac * site.n_groups)))
+
+
+class _Stop(Exception):
+    pass
+
+
+def _capture_block_inputs(model: nn.Module, adapter: Adapter, calibration: Any, batch_size: int,
+                          device: Any) -> list[tuple[tuple, dict]]:
+    """The (args, kwargs) that block 0 receives for every calibration batch."""
+    block = adapter.block(0)
+    captured: list[tuple[tuple, dict]] = []
+
+    def grab(module, args, kwargs):
+        captured.append((tuple(_to(a, "cpu") for a in args), {k: _to(v, "cpu") for k, v in kwargs.items()}))
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for batch in _batches(calibration, batch_size):
+            try:
+                run_model(model, adapter, batch, device)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise DataError("the calibration data produced no batches: give at least one window")
+    return captured
+
+
+def _to(x: Any, device: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, tuple):
+        return tuple(_to(v, device) for v in x)
+    if isinstance(x, list):
+        return [_to(v, device) for v in x]
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]], device: Any, keep_outputs: bool) -> list:
+    outs = []
+    with torch.no_grad():
+        for args, kwargs in inputs:
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("use_cache", "past_key_values", "cache")}
+            out = block(*_to(args, device), **_to(kwargs, device))
+            if keep_outputs:
+                hidden = out[0] if isinstance(out, (tuple, list)) else out
+                outs.append(((hidden.to("cpu"),) + tuple(args[1:]), kwargs))
+    return outs
+
+
+def apply(
+    model: nn.Module,
+    calibration: Any,
+    sparsity: float | Mapping[Any, float],
+    solver: str = "osscar",
+    structures: Sequence[str] | None = None,
+    sequential: bool = True,
+    damping: float = 0.01,
+    device: Any = None,
+    layers: Sequence[int] | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    time_limit: float | None = None,
+    **solver_params: Any,
+) -> PruneReport:
+    """Prune `model` in place and return a report.
+
+    sparsity: fraction of groups pruned, a float for every structure, or a
+        mapping per structure ({"heads": 0.25, "neurons": 0.5}), per layer
+        index, or per (layer, structure); missing entries are not pruned.
+    solver: any registered solver name; solver_params go to it.
+    sequential: each layer sees the already-pruned upstream (default), else
+        every layer is pruned on the dense model's activations.
+    """
+    from tqdm.auto import tqdm
+
+    from .surgery import remove_groups
+
+    _check_sparsity(sparsity)
+    adapter = adapter_for(model)
+    structures = tuple(structures or adapter.default_structures)
+    for s in structures:
+        adapter.check_structure(s)
+    structures = tuple(sorted(structures, key=lambda s: _ORDER.get(s, 1)))
+    layer_ids = list(range(adapter.n_layers)) if layers is None else [int(x) for x in layers]
+    for layer in layer_ids:
+        adapter.check_layer(layer)
+    plan = [(adapter.site(s, layer), _fraction_for(sparsity, s, layer)) for layer in layer_ids for s in structures]
+    plan = [(site, frac) for site, frac in plan if frac > 0.0]
+    if isinstance(calibration, torch.Tensor) and calibration.numel() == 0:
+        raise DataError("the calibration tensor is empty: give at least one window")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    name = getattr(getattr(model, "config", None), "osscar_name", None) or \
+        getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
+    report = PruneReport(model=name, solver=solver, sparsity=sparsity if not isinstance(sparsity, Mapping) else
+                         {str(k): v for k, v in sparsity.items()}, sequential=sequential,
+                         params_before=count_parameters(model), params_after=0, seconds=0.0, solve_seconds=0.0,
+                         calibration=describe_calibration(calibration), solver_params=dict(solver_params))
+    start = time.perf_counter()
+    model.eval()
+    meta = {"model": name, "architecture": adapter.name, "calibration": report.calibration,
+            "activations": "sequential" if sequential else "dense"}
+
+    def prune_site(site: Site, frac: float, gram: np.ndarray, samples: int) -> None:
+        keep = _keep_for(site, frac)
+        inst = site_instance(model, site, gram, samples, keep=keep, damping=damping, meta=meta)
+        sol = solve(inst, solver, device=device, time_limit=time_limit, **solver_params)
+        if sol.status.value == "ERROR":
+            raise PruneError(f"solver {solver!r} failed on layer {site.layer} {site.structure}: {sol.message}")
+        remove_groups(model, site, sol.keep, sol.weights)
+        report.solve_seconds += sol.seconds
+        report.sites.append(SiteReport(site.layer, site.structure, site.consumer, site.n_groups, int(sol.keep.size),
+                                       sol.err, str(sol.status), sol.seconds, sol.keep.tolist()))
+
+    bar = tqdm(total=len(plan), desc=f"pruning ({solver})", disable=not progress, leave=False)
+    if not sequential or isinstance(adapter, ConvAdapter):
+        # Dense activations (one pass), or sequential CNNs by one forward per site.
+        todo = list(plan)
+        while todo:
+            batch_sites = todo if not sequential else todo[:1]
+            model.to(dev)
+            with GramHooks(model, [s.consumer for s, _ in batch_sites], device=dev) as hooks:
+                for batch in _batches(calibration, batch_size):
+                    run_model(model, adapter, batch, dev, stop_after=None if isinstance(adapter, ConvAdapter)
+                              else max(s.layer for s, _ in batch_sites))
+                grams = {s.consumer: (hooks.gram(s.consumer), hooks.samples(s.consumer)) for s, _ in batch_sites}
+            for site, frac in batch_sites:
+                prune_site(site, frac, *grams[site.consumer])
+                bar.update()
+            todo = todo[len(batch_sites):]
+            if not sequential:
+                break
+    else:
+        inputs = _capture_block_inputs(model, adapter, calibration, batch_size, None)
+        by_layer: dict[int, list[tuple[Site, float]]] = {}
+        for site, frac in plan:
+            by_layer.setdefault(site.layer, []).append((site, frac))
+        last = max(by_layer) if by_layer else -1
+        for layer in range(last + 1):
+            block = adapter.block(layer)
+            home = next(block.parameters()).device
+            block.to(dev)
+            for site, frac in by_layer.get(layer, []):
+                # the site's current shape (an earlier site of this block may have changed nothing here)
+                site = adapter.site(site.structure, layer)
+                with GramHooks(model, [site.consumer], device=dev) as hooks:
+                    _run_block(block, inputs, dev, keep_outputs=False)
+                    gram, samples = hooks.gram(site.consumer), hooks.samples(site.consumer)
+                prune_site(site, frac, gram, samples)
+                bar.update()
+            if layer < last:
+                inputs = _run_block(block, inputs, dev, keep_outputs=True)
+            block.to(home)
+    bar.close()
+    report.params_after = count_parameters(model)
+    report.seconds = time.perf_counter() - start
+    return report

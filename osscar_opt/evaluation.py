@@ -1,0 +1,165 @@
+"""Model quality and speed: perplexity, embedding fidelity, accuracy, latency.
+
+Perplexity is exp of the mean next-token loss over fixed windows of the
+evaluation half of the text (never the calibration half). Encoders are
+scored by the cosine similarity of their mean-pooled sentence embeddings to
+the dense model's on held-out paragraphs. Latency is the median of repeated
+timed runs after warm-up (CUDA synchronized).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import data
+
+
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, device: Any = None) -> float:
+    """exp(mean next-token loss) over (n, seq_len) windows of token ids."""
+    dev = device or next(model.parameters()).device
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for a in range(0, windows.shape[0], batch_size):
+            x = windows[a : a + batch_size].to(dev)
+            logits = model(input_ids=x).logits.float()
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
+            total += float(loss)
+            count += x[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def sentence_embeddings(model: nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = 32,
+                        max_length: int = 128, device: Any = None) -> torch.Tensor:
+    """Mean-pooled, L2-normalized embeddings (the sentence-transformers recipe)."""
+    dev = device or next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for a in range(0, len(texts), batch_size):
+            enc = tokenizer(list(texts[a : a + batch_size]), padding=True, truncation=True,
+                            max_length=max_length, return_tensors="pt").to(dev)
+            hidden = model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            out.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu())
+    return torch.cat(out)
+
+
+def held_out_paragraphs(source: str = "pydoc", n: int = 256, min_chars: int = 40) -> list[str]:
+    """Paragraphs of the evaluation half, for encoder fidelity."""
+    text = data.load_text(source, "evaluation")
+    paras = [p.strip().replace("\n", " ") for p in text.split("\n\n")]
+    paras = [p for p in paras if len(p) >= min_chars]
+    return paras[:n]
+
+
+def embedding_fidelity(dense: torch.Tensor, pruned: torch.Tensor) -> float:
+    """Mean cosine similarity of matching (normalized) embeddings."""
+    return float((dense * pruned).sum(1).mean())
+
+
+def accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
+    dev = next(model.parameters()).device
+    correct = 0
+    with torch.no_grad():
+        for a in range(0, inputs.shape[0], batch_size):
+            pred = model(inputs[a : a + batch_size].to(dev)).argmax(-1).cpu()
+            correct += int((pred == labels[a : a + batch_size]).sum())
+    return correct / inputs.shape[0]
+
+
+def _timed(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def latency(model: nn.Module, input_ids: torch.Tensor, new_tokens: int = 0, warmup: int = 2, repeats: int = 5) -> dict:
+    """Median seconds of a prefill (one forward over input_ids) and, for causal
+    LMs with new_tokens > 0, tokens per second of greedy generation."""
+    dev = next(model.parameters()).device
+    x = input_ids.to(dev)
+    model.eval()
+    out = {"batch": int(x.shape[0]), "seq_len": int(x.shape[1])}
+    with torch.no_grad():
+        out["prefill_seconds"] = _timed(lambda: model(input_ids=x), dev, warmup, repeats)
+        out["prefill_tokens_per_second"] = x.numel() / out["prefill_seconds"]
+        if new_tokens > 0 and hasattr(model, "generate"):
+            prompt = x[:1, : min(64, x.shape[1])]
+            mask = torch.ones_like(prompt)
+
+            def gen():
+                model.generate(prompt, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                               do_sample=False, pad_token_id=0)
+
+            secs = _timed(gen, dev, 1, max(1, repeats // 2))
+            out["generate_tokens_per_second"] = new_tokens / secs
+    return out
+
+
+def evaluate_model(model: nn.Module, tokenizer: Any = None, kind: str | None = None, source: str = "pydoc",
+                   n_windows: int = 40, seq_len: int = 512, reference: torch.Tensor | None = None,
+                   inputs: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                   speed: bool = False, device: Any = None) -> dict:
+    """Quality (and optionally speed) of a model.
+
+    kind: "causal-lm" (perplexity on the evaluation half), "encoder" (cosine
+    fidelity of embeddings to `reference`, the dense model's embeddings of the
+    same held-out paragraphs) or "classifier" (accuracy on inputs/labels).
+    """
+    from .apply import count_parameters
+
+    if kind is None:
+        kind = "classifier" if inputs is not None else (
+            "causal-lm" if hasattr(model, "generate") and hasattr(model, "lm_head") else "encoder")
+    result: dict[str, Any] = {"kind": kind, "parameters": count_parameters(model)}
+    if device is not None:
+        model.to(device)
+    if kind == "causal-lm":
+        windows = data.windows(tokenizer, source, "evaluation", n_windows, seq_len)
+        result["perplexity"] = perplexity(model, windows)
+        result["eval_tokens"] = int(windows.numel())
+        if speed:
+            result["speed"] = latency(model, windows[:1, :seq_len], new_tokens=32)
+    elif kind == "encoder":
+        texts = held_out_paragraphs(source)
+        emb = sentence_embeddings(model, tokenizer, texts)
+        result["embeddings"] = emb
+        result["sentences"] = len(texts)
+        if reference is not None:
+            result["fidelity"] = embedding_fidelity(reference, emb)
+        if speed:
+            enc = tokenizer(texts[:32], padding="max_length", truncation=True, max_length=128, return_tensors="pt")
+            dev = next(model.parameters()).device
+            result["speed"] = {"prefill_seconds": _timed(lambda: model(**enc.to(dev)), dev, 2, 5), "batch": 32,
+                               "seq_len": 128}
+    elif kind == "classifier":
+        result["accuracy"] = accuracy(model, inputs, labels)
+    else:
+        raise ValueError(f"unknown model kind {kind!r}: use causal-lm, encoder or classifier")
+    return result
+
+
+def relative_speedup(dense: dict, pruned: dict) -> float:
+    return dense["prefill_seconds"] / pruned["prefill_seconds"]
+
+
+__all__ = ["perplexity", "sentence_embeddings", "embedding_fidelity", "accuracy", "latency", "evaluate_model",
+           "held_out_paragraphs", "relative_speedup"]

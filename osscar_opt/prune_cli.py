@@ -1,0 +1,138 @@
+"""`osscar-opt prune`: load, measure, prune, measure again, save."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import OsscarError
+
+
+def _sparsity(args: argparse.Namespace, value: float) -> Any:
+    if args.heads is None and args.neurons is None:
+        return value
+    out = {"default": value}
+    if args.heads is not None:
+        out["heads"] = args.heads
+        out["kv-groups"] = args.heads
+    if args.neurons is not None:
+        out["neurons"] = args.neurons
+    return out
+
+
+def _solver_params(args: argparse.Namespace) -> dict:
+    from .registry import coerce_param, get_solver
+
+    cls = get_solver(args.solver)
+    params = {}
+    for item in args.param:
+        if "=" not in item:
+            raise OsscarError(f"solver parameters are NAME=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        params[key.strip()] = coerce_param(cls, key.strip(), value.strip())
+    return params
+
+
+def measure(model, tokenizer, kind: str, args: argparse.Namespace, reference=None, speed: bool = True) -> dict:
+    from .evaluation import evaluate_model
+
+    return evaluate_model(model, tokenizer, kind=kind, source="pydoc" if args.calib == "pydoc" else args.calib,
+                          n_windows=args.eval_windows, seq_len=args.seq_len, reference=reference,
+                          speed=speed and not args.no_speed, device=args.device)
+
+
+def prune_once(args: argparse.Namespace, sparsity: float, dense: dict | None = None) -> dict:
+    import torch
+
+    from . import data, models
+    from .apply import apply
+    from .models import EMBEDDED
+
+    model, tok = models.load(args.model, dtype=torch.float32)
+    kind = EMBEDDED[args.model].kind if args.model in EMBEDDED else (
+        "causal-lm" if hasattr(model, "lm_head") else "encoder")
+    if dense is None:
+        dense = measure(model, tok, kind, args)
+    seq_len = min(args.seq_len, getattr(model.config, "max_position_embeddings", args.seq_len))
+    cal = data.calibration(tok, args.calib, args.nsamples, seq_len)
+    structures = args.structures.split(",") if args.structures else None
+    report = apply(model, cal, _sparsity(args, sparsity), solver=args.solver, structures=structures,
+                   sequential=not args.dense_activations, device=args.device, **_solver_params(args))
+    pruned = measure(model, tok, kind, args, reference=dense.get("embeddings"))
+    return {"model": model, "tokenizer": tok, "kind": kind, "dense": dense, "pruned": pruned, "report": report,
+            "sparsity": sparsity}
+
+
+def _summary(run: dict) -> dict:
+    dense, pruned, report = run["dense"], run["pruned"], run["report"]
+    out = {"sparsity": run["sparsity"], "params_dense": dense["parameters"], "params_pruned": pruned["parameters"],
+           "prune_seconds": report.seconds, "solve_seconds": report.solve_seconds, "mean_err": report.mean_err}
+    if run["kind"] == "causal-lm":
+        out.update({"ppl_dense": dense["perplexity"], "ppl_pruned": pruned["perplexity"]})
+    if run["kind"] == "encoder":
+        out["fidelity"] = pruned.get("fidelity")
+    if "speed" in dense and "speed" in pruned:
+        out["prefill_speedup"] = dense["speed"]["prefill_seconds"] / pruned["speed"]["prefill_seconds"]
+        if "generate_tokens_per_second" in pruned["speed"]:
+            out["generate_speedup"] = (pruned["speed"]["generate_tokens_per_second"]
+                                       / dense["speed"]["generate_tokens_per_second"])
+    return out
+
+
+def _print(summary: dict) -> None:
+    line = (f"sparsity {summary['sparsity']:.2f}: parameters {summary['params_dense']:,} -> {summary['params_pruned']:,}"
+            f" ({100 * (1 - summary['params_pruned'] / summary['params_dense']):.1f}% fewer)")
+    if "ppl_dense" in summary:
+        line += f", perplexity {summary['ppl_dense']:.2f} -> {summary['ppl_pruned']:.2f}"
+    if summary.get("fidelity") is not None:
+        line += f", embedding cosine fidelity {summary['fidelity']:.4f}"
+    if "prefill_speedup" in summary:
+        line += f", prefill speed-up {summary['prefill_speedup']:.2f}x"
+    if "generate_speedup" in summary:
+        line += f", generation speed-up {summary['generate_speedup']:.2f}x"
+    line += f"; pruning took {summary['prune_seconds']:.0f} s"
+    print(line)
+
+
+def prune_command(args: argparse.Namespace) -> int:
+    from .library import write_json_atomic
+
+    sparsities = [float(x) for x in args.sweep.split(",")] if args.sweep else [args.sparsity]
+    rows, dense, last = [], None, None
+    for s in sparsities:
+        run = prune_once(args, s, dense)
+        dense = run["dense"]
+        summary = _summary(run)
+        rows.append(summary)
+        _print(summary)
+        last = run
+    if args.out is not None:
+        from .surgery import save_pruned
+
+        out = Path(args.out)
+        if not args.sweep:
+            save_pruned(last["model"], last["tokenizer"], out / "model")
+        report = last["report"].to_dict()
+        write_json_atomic(out / "report.json", {"summary": rows, "last_report": report,
+                                                "dense": {k: v for k, v in dense.items() if k != "embeddings"}})
+        md = [f"# osscar-opt prune: {args.model}", "",
+              f"solver `{args.solver}`, calibration {args.calib} {args.nsamples} x {args.seq_len} tokens, "
+              f"{'dense' if args.dense_activations else 'sequential'} activations", ""]
+        head = "| sparsity | parameters | " + ("perplexity | " if "ppl_pruned" in rows[0] else "fidelity | ") + \
+            "prefill speed-up | prune s |"
+        md += [head, "|---|---|---|---|---|"]
+        for r in rows:
+            q = f"{r['ppl_pruned']:.2f}" if "ppl_pruned" in r else f"{r.get('fidelity', float('nan')):.4f}"
+            md.append(f"| {r['sparsity']:.2f} | {r['params_pruned']:,} | {q} | {r.get('prefill_speedup', float('nan')):.2f}x "
+                      f"| {r['prune_seconds']:.0f} |")
+        md += ["", last["report"].to_markdown()]
+        (out / "report.md").write_text("\n".join(md) + "\n")
+        print(f"wrote {out}/report.json and {out}/report.md" + ("" if args.sweep else f" and the model in {out}/model"))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    return 0
+
+
+__all__ = ["prune_command", "prune_once", "measure"]
