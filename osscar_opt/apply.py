@@ -141,6 +141,10 @@ class _Stop(Exception):
     pass
 
 
+# keyword arguments of a block that carry a KV cache: never replayed
+_CACHE_KWARGS = ("use_cache", "past_key_values", "past_key_value", "cache", "layer_past")
+
+
 def _capture_block_inputs(model: nn.Module, adapter: Adapter, calibration: Any, batch_size: int,
                           device: Any) -> list[tuple[tuple, dict]]:
     """The (args, kwargs) that block 0 receives for every calibration batch."""
@@ -148,7 +152,8 @@ def _capture_block_inputs(model: nn.Module, adapter: Adapter, calibration: Any, 
     captured: list[tuple[tuple, dict]] = []
 
     def grab(module, args, kwargs):
-        captured.append((tuple(_to(a, "cpu") for a in args), {k: _to(v, "cpu") for k, v in kwargs.items()}))
+        captured.append((tuple(_to(a, "cpu") for a in args),
+                         {k: _to(v, "cpu") for k, v in kwargs.items() if k not in _CACHE_KWARGS}))
         raise _Stop
 
     handle = block.register_forward_pre_hook(grab, with_kwargs=True)
@@ -181,7 +186,7 @@ def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]], device: Any, 
     outs = []
     with torch.no_grad():
         for args, kwargs in inputs:
-            kwargs = {k: v for k, v in kwargs.items() if k not in ("use_cache", "past_key_values", "cache")}
+            kwargs = {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS}
             out = block(*_to(args, device), **_to(kwargs, device))
             if keep_outputs:
                 hidden = out[0] if isinstance(out, (tuple, list)) else out
@@ -215,19 +220,23 @@ def apply(
     """
     from tqdm.auto import tqdm
 
-    from .surgery import remove_groups
+    from .surgery import check_prunable, remove_groups
 
     _check_sparsity(sparsity)
     adapter = adapter_for(model)
     structures = tuple(structures or adapter.default_structures)
     for s in structures:
         adapter.check_structure(s)
+    if "heads" in structures and "kv-groups" in structures:
+        raise PruneError("prune either 'heads' or 'kv-groups' in one call, not both: both remove o_proj inputs")
     structures = tuple(sorted(structures, key=lambda s: _ORDER.get(s, 1)))
     layer_ids = list(range(adapter.n_layers)) if layers is None else [int(x) for x in layers]
     for layer in layer_ids:
         adapter.check_layer(layer)
     plan = [(adapter.site(s, layer), _fraction_for(sparsity, s, layer)) for layer in layer_ids for s in structures]
     plan = [(site, frac) for site, frac in plan if frac > 0.0]
+    for site, _ in plan:  # refuse shared weights or unsupported modules before touching anything
+        check_prunable(model, site)
     if isinstance(calibration, torch.Tensor) and calibration.numel() == 0:
         raise DataError("the calibration tensor is empty: give at least one window")
     dev = torch.device(device) if device is not None else torch.device("cpu")

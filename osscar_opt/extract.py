@@ -152,10 +152,12 @@ def run_model(model: nn.Module, adapter: Adapter, batch: Any, device: Any = None
         handle = adapter.block(stop_after).register_forward_hook(stop)
     try:
         with torch.no_grad():
+            # no KV cache: blocks are re-run on captured inputs by the driver
+            extra = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
             if isinstance(batch, dict):
-                body(**{k: v.to(device) if device is not None else v for k, v in batch.items()})
+                body(**{k: v.to(device) if device is not None else v for k, v in batch.items()}, **extra)
             elif isinstance(batch, torch.Tensor) and not torch.is_floating_point(batch):
-                body(input_ids=batch.to(device) if device is not None else batch)
+                body(input_ids=batch.to(device) if device is not None else batch, **extra)
             else:
                 body(batch.to(device) if device is not None else batch)
     except _Stop:

@@ -206,8 +206,22 @@ def _chol(M: torch.Tensor, what: str) -> torch.Tensor:
 
 
 # -------------------------------------------------------------------- greedy
+def _stage_size(params: OsscarParams, remaining: int) -> int:
+    if params.remove_per_stage is not None:
+        return min(int(params.remove_per_stage), remaining)
+    return min(remaining, max(1, math.ceil(params.stage_fraction * remaining)))
+
+
 def greedy(prep: _Prepared, params: OsscarParams) -> np.ndarray:
-    """Multi-stage backward elimination down to `keep` groups; returns them."""
+    """Multi-stage backward elimination down to `keep` groups; returns them.
+
+    The inverse of H on the active set A is kept implicitly as
+    Hinv_A = (H^-1)_AA - U_A U_A', one column block of U per stage, so a stage
+    touches only the columns of the groups it removes and the diagonal blocks
+    the scores need (section 3 of the paper, done lazily): removing R adds
+    U_new = Hinv_AR L^-T with L L' = Hinv_RR, and the weights follow by
+    W_A -= U_new L^-1 W_R, the exact least-squares refit on A minus R.
+    """
     inst = prep.instance
     p, keep = inst.n_groups, inst.keep
     active = np.arange(p)
@@ -218,44 +232,54 @@ def greedy(prep: _Prepared, params: OsscarParams) -> np.ndarray:
     caps = None
     if prep.parts is not None:
         caps = np.bincount(prep.parts, minlength=prep.budget.size) - prep.budget
-    # Start from all groups: Hinv = H^-1 (via Cholesky), weights = W_hat.
-    Hinv = torch.cholesky_inverse(_chol(prep.H, "H"))
-    Wc = prep.W.clone()
+    dev = prep.device
+    Hinv0 = torch.cholesky_inverse(_chol(prep.H, "H"))
+    rows_A = _rows(prep, active)
+    blocks = Blocks(prep.sizes[active], dev)
+    diag_A = blocks.diag(Hinv0).clone()  # diagonal blocks of the current inverse, per active group
+    W_A = prep.W.clone()  # exact weights on the active rows (W_hat when nothing is removed)
+    U_A = torch.zeros(rows_A.numel(), 0, dtype=prep.dtype, device=dev)
     remaining = p - keep
     while remaining > 0:
-        if params.remove_per_stage is not None:
-            u = min(int(params.remove_per_stage), remaining)
-        else:
-            u = min(remaining, max(1, math.ceil(params.stage_fraction * remaining)))
-        blocks = Blocks(prep.sizes[active], prep.device)
-        costs = _quad_costs(blocks, blocks.diag(Hinv), Wc).cpu().numpy()
+        costs = _quad_costs(blocks, diag_A, W_A).cpu().numpy()
         parts = None if prep.parts is None else prep.parts[active]
-        pos = _take_lowest(costs, parts, caps, u)
+        pos = _take_lowest(costs, parts, caps, _stage_size(params, remaining))
         if caps is not None:
             np.subtract.at(caps, parts[pos], 1)
         out_mask = np.zeros(active.size, dtype=bool)
         out_mask[pos] = True
-        # positions inside the current (active-set) matrices
-        row_out = blocks.idx[torch.as_tensor(pos, device=prep.device)]
-        if blocks.mask is not None:
-            row_out = row_out[blocks.mask[torch.as_tensor(pos, device=prep.device)]]
-        row_out = row_out.reshape(-1)
         keep_pos = np.flatnonzero(~out_mask)
-        row_keep = blocks.idx[torch.as_tensor(keep_pos, device=prep.device)]
-        if blocks.mask is not None:
-            row_keep = row_keep[blocks.mask[torch.as_tensor(keep_pos, device=prep.device)]]
-        row_keep = row_keep.reshape(-1)
-        # Block Woodbury: drop rows R from the inverse and refit the weights.
-        L = _chol(Hinv[row_out][:, row_out], "the removed block of H^-1")
-        HKR = Hinv[row_keep][:, row_out]
-        rhs = torch.cat([HKR.T, Wc[row_out]], dim=1)
-        T = torch.cholesky_solve(rhs, L)
-        nk = row_keep.numel()
-        Hinv = Hinv[row_keep][:, row_keep] - HKR @ T[:, :nk]
-        Wc = Wc[row_keep] - HKR @ T[:, nk:]
+        r_out = _positions(blocks, pos, dev)  # positions of the removed rows inside A
+        r_keep = _positions(blocks, keep_pos, dev)
+        H_AR = Hinv0[rows_A[:, None], rows_A[r_out][None, :]]
+        if U_A.shape[1]:
+            H_AR = H_AR - U_A @ U_A[r_out].T
+        L = _chol(H_AR[r_out], "the removed block of H^-1")
+        U_new = torch.linalg.solve_triangular(L, H_AR.T, upper=False).T  # Hinv_AR L^-T
+        Z = torch.linalg.solve_triangular(L, W_A[r_out], upper=False)  # L^-1 W_R
+        U_new = U_new[r_keep]
+        W_A = W_A[r_keep] - U_new @ Z
+        U_A = torch.cat([U_A[r_keep], U_new], dim=1)
         active = active[keep_pos]
+        rows_A = rows_A[r_keep]
+        new_blocks = Blocks(prep.sizes[active], dev)
+        Ug = new_blocks.rows_of(U_new)  # (n, b, |R|)
+        diag_A = diag_A[torch.as_tensor(keep_pos, device=dev)] - Ug @ Ug.transpose(1, 2)
+        if new_blocks.mask is not None:
+            eye = torch.eye(new_blocks.b, dtype=diag_A.dtype, device=dev)
+            pad = ~(new_blocks.mask[:, :, None] & new_blocks.mask[:, None, :])
+            diag_A = torch.where(pad, eye.expand_as(diag_A), diag_A)
+        blocks = new_blocks
         remaining -= pos.size
     return np.sort(active)
+
+
+def _positions(blocks: Blocks, group_pos: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Row positions (inside the blocks' layout) of the groups at `group_pos`."""
+    sel = blocks.idx[torch.as_tensor(group_pos, device=device)]
+    if blocks.mask is not None:
+        sel = sel[blocks.mask[torch.as_tensor(group_pos, device=device)]]
+    return sel.reshape(-1)
 
 
 # --------------------------------------------------------------- local search

@@ -74,3 +74,33 @@ ARCHITECTURES = {
     "opt": tiny_opt,
     "gpt2": tiny_gpt2,
 }
+
+
+def digits_cnn(epochs: int = 10, seed: int = 0):
+    """A SmallCNN trained on scikit-learn's bundled 8x8 digits (real data, no
+    download) for a few seconds. Returns (model in eval mode, test images,
+    test labels); 1397 images train it, the other 400 test it."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(digits.target, dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=g)
+    train, test = order[:-400], order[-400:]
+    torch.manual_seed(seed)
+    model = SmallCNN()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny batches: extra threads only contend on a shared CPU
+    try:
+        for _ in range(epochs):
+            for batch in torch.randperm(len(train), generator=g).split(64):
+                idx = train[batch]
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(images[idx]), labels[idx]).backward()
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval(), images[test], labels[test]

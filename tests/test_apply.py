@@ -1,0 +1,122 @@
+"""The model driver on small models of every architecture (built in-process)
+and on a CNN trained on real data (scikit-learn's digits)."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import osscar_opt as oo
+from osscar_opt.adapters import UnsupportedModelError, adapter_for, weight_matrix
+from osscar_opt.apply import PruneError, apply, count_parameters
+from osscar_opt.data import DataError
+from osscar_opt.surgery import load_pruned, save_pruned
+
+from small_models import ARCHITECTURES, digits_cnn, random_tokens, tiny_llama
+
+
+def _refit_reference(dense, pruned, report):
+    """The dense model with every pruned consumer's weight replaced by the
+    pruned model's weights on the kept rows and zeros elsewhere."""
+    ref = copy.deepcopy(dense)
+    for site in report.sites:
+        consumer = ref.get_submodule(site.module)
+        W_dense = weight_matrix(consumer)
+        W_new = torch.zeros_like(W_dense)
+        b = W_dense.shape[0] // site.groups
+        rows = (np.asarray(site.keep)[:, None] * b + np.arange(b)).ravel()
+        W_new[torch.as_tensor(rows)] = weight_matrix(pruned.get_submodule(site.module)).to(W_new.dtype)
+        from osscar_opt.adapters import set_weight_matrix
+
+        set_weight_matrix(consumer, W_new)
+    return ref
+
+
+def _out(model, x):
+    with torch.no_grad():
+        out = model(x)
+    return (out.logits if hasattr(out, "logits") else out.last_hidden_state if hasattr(out, "last_hidden_state")
+            else out)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("sequential", [True, False])
+def test_apply_removes_groups_physically_and_matches_the_refit_dense_model(arch, sequential, tmp_path):
+    dense = ARCHITECTURES[arch](layers=2)
+    model = copy.deepcopy(dense)
+    tokens = random_tokens(n=8, seq_len=24)
+    report = apply(model, tokens, {"heads": 0.5, "neurons": 0.25}, sequential=sequential, progress=False)
+    adapter = adapter_for(model)
+    assert len(report.sites) == 2 * adapter.n_layers
+    for site in report.sites:
+        expected = max(1, round((0.5 if site.structure == "heads" else 0.75) * site.groups))
+        if arch == "llama" and site.structure == "heads":
+            expected = 2  # one of the two query heads of each KV group
+        assert site.kept == len(site.keep) == expected
+        assert 0.0 <= site.err <= 1.0 and site.status == "FEASIBLE"
+        assert adapter.site(site.structure, site.layer).n_groups == site.kept  # physically smaller
+    assert report.params_after == count_parameters(model) < report.params_before
+    x = random_tokens(n=2, seq_len=24, seed=5)
+    reference = _refit_reference(dense, model, report)
+    np.testing.assert_allclose(_out(model, x).numpy(), _out(reference, x).numpy(), atol=2e-5, rtol=1e-4)
+    # save and reload give the same outputs
+    save_pruned(model, None, tmp_path / "m")
+    again = load_pruned(tmp_path / "m", model=ARCHITECTURES[arch](layers=2) if arch == "bert" else None)
+    np.testing.assert_allclose(_out(again, x).numpy(), _out(model, x).numpy(), atol=1e-6)
+
+
+def test_sequential_sees_the_pruned_upstream():
+    """Layer 1's instance differs between sequential and dense activations."""
+    tokens = random_tokens(n=8, seq_len=24)
+    a, b = tiny_llama(), tiny_llama()
+    seq = apply(a, tokens, 0.5, structures=["neurons"], sequential=True, progress=False)
+    dense = apply(b, tokens, 0.5, structures=["neurons"], sequential=False, progress=False)
+    assert seq.sites[0].err == pytest.approx(dense.sites[0].err, rel=1e-9)  # layer 0 sees the same inputs
+    assert seq.sites[1].err != pytest.approx(dense.sites[1].err, rel=1e-6)
+
+
+def test_per_structure_and_per_layer_sparsity():
+    model = tiny_llama(layers=2)
+    report = apply(model, random_tokens(), {0: 0.5}, structures=["neurons"], progress=False)
+    assert [(s.layer, s.kept) for s in report.sites] == [(0, 48)]
+    assert model.model.layers[1].mlp.down_proj.in_features == 96
+
+
+def test_cnn_trained_on_digits_keeps_its_accuracy():
+    model, images, labels = digits_cnn()
+    from osscar_opt.evaluation import accuracy
+
+    before = accuracy(model, images, labels)
+    params = count_parameters(model)
+    report = apply(model, images[:200], 0.25, progress=False)
+    after = accuracy(model, images, labels)
+    assert [s.module for s in report.sites] == ["conv2", "conv3"]
+    assert count_parameters(model) < params
+    assert before > 0.9 and after > before - 0.1, (before, after)
+
+
+def test_bad_inputs_leave_the_model_untouched():
+    model = tiny_llama()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = random_tokens()
+    for bad, error, match in [
+        (dict(sparsity=1.0), PruneError, r"\[0, 1\)"),
+        (dict(sparsity=-0.1), PruneError, r"\[0, 1\)"),
+        (dict(sparsity=0.5, structures=["channels"]), UnsupportedModelError, "no structure 'channels'"),
+        (dict(sparsity=0.5, structures=["heads", "kv-groups"]), PruneError, "either 'heads' or 'kv-groups'"),
+        (dict(sparsity=0.5, layers=[7]), UnsupportedModelError, "out of range"),
+    ]:
+        with pytest.raises(error, match=match):
+            apply(model, tokens, progress=False, **bad)
+    with pytest.raises(DataError, match="empty"):
+        apply(model, torch.zeros(0, 16, dtype=torch.long), 0.5, progress=False)
+    tied = tiny_llama()
+    tied.model.layers[1].mlp.up_proj.weight = tied.model.layers[0].mlp.up_proj.weight  # shared weight
+    tied_state = {k: v.clone() for k, v in tied.state_dict().items()}
+    with pytest.raises(oo.OsscarError, match="shared"):
+        apply(tied, tokens, 0.5, structures=["neurons"], progress=False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    for k, v in tied.state_dict().items():
+        assert torch.equal(v, tied_state[k]), k
