@@ -44,7 +44,7 @@ import torch
 
 from osscar_opt.errors import SolverError
 from osscar_opt.instance import Instance
-from osscar_opt.osscar import Blocks, _chol, _Prepared
+from osscar_opt.osscar import Blocks, Prepared, _chol
 from osscar_opt.registry import Result, Solver, Status, register
 
 from ._common import check_dtype, prepare_tensors, sync
@@ -234,7 +234,7 @@ def _block_steps(A, B, blocks, eligible, active, order, steps, largest, parts, c
     return done, cols, U, V
 
 
-def _partition(prep: _Prepared):
+def _partition(prep: Prepared):
     return (None, None) if prep.parts is None else (prep.parts, prep.budget)
 
 
@@ -243,7 +243,7 @@ class _EliminationSolver(Solver):
     devices = ("cpu", "cuda")
     Params = EliminationParams
 
-    def prepare(self, instance: Instance, params: EliminationParams, device: str) -> _Prepared:
+    def prepare(self, instance: Instance, params: EliminationParams, device: str) -> Prepared:
         return prepare_tensors(instance, device, params.dtype)
 
 
@@ -254,7 +254,7 @@ class ObsGreedy(_EliminationSolver):
     name = "obs-greedy"
     description = "remove the group of least exact OBS cost one at a time, Woodbury update (torch, CPU/CUDA)"
 
-    def run(self, prep: _Prepared, params: EliminationParams, deadline) -> Result:
+    def run(self, prep: Prepared, params: EliminationParams, deadline) -> Result:
         inst = prep.instance
         p, keep = inst.n_groups, inst.keep
         if keep == p:
@@ -278,7 +278,7 @@ class Forward(_EliminationSolver):
     name = "forward"
     description = "add the group of largest exact objective decrease one at a time (torch, CPU/CUDA)"
 
-    def run(self, prep: _Prepared, params: EliminationParams, deadline) -> Result:
+    def run(self, prep: Prepared, params: EliminationParams, deadline) -> Result:
         inst = prep.instance
         if inst.keep == 0:
             return Result(keep=np.arange(0), info={"added": []})

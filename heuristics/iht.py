@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from osscar_opt.instance import Instance
-from osscar_opt.osscar import Blocks, _chol, _Prepared
+from osscar_opt.osscar import Blocks, Prepared, _chol
 from osscar_opt.registry import Result, Solver, Status, register
 
 from ._common import check_dtype, prepare_tensors, select_top, sync
@@ -85,7 +85,7 @@ def lipschitz(H: torch.Tensor, iters: int, seed: int = 0) -> tuple[float, float]
 
 @dataclass
 class _State:
-    prep: _Prepared
+    prep: Prepared
     F: torch.Tensor  # (d, r) G or its row-space coordinates
     W0: torch.Tensor  # (d, r) W_hat in the same coordinates
     blocks: Blocks  # all groups, in id order

@@ -8,11 +8,11 @@ About `err` for the no-refit heuristics (magnitude, activation): a Solution is
 a support, and its `objective`, `err` and `weights` always come from the one
 fp64 evaluator, i.e. from the optimal least-squares refit on that support. What
 the heuristic itself would deploy, W_hat with the pruned rows zeroed, is
-reported next to it in `info`:
+reported next to it in `info` by the registry (`refits = False`, see
+`osscar_opt.registry.finish`), and the Solution's `weights` are W_hat masked:
 
     info["err_no_refit"]       = 0.5 tr(D'HD) / (-f(all)),  D = W_hat masked - W_hat
     info["objective_no_refit"] = 0.5 tr(D'HD) + f(all)
-    info["refit"]              = False
 
 (q(W) = 0.5 tr(W'HW) - tr(G'W) equals 0.5 tr((W - W_hat)'H(W - W_hat)) + f(all),
 so err_no_refit is the err scale applied to q(W_hat masked)). Callers that
@@ -27,7 +27,7 @@ import numpy as np
 
 from osscar_opt.registry import NoParams, Result, Solver, Status, register
 
-from ._common import group_sq_norms, no_refit_info, select_top
+from ._common import group_sq_norms, select_top
 
 
 def magnitude_scores(instance) -> np.ndarray:
@@ -50,15 +50,14 @@ class _ScoreSolver(Solver):
     exact = False
     devices = ("cpu",)
     Params = NoParams
-    refit = True  # False: the heuristic deploys W_hat masked (see module docstring)
+    refits = True  # False: the heuristic deploys W_hat masked (see module docstring)
 
     def scores(self, instance, params) -> np.ndarray:
         raise NotImplementedError
 
     def run(self, instance, params, deadline) -> Result:
         keep = select_top(instance, self.scores(instance, params))
-        info = {"refit": True} if self.refit else no_refit_info(instance, keep)
-        return Result(keep=keep, status=Status.FEASIBLE, info=info)
+        return Result(keep=keep, status=Status.FEASIBLE, info={"refit": self.refits})
 
 
 @register
@@ -66,7 +65,7 @@ class Magnitude(_ScoreSolver):
     """Keep the groups of largest ||W_hat_g||_F; no refit (see module docstring)."""
 
     name = "magnitude"
-    refit = False
+    refits = False
     description = "largest group norms of W_hat, no refit (info: err_no_refit; err is the refit's)"
 
     def scores(self, instance, params):
@@ -89,7 +88,7 @@ class Activation(_ScoreSolver):
     """Wanda-style: keep the groups of largest sum_{i in g} H_ii ||W_hat_i||^2; no refit."""
 
     name = "activation"
-    refit = False
+    refits = False
     description = "Wanda-style group norms of W_hat scaled by sqrt(diag H), no refit (info: err_no_refit)"
 
     def scores(self, instance, params):

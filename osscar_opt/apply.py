@@ -43,7 +43,7 @@ class SiteReport:
     module: str
     groups: int
     kept: int
-    err: float
+    err: float  # of the weights written into the model (refit, or W_hat for methods without refit)
     status: str
     seconds: float
     keep: list[int]
@@ -260,7 +260,7 @@ def apply(
         remove_groups(model, site, sol.keep, sol.weights)
         report.solve_seconds += sol.seconds
         report.sites.append(SiteReport(site.layer, site.structure, site.consumer, site.n_groups, int(sol.keep.size),
-                                       sol.err, str(sol.status), sol.seconds, sol.keep.tolist()))
+                                       sol.deployed_err, str(sol.status), sol.seconds, sol.keep.tolist()))
 
     bar = tqdm(total=len(plan), desc=f"pruning ({solver})", disable=not progress, leave=False)
     if not sequential or isinstance(adapter, ConvAdapter):

@@ -85,3 +85,21 @@ def evaluate(instance: Instance, keep_groups: Sequence[int] | np.ndarray, weight
 def err_of_objective(instance: Instance, objective: float) -> float:
     """The err value that corresponds to an objective value f (or a bound on it)."""
     return (objective - instance.full_objective) / (-instance.full_objective)
+
+
+def evaluate_masked(instance: Instance, keep_groups: Sequence[int] | np.ndarray) -> tuple[float, float]:
+    """(objective, err) of W_hat with the pruned groups' rows zeroed, no refit.
+
+    q(W) = 0.5 tr(W'HW) - tr(G'W) = 0.5 tr((W - W_hat)' H (W - W_hat)) + f(all);
+    zeroing the pruned rows P gives q = 0.5 tr(W_hat_P' H_PP W_hat_P) + f(all).
+    """
+    S = support_array(instance, keep_groups)
+    pruned = np.ones(instance.n_groups, dtype=bool)
+    pruned[S] = False
+    rows = instance.rows_of(np.flatnonzero(pruned))
+    quad = 0.0
+    if rows.size:
+        Wp = instance.W[rows]
+        quad = 0.5 * float(np.einsum("ij,ij->", Wp, instance.H[np.ix_(rows, rows)] @ Wp))
+    objective = quad + instance.full_objective
+    return objective, err_of_objective(instance, objective)

@@ -38,7 +38,8 @@ from .instance import Instance
 from .linalg import batched_objectives, output_factor
 from .registry import Result, Solver, Status, register
 
-_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+_DTYPES = DTYPES
 
 
 @dataclass
@@ -170,7 +171,7 @@ def _take_lowest(scores: np.ndarray, parts: np.ndarray | None, caps: np.ndarray 
 
 # ------------------------------------------------------------------- the state
 @dataclass
-class _Prepared:
+class Prepared:
     instance: Instance
     H: torch.Tensor  # rows/cols permuted so groups are contiguous, on device
     W: torch.Tensor
@@ -182,7 +183,7 @@ class _Prepared:
     dtype: torch.dtype
 
 
-def _rows(prep: _Prepared, groups: np.ndarray) -> torch.Tensor:
+def _rows(prep: Prepared, groups: np.ndarray) -> torch.Tensor:
     """Permuted row positions of `groups`, in the order given."""
     sizes = prep.sizes[groups]
     if sizes.size == 0:
@@ -212,7 +213,7 @@ def _stage_size(params: OsscarParams, remaining: int) -> int:
     return min(remaining, max(1, math.ceil(params.stage_fraction * remaining)))
 
 
-def greedy(prep: _Prepared, params: OsscarParams) -> np.ndarray:
+def greedy(prep: Prepared, params: OsscarParams) -> np.ndarray:
     """Multi-stage backward elimination down to `keep` groups; returns them.
 
     The inverse of H on the active set A is kept implicitly as
@@ -286,7 +287,7 @@ def _positions(blocks: Blocks, group_pos: np.ndarray, device: torch.device) -> t
 class _Support:
     """Everything the swap moves need about the current support S."""
 
-    def __init__(self, prep: _Prepared, G: torch.Tensor, S: np.ndarray):
+    def __init__(self, prep: Prepared, G: torch.Tensor, S: np.ndarray):
         self.S = np.sort(S)
         p = prep.instance.n_groups
         in_S = np.zeros(p, dtype=bool)
@@ -321,7 +322,7 @@ class _Support:
                 self.Sigma = torch.where(pad, eye.expand_as(self.Sigma), self.Sigma)
         self.gain = _quad_costs(self.bN, self.Sigma, self.R)  # add-back gain per h in N
 
-    def swap_deltas(self, prep: _Prepared) -> torch.Tensor:
+    def swap_deltas(self, prep: Prepared) -> torch.Tensor:
         """(|N|, |S|) exact change of f for swapping g in S out and h in N in."""
         if self.bS.b == 1 and self.bN.b == 1 and self.bS.mask is None and self.bN.mask is None:
             V = self.C
@@ -385,7 +386,7 @@ class _ScalarSwaps:
     and D = R W' (the pair products of `swap_deltas`).
     """
 
-    def __init__(self, prep: _Prepared, G: torch.Tensor, S: np.ndarray):
+    def __init__(self, prep: Prepared, G: torch.Tensor, S: np.ndarray):
         self.prep, self.G = prep, G
         self.Hdiag = prep.H.diagonal()
         self.reset(S)
@@ -412,7 +413,7 @@ class _ScalarSwaps:
             self.partS = torch.as_tensor(prep.parts[self.S], device=prep.device)
             self.partN = torch.as_tensor(prep.parts[self.N], device=prep.device)
 
-    def swap_deltas(self, prep: _Prepared) -> torch.Tensor:
+    def swap_deltas(self, prep: Prepared) -> torch.Tensor:
         a = self.Hinv.diagonal()
         w2 = (self.W * self.W).sum(1)
         r2 = (self.R * self.R).sum(1)
@@ -463,7 +464,7 @@ class _ScalarSwaps:
         self.objective += delta
 
 
-def _objective_of(prep: _Prepared, G: torch.Tensor, S: np.ndarray) -> float:
+def _objective_of(prep: Prepared, G: torch.Tensor, S: np.ndarray) -> float:
     rS = _rows(prep, np.sort(S))
     L, info = torch.linalg.cholesky_ex(prep.H[rS][:, rS])
     if int(info) != 0:
@@ -492,7 +493,7 @@ def _pair_up(out_order: np.ndarray, in_order: np.ndarray, S: np.ndarray, N: np.n
     return np.array(outs, dtype=np.int64), np.array(ins, dtype=np.int64)
 
 
-def local_search(prep: _Prepared, params: OsscarParams, S: np.ndarray, deadline: float | None) -> tuple[np.ndarray, dict]:
+def local_search(prep: Prepared, params: OsscarParams, S: np.ndarray, deadline: float | None) -> tuple[np.ndarray, dict]:
     inst = prep.instance
     p, keep = inst.n_groups, inst.keep
     info = {"multi_swaps": 0, "single_swaps": 0, "steps": 0, "timed_out": False}
@@ -579,7 +580,7 @@ def local_search(prep: _Prepared, params: OsscarParams, S: np.ndarray, deadline:
     return np.sort(state.S), info
 
 
-def _best_pair_swap(prep: _Prepared, F: torch.Tensor, state: _Support, limit: int, below: float) -> np.ndarray | None:
+def _best_pair_swap(prep: Prepared, F: torch.Tensor, state: _Support, limit: int, below: float) -> np.ndarray | None:
     """The best support S - {g1, g2} + {h1, h2} if its f is below `below`.
 
     Evaluated exactly (batched Cholesky) when there are at most `limit` such
@@ -623,7 +624,7 @@ class Osscar(Solver):
     Params = OsscarParams
     description = "OSSCAR greedy backward elimination + swap local search (torch, CPU/CUDA)"
 
-    def prepare(self, instance: Instance, params: OsscarParams, device: str) -> _Prepared:
+    def prepare(self, instance: Instance, params: OsscarParams, device: str) -> Prepared:
         dev = torch.device(device)
         dtype = _DTYPES[params.dtype]
         order = np.argsort(instance.groups, kind="stable")
@@ -636,14 +637,14 @@ class Osscar(Solver):
             H = torch.as_tensor(instance.H[np.ix_(order, order)], device=dev, dtype=dtype)
             W = torch.as_tensor(instance.W[order], device=dev, dtype=dtype)
         part = instance.partition
-        return _Prepared(
+        return Prepared(
             instance=instance, H=H, W=W, sizes=sizes, offsets=offsets,
             parts=None if part is None else part.parts,
             budget=None if part is None else part.budget.copy(),
             device=dev, dtype=dtype,
         )
 
-    def run(self, prep: _Prepared, params: OsscarParams, deadline: float | None) -> Result:
+    def run(self, prep: Prepared, params: OsscarParams, deadline: float | None) -> Result:
         t0 = time.perf_counter()
         S = greedy(prep, params)
         _sync(prep.device)
@@ -657,6 +658,15 @@ class Osscar(Solver):
         timed_out = deadline is not None and time.perf_counter() > deadline
         status = Status.TIME_LIMIT if timed_out else Status.FEASIBLE
         return Result(keep=S, status=status, info=info)
+
+
+def prepare_tensors(instance: Instance, device: Any, dtype: str = "float64") -> Prepared:
+    """H and W_hat on `device` in `dtype`, rows permuted so groups are contiguous
+    (group g owns rows offsets[g] .. offsets[g] + sizes[g] - 1, groups in id order)."""
+    return Osscar().prepare(instance, OsscarParams(dtype=dtype), str(device))
+
+
+take_lowest = _take_lowest
 
 
 def _sync(device: torch.device) -> None:

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .errors import InstanceError, SolverError
-from .evaluate import err_of_objective, evaluate, support_array
+from .evaluate import evaluate, evaluate_masked, support_array
 from .instance import Instance
 
 
@@ -72,6 +72,11 @@ class Solution:
     prepare_seconds: float = 0.0
     info: dict = field(default_factory=dict)
     message: str = ""
+
+    @property
+    def deployed_err(self) -> float:
+        """err of the weights this solution deploys (the refit, or W_hat unrefit)."""
+        return float(self.info.get("err_no_refit", self.err))
 
     @property
     def err_bound(self) -> float | None:
@@ -131,6 +136,7 @@ class Solver:
     requires: ClassVar[tuple[str, ...]] = ()
     extra: ClassVar[str] = "exact"  # pip extra that installs `requires`
     devices: ClassVar[tuple[str, ...]] = ("cpu",)
+    refits: ClassVar[bool] = True  # False: the method deploys W_hat on its support, unrefit
     Params: ClassVar[type] = NoParams
     description: ClassVar[str] = ""
 
@@ -319,7 +325,7 @@ def solve(
     except (SolverError, np.linalg.LinAlgError, RuntimeError) as exc:
         result = Result(keep=None, status=Status.ERROR, message=f"{type(exc).__name__}: {exc}")
     seconds = time.perf_counter() - t1
-    return finish(instance, cls.name, result, seconds, dataclasses.asdict(p), dev, t1 - t0)
+    return finish(instance, cls.name, result, seconds, dataclasses.asdict(p), dev, t1 - t0, refits=cls.refits)
 
 
 def finish(
@@ -330,8 +336,14 @@ def finish(
     params: dict,
     device: str,
     prepare_seconds: float = 0.0,
+    refits: bool = True,
 ) -> Solution:
-    """Re-evaluate a solver's support with the fp64 evaluator and check its claims."""
+    """Re-evaluate a solver's support with the fp64 evaluator and check its claims.
+
+    `objective`, `err` and `bound` always describe the support (its optimal
+    refit). For a method that does not refit (`refits=False`), `weights` is
+    W_hat with the pruned rows zeroed and info["err_no_refit"] its err.
+    """
     full = instance.full_objective
     if result.keep is None:
         status = Status.ERROR if result.status != Status.TIME_LIMIT else Status.TIME_LIMIT
@@ -358,8 +370,14 @@ def finish(
         bound = None
     if status == Status.OPTIMAL and bound is None:
         bound = ev.objective
+    weights = ev.weights
+    if not refits:
+        rows = instance.rows_of(S)
+        weights = np.zeros_like(instance.W)
+        weights[rows] = instance.W[rows]
+        result.info["objective_no_refit"], result.info["err_no_refit"] = evaluate_masked(instance, S)
     return Solution(
-        solver, status, S, ev.objective, ev.err, ev.weights, bound, seconds, params, device,
+        solver, status, S, ev.objective, ev.err, weights, bound, seconds, params, device,
         prepare_seconds, result.info, message, _full_objective=full,
     )
 
