@@ -318,7 +318,120 @@ def _prune_args(p: argparse.ArgumentParser):
     return run
 
 
+# ------------------------------------------------------------ export-mps
+@command("export-mps", "write an instance as an MIQP in MPS format (read by HiGHS and SCIP)")
+def _export_mps_args(p: argparse.ArgumentParser):
+    p.add_argument("file", type=Path, help="instance file (.npz)")
+    p.add_argument("out", type=Path, help="output .mps file")
+    p.add_argument("--formulation", choices=("bigm", "perspective"), default="bigm",
+                   help="bigm (HiGHS and SCIP) or perspective cones (SCIP, Gurobi, CPLEX)")
+    p.add_argument("--objective", choices=("f", "err"), default="f", help="minimize f(S) or err(S)")
+    p.add_argument("--keep", type=int, default=None)
+
+    def run(args: argparse.Namespace) -> int:
+        from .io import load_instance
+        from .mps import write_mps
+
+        inst = load_instance(args.file)
+        if args.keep is not None:
+            inst = inst.with_keep(args.keep)
+        model = write_mps(inst, args.out, formulation=args.formulation, objective=args.objective)
+        print(f"wrote {args.out}: {model}")
+        return 0
+
+    return run
+
+
+# ------------------------------------------------------------ bench
+@command("bench", "run solvers on instances, each pair in its own process; rows go to OUT/runs.jsonl")
+def _bench_args(p: argparse.ArgumentParser):
+    p.add_argument("--instances", nargs="+", required=True, metavar="SELECTION",
+                   help="catalog tiers (T0,T1), ids or patterns, or instance files, globs or folders")
+    p.add_argument("--solvers", required=True, help="comma-separated solver names (see `osscar-opt solvers`)")
+    p.add_argument("--time-limit", type=float, default=60.0, help="seconds per solve (default 60)")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes run at once (default 1)")
+    p.add_argument("--out", type=Path, required=True, help="results folder; a rerun resumes it")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS", help="run on this Dask scheduler (tcp://host:8786)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (solvers without cuda run on cpu)")
+    p.add_argument("-p", "--param", action="append", default=[], metavar="SOLVER.NAME=VALUE",
+                   help="a solver parameter, repeatable")
+    p.add_argument("--grace", type=float, default=10.0,
+                   help="seconds past the time limit before a worker is killed (default 10)")
+    p.add_argument("--memory-limit", type=float, default=None, metavar="GB", help="kill a worker above this RSS")
+    p.add_argument("--threads", type=int, default=None, help="threads per worker (default: cores / jobs)")
+    p.add_argument("--catalog", type=Path, default=None, help="catalog file (default: instances/catalog.json)")
+    p.add_argument("--build-dir", type=Path, default=None, help="folder of rebuilt instances (default: instances/build)")
+    p.add_argument("--update-catalog", action="store_true",
+                   help="record evaluator-confirmed improvements in the catalog's best-known values")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    def run(args: argparse.Namespace) -> int:
+        from .harness import bench
+
+        bench(args.instances, args.solvers, args.out, time_limit=args.time_limit, jobs=args.jobs,
+              scheduler=args.scheduler, device=args.device, params=args.param, grace=args.grace,
+              memory_limit_gb=args.memory_limit, threads=args.threads, catalog=args.catalog,
+              build_dir=args.build_dir, update_catalog=args.update_catalog, progress=not args.quiet)
+        return 0
+
+    return run
+
+
+# ------------------------------------------------------------ report
+@command("report", "tables and plots (report.md, PNG) for a bench results folder")
+def _report_args(p: argparse.ArgumentParser):
+    p.add_argument("out", type=Path, help="a folder written by `osscar-opt bench`")
+
+    def run(args: argparse.Namespace) -> int:
+        from .report import write_report
+
+        path = write_report(args.out)
+        print(f"wrote {path} and its plots")
+        return 0
+
+    return run
+
+
 # ------------------------------------------------------------ benchmarks
+@command("bench-speed", "OSSCAR time and memory on SmolLM2 and synthetic 1k..28k-wide layers (results/speed.md)")
+def _bench_speed_args(p: argparse.ArgumentParser):
+    p.add_argument("--device", action="append", default=None, help="cpu and/or cuda (default: both when present)")
+    p.add_argument("--sizes", default=None, help="comma-separated synthetic widths d (default: by device)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=None, help="results folder (default: results/)")
+
+    def run(args: argparse.Namespace) -> int:
+        from .benchmarks import speed
+
+        sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else None
+        speed.run(devices=args.device, sizes=sizes, repeats=args.repeats, out=args.out)
+        return 0
+
+    return run
+
+
+@command("bench-prune", "whole-model sweeps per solver over sparsity (results/prune_<model>.md/.png)")
+def _bench_prune_args(p: argparse.ArgumentParser):
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--solvers", default=None, help="comma-separated (default: osscar and every heuristic)")
+    p.add_argument("--sparsities", default="0.1,0.2,0.3,0.4,0.5,0.6")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", type=Path, default=None, help="results folder (default: results/)")
+
+    def run(args: argparse.Namespace) -> int:
+        from .benchmarks import prune
+
+        solvers = args.solvers.split(",") if args.solvers else prune.DEFAULT_SOLVERS
+        prune.run(args.model, solvers, [float(x) for x in args.sparsities.split(",")], args.nsamples,
+                  args.seq_len, args.eval_windows, args.device, args.out)
+        return 0
+
+    return run
+
+
 @command("bench-reference", "OSSCAR against the published code on SmolLM2 layers 0/10/20 (results/reference.md)")
 def _bench_reference_args(p: argparse.ArgumentParser):
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")

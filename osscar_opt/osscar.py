@@ -51,7 +51,8 @@ class OsscarParams:
     stage_fraction: fraction of the remaining removals done per stage.
     local_search: run the swap local search after the greedy.
     swap_size: initial number of groups swapped at once (halved on failure);
-        None chooses about 1/16 of min(keep, p - keep), at least 1.
+        None chooses about 1/16 of min(keep, p - keep) for multi-row groups
+        and skips the multi-swap phase for single-row groups.
     max_iter: cap on local-search steps (tried multi-swaps plus single swaps).
     refresh_every: single-row groups update the swap quantities by rank-one
         steps; they are refactorized after this many swaps and at the end.
@@ -493,6 +494,17 @@ def _pair_up(out_order: np.ndarray, in_order: np.ndarray, S: np.ndarray, N: np.n
     return np.array(outs, dtype=np.int64), np.array(ins, dtype=np.int64)
 
 
+def initial_swap_size(params: OsscarParams, p: int, keep: int, single_rows: bool) -> int:
+    """Size of the first multi-swap. Single-row groups skip the multi-swap
+    phase unless swap_size is given: their exact single swaps cost a rank-one
+    update each, cheaper than one multi-swap trial."""
+    if params.swap_size is None:
+        t = 1 if single_rows else max(1, min(keep, p - keep) // 16)
+    else:
+        t = int(params.swap_size)
+    return min(t, keep, p - keep)
+
+
 def local_search(prep: Prepared, params: OsscarParams, S: np.ndarray, deadline: float | None) -> tuple[np.ndarray, dict]:
     inst = prep.instance
     p, keep = inst.n_groups, inst.keep
@@ -502,8 +514,7 @@ def local_search(prep: Prepared, params: OsscarParams, S: np.ndarray, deadline: 
     G = prep.H @ prep.W
     tol = 1e-12 * abs(inst.full_objective) if prep.dtype == torch.float64 else 1e-6 * abs(inst.full_objective)
     state = _Support(prep, G, S)
-    t = params.swap_size if params.swap_size is not None else max(1, min(keep, p - keep) // 16)
-    t = min(int(t), keep, p - keep)
+    t = initial_swap_size(params, p, keep, bool(np.all(prep.sizes == 1)))
 
     def out_of_time() -> bool:
         if deadline is not None and time.perf_counter() > deadline:

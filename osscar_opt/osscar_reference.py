@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from .instance import Instance
-from .osscar import OsscarParams, _pair_up, _stage_size, _take_lowest
+from .osscar import OsscarParams, _pair_up, _stage_size, _take_lowest, initial_swap_size
 
 
 def _objective(inst: Instance, G: np.ndarray, S) -> float:
@@ -82,8 +82,7 @@ def reference_osscar(inst: Instance, params: OsscarParams | None = None) -> np.n
     parts = None if inst.partition is None else inst.partition.parts
     tol = 1e-12 * abs(inst.full_objective)
     f = _objective(inst, G, S)
-    t = params.swap_size if params.swap_size is not None else max(1, min(keep, p - keep) // 16)
-    t = min(int(t), keep, p - keep)
+    t = initial_swap_size(params, p, keep, bool(np.all(inst.group_sizes == 1)))
     steps = 0
     while t > 1 and steps < params.max_iter:
         steps += 1

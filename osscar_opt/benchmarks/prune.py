@@ -1,0 +1,160 @@
+"""Whole-model pruning sweeps: `osscar-opt bench-prune`.
+
+For each solver and each sparsity (heads and neurons at the same sparsity,
+sequential), the embedded model is loaded afresh, pruned with
+`osscar_opt.apply` on the pydoc calibration half and measured on the
+evaluation half: perplexity for SmolLM2 (DESIGN.md: 32 x 512 calibration and
+40 x 512 evaluation tokens, dense 13.76), cosine fidelity of sentence
+embeddings to the dense model for MiniLM. Rows are appended to
+results/prune_<model>.jsonl as they finish (a rerun skips finished pairs);
+results/prune_<model>.md and .png hold the table and the plot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+from . import RESULTS, machine, machine_line
+
+PUBLISHED = {"smollm2-135m": {0.3: 19.70, 0.5: 31.78}}
+DEFAULT_SOLVERS = ("osscar", "obs-greedy", "forward", "activation", "magnitude-refit", "iht", "magnitude", "random")
+
+
+def _append(path: Path, row: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # a line cut by an interrupted run
+            continue
+    return out
+
+
+def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVERS,
+        sparsities: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6), nsamples: int = 32, seq_len: int = 512,
+        eval_windows: int = 40, device: str | None = None, out: str | Path | None = None,
+        speed_at: float | None = 0.5) -> list[dict]:
+    import torch
+
+    from .. import data, models
+    from ..apply import apply
+    from ..evaluation import evaluate_model, latency
+
+    out = Path(out) if out else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / f"prune_{model_name}.jsonl"
+    done = {(r["solver"], r["sparsity"]) for r in _rows(log) if r.get("solver")}
+    kind = models.EMBEDDED[model_name].kind if model_name in models.EMBEDDED else "causal-lm"
+    dense_model, tok = models.load(model_name, dtype=torch.float32, device=device)
+    seq = min(seq_len, getattr(dense_model.config, "max_position_embeddings", seq_len))
+    dense = evaluate_model(dense_model, tok, kind=kind, n_windows=eval_windows, seq_len=seq)
+    reference = dense.get("embeddings")
+    if not any(r.get("solver") == "dense" for r in _rows(log)):
+        _append(log, {"solver": "dense", "sparsity": 0.0, "parameters": dense["parameters"],
+                      "perplexity": dense.get("perplexity"), "fidelity": 1.0 if kind == "encoder" else None})
+    cal = data.calibration(tok, "pydoc", nsamples, seq)
+    evaluation = data.windows(tok, "pydoc", "evaluation", 1, seq) if kind == "causal-lm" else None
+    for solver in solvers:
+        for s in sparsities:
+            if (solver, s) in done:
+                continue
+            model, _ = models.load(model_name, dtype=torch.float32, device=device)
+            t = time.perf_counter()
+            report = apply(model, cal, s, solver=solver, device=device, progress=False)
+            seconds = time.perf_counter() - t
+            res = evaluate_model(model, tok, kind=kind, n_windows=eval_windows, seq_len=seq, reference=reference)
+            row = {"solver": solver, "sparsity": s, "parameters": res["parameters"], "prune_seconds": seconds,
+                   "solve_seconds": report.solve_seconds, "mean_err": report.mean_err,
+                   "perplexity": res.get("perplexity"), "fidelity": res.get("fidelity")}
+            if speed_at is not None and abs(s - speed_at) < 1e-9 and solver == solvers[0] and kind == "causal-lm":
+                row["speed_pruned"] = latency(model, evaluation, new_tokens=32)
+                row["speed_dense"] = latency(dense_model, evaluation, new_tokens=32)
+            _append(log, row)
+            print(f"{model_name} {solver:<16} sparsity {s:.2f}: " + (
+                f"perplexity {row['perplexity']:.2f}" if row["perplexity"] is not None else
+                f"fidelity {row['fidelity']:.4f}") + f" ({seconds:.0f} s)")
+            del model
+    rows = _rows(log)
+    _write(model_name, kind, rows, out)
+    return rows
+
+
+def _write(model_name: str, kind: str, rows: list[dict], out: Path) -> None:
+    metric = "perplexity" if kind == "causal-lm" else "fidelity"
+    dense = next((r for r in rows if r["solver"] == "dense"), None)
+    solvers = list(dict.fromkeys(r["solver"] for r in rows if r["solver"] != "dense"))
+    sparsities = sorted({r["sparsity"] for r in rows if r["solver"] != "dense"})
+    table = {(r["solver"], r["sparsity"]): r for r in rows}
+    lines = [f"# Whole-model pruning: {model_name}", "",
+             f"Machine: {machine_line(machine())}. Command: `osscar-opt bench-prune --model {model_name}`.",
+             "Heads and neurons at the same sparsity, sequential, pydoc calibration half; "
+             f"{metric} on the evaluation half" + (f" (dense {dense[metric]:.2f})" if dense and dense.get(metric) else "") + ".",
+             "", "| solver | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |",
+             "|---|" + "---|" * len(sparsities)]
+    best = {}
+    for s in sparsities:
+        vals = [(table[(v, s)][metric], v) for v in solvers if (v, s) in table and table[(v, s)][metric] is not None]
+        if vals:
+            best[s] = (min if metric == "perplexity" else max)(vals)[1]
+    for v in solvers:
+        cells = []
+        for s in sparsities:
+            r = table.get((v, s))
+            if r is None or r.get(metric) is None:
+                cells.append("-")
+            else:
+                text = f"{r[metric]:.2f}" if metric == "perplexity" else f"{r[metric]:.4f}"
+                cells.append(f"**{text}**" if best.get(s) == v else text)
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    pub = PUBLISHED.get(model_name)
+    if pub:
+        lines += ["", "Published OSSCAR code: " + ", ".join(f"{p:.2f} at {s:.0%}" for s, p in pub.items()) + "."]
+    for r in rows:
+        if "speed_pruned" in r:
+            d, p = r["speed_dense"], r["speed_pruned"]
+            lines += ["", f"Speed at {r['sparsity']:.0%} ({r['solver']}, CPU, batch 1 x {d['seq_len']} tokens): prefill "
+                      f"{d['prefill_seconds'] * 1000:.1f} ms -> {p['prefill_seconds'] * 1000:.1f} ms "
+                      f"({d['prefill_seconds'] / p['prefill_seconds']:.2f}x); generation "
+                      f"{d.get('generate_tokens_per_second', 0):.1f} -> {p.get('generate_tokens_per_second', 0):.1f} tokens/s; "
+                      f"parameters {r['parameters']:,}; pruning took {r['prune_seconds']:.0f} s."]
+    (out / f"prune_{model_name}.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for v in solvers:
+            pts = [(s, table[(v, s)][metric]) for s in sparsities if (v, s) in table and table[(v, s)][metric]]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=v)
+        if dense and dense.get(metric):
+            ax.axhline(dense[metric], color="k", ls=":", label="dense")
+        if pub:
+            ax.plot(list(pub), list(pub.values()), "kx", ms=9, label="published OSSCAR")
+        if metric == "perplexity":
+            ax.set_yscale("log")
+        ax.set_xlabel("sparsity (heads and neurons)")
+        ax.set_ylabel(metric)
+        ax.set_title(model_name)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / f"prune_{model_name}.png", dpi=120)
+        plt.close(fig)
+    except ImportError:
+        pass
