@@ -55,7 +55,10 @@ class OsscarParams:
         and skips the multi-swap phase for single-row groups.
     max_iter: cap on local-search steps (tried multi-swaps plus single swaps).
     refresh_every: single-row groups update the swap quantities by rank-one
-        steps; they are refactorized after this many swaps and at the end.
+        steps; they are refactorized after this many swaps.
+    swaps_per_scan: single-row groups apply up to this many of the best swaps
+        found by one scan of all pairs (on distinct groups, each re-scored
+        exactly after the previous ones, kept only if it still improves).
     pair_swap_limit: when a single swap no longer improves, every exchange of
         two groups for two others is evaluated exactly if there are at most
         this many (0 disables); catches local optima of small instances.
@@ -70,6 +73,7 @@ class OsscarParams:
     max_iter: int = 1000
     pair_swap_limit: int = 50_000
     refresh_every: int = 64
+    swaps_per_scan: int = 8
     dtype: str = "float64"
 
     def __post_init__(self):
@@ -79,6 +83,8 @@ class OsscarParams:
             raise ValueError("stage_fraction must lie in (0, 1]")
         if self.swap_size is not None and int(self.swap_size) < 1:
             raise ValueError("swap_size must be a positive integer or None")
+        if int(self.swaps_per_scan) < 1:
+            raise ValueError("swaps_per_scan must be >= 1")
         if int(self.refresh_every) < 1:
             raise ValueError("refresh_every must be >= 1")
         if int(self.pair_swap_limit) < 0:
@@ -418,40 +424,61 @@ class _ScalarSwaps:
         a = self.Hinv.diagonal()
         w2 = (self.W * self.W).sum(1)
         r2 = (self.R * self.R).sum(1)
-        VP = self.C / a
-        num = r2[:, None] + 2.0 * VP * self.D + VP * VP * w2
-        den = self.Sigma[:, None] + VP * self.C
-        delta = (0.5 * w2 / a)[None, :] - 0.5 * num / den
+        q = self.C / a  # V P of the module docstring, per pair
+        num = torch.addcmul(self.D, q, w2, value=0.5).mul_(q).mul_(2.0).add_(r2[:, None])  # r2 + 2qD + q^2 w2
+        num.div_(torch.addcmul(self.Sigma[:, None], q, self.C))
+        delta = num.mul_(-0.5).add_(0.5 * w2 / a)
         if prep.parts is not None:
             delta = torch.where(self.partN[:, None] == self.partS[None, :], delta, torch.full_like(delta, math.inf))
         return delta
 
+    def pair_delta(self, hi: int, gi: int) -> float:
+        """The entry (hi, gi) of `swap_deltas`, in O(m)."""
+        a = self.Hinv[gi, gi]
+        w2 = self.W[gi] @ self.W[gi]
+        r2 = self.R[hi] @ self.R[hi]
+        q = self.C[hi, gi] / a
+        num = r2 + 2.0 * q * self.D[hi, gi] + q * q * w2
+        return float(0.5 * w2 / a - 0.5 * num / (self.Sigma[hi] + q * self.C[hi, gi]))
+
     def swap(self, hi: int, gi: int, delta: float) -> None:
-        """Swap S[gi] out and N[hi] in (see the module docstring for the algebra)."""
+        """Swap S[gi] out and N[hi] in.
+
+        Removing g is an OBS downdate with a = Hinv_gg, h_g = Hinv e_g, w_g = W_g,
+        c_g = C e_g; adding h at g's position is a block-inverse update with
+        v = u - e_g (u = H_{S'}^-1 H_{S'h}, read off the downdated C), the
+        Schur complement sigma, the residual r_h and cov = H_Nh - C' H_Sh.
+        Both steps are folded into one rank-2 update of Hinv, W, C and R and
+        one rank-4 update of D, all from the current quantities.
+        """
         H, G = self.prep.H, self.G
         g, h = int(self.S[gi]), int(self.N[hi])
-        # remove g: OBS downdate of every quantity
         a = self.Hinv[gi, gi].clone()
         hg, wg, cg = self.Hinv[:, gi].clone(), self.W[gi].clone(), self.C[:, gi].clone()
+        c_hg = cg[hi].clone()  # C[hi, gi]
+        # quantities of the adding step, expressed through the current state
+        v = self.C[hi] - hg * (c_hg / a)
+        v[gi] = -1.0
+        sigma = self.Sigma[hi] + c_hg * c_hg / a
+        rh = self.R[hi] + wg * (c_hg / a)
+        H_Sh = H[self.rS, h]
+        cov = H[self.rN, h] - self.C @ H_Sh + cg * ((hg @ H_Sh) / a)
+        # the pair products D = R W' need R w_g, W w_g, R r_h and W r_h
+        wr = wg @ rh
         x, y, s = self.W @ wg, self.R @ wg, wg @ wg
-        self.D += (-torch.outer(y, hg) + torch.outer(cg, x) - torch.outer(cg, hg) * (s / a)) / a
-        self.Hinv -= torch.outer(hg, hg) / a
-        self.W -= torch.outer(hg, wg) / a
-        self.C -= torch.outer(cg, hg) / a
-        self.R += torch.outer(cg, wg) / a
-        self.Sigma += cg * cg / a
-        # add h at position gi: block-inverse update with u = H_{S'}^-1 H_{S'h}
-        v = self.C[hi].clone()
-        v[gi] -= 1.0
-        sigma, rh = self.Sigma[hi].clone(), self.R[hi].clone()
-        cov = H[self.rN, h] - self.C @ H[self.rS, h]
-        x, y, s = self.W @ rh, self.R @ rh, rh @ rh
-        self.D += (-torch.outer(y, v) - torch.outer(cov, x) + torch.outer(cov, v) * (s / sigma)) / sigma
-        self.Hinv += torch.outer(v, v) / sigma
-        self.W -= torch.outer(v, rh) / sigma
-        self.C -= torch.outer(cov, v) / sigma
-        self.R -= torch.outer(cov, rh) / sigma
-        self.Sigma -= cov * cov / sigma
+        x2 = self.W @ rh - hg * (wr / a)  # W' r_h
+        y2 = self.R @ rh + cg * (wr / a)  # R' r_h
+        s2 = rh @ rh
+        lhs_k = torch.stack([hg, v], 1)  # (k, 2)
+        lhs_n = torch.stack([cg, cov], 1)  # (n, 2)
+        inv = torch.stack([-1.0 / a, 1.0 / sigma])
+        self.Hinv.addmm_(lhs_k * inv, lhs_k.T)
+        self.W.addmm_(lhs_k, torch.stack([-wg / a, -rh / sigma], 0))
+        self.C.addmm_(lhs_n, torch.stack([-hg / a, -v / sigma], 0))
+        self.R.addmm_(lhs_n, torch.stack([wg / a, -rh / sigma], 0))
+        self.D.addmm_(torch.stack([cg, y, y2, cov], 1),
+                      torch.stack([x / a - hg * (s / (a * a)), -hg / a, -v / sigma, v * (s2 / (sigma * sigma)) - x2 / sigma], 0))
+        self.Sigma += cg * cg / a - cov * cov / sigma
         # g takes h's place in N: its row from scratch
         self.S[gi], self.N[hi] = h, g
         self.rS[gi], self.rN[hi] = h, g
@@ -513,8 +540,9 @@ def local_search(prep: Prepared, params: OsscarParams, S: np.ndarray, deadline: 
         return S, info
     G = prep.H @ prep.W
     tol = 1e-12 * abs(inst.full_objective) if prep.dtype == torch.float64 else 1e-6 * abs(inst.full_objective)
-    state = _Support(prep, G, S)
-    t = initial_swap_size(params, p, keep, bool(np.all(prep.sizes == 1)))
+    scalar = bool(np.all(prep.sizes == 1))
+    t = initial_swap_size(params, p, keep, scalar)
+    state = _Support(prep, G, S) if (t > 1 or not scalar) else None
 
     def out_of_time() -> bool:
         if deadline is not None and time.perf_counter() > deadline:
@@ -539,9 +567,8 @@ def local_search(prep: Prepared, params: OsscarParams, S: np.ndarray, deadline: 
             t //= 2
     # Phase 2: best single swap, scored exactly for every pair, until none
     # improves; then the best exchange of two groups for two (small instances).
-    scalar = bool(np.all(prep.sizes == 1))
     if scalar:
-        state = _ScalarSwaps(prep, G, state.S)
+        state = _ScalarSwaps(prep, G, S if state is None else state.S)
     F = None
     info["pair_swaps"] = 0
     since_reset = 0
@@ -554,15 +581,33 @@ def local_search(prep: Prepared, params: OsscarParams, S: np.ndarray, deadline: 
         if gain < -tol:
             h_pos, g_pos = divmod(best, state.S.size)
             if scalar and since_reset < params.refresh_every:
-                state.swap(h_pos, g_pos, gain)
-                since_reset += 1
-                info["single_swaps"] += 1
+                # the best few swaps of this scan, on distinct groups, each
+                # re-scored exactly after the previous ones are applied
+                k = state.S.size
+                cand = torch.topk(delta.view(-1), min(params.swaps_per_scan, delta.numel()), largest=False).indices
+                moved_h, moved_g = set(), set()
+                for idx in cand.tolist():
+                    h_pos, g_pos = divmod(idx, k)
+                    if h_pos in moved_h or g_pos in moved_g or not math.isfinite(float(delta.view(-1)[idx])):
+                        continue
+                    d = gain if not moved_h else state.pair_delta(h_pos, g_pos)
+                    if not d < -tol:
+                        continue
+                    state.swap(h_pos, g_pos, d)
+                    moved_h.add(h_pos)
+                    moved_g.add(g_pos)
+                    since_reset += 1
+                    info["single_swaps"] += 1
+                    if since_reset >= params.refresh_every:
+                        break
                 continue
             trial = state.S.copy()
             trial[g_pos] = state.N[h_pos]
             kind = "single_swaps"
-        elif scalar and since_reset:
-            # confirm convergence on freshly factorized quantities
+        elif scalar and since_reset and prep.dtype != torch.float64:
+            # float32: confirm convergence on freshly factorized quantities
+            # (in float64 the rank-one updates drift by about 1e-15 relative
+            # per swap, and a refactorization every refresh_every swaps suffices)
             before = state.objective
             state.reset(state.S)
             since_reset = 0

@@ -98,10 +98,12 @@ def reference_osscar(inst: Instance, params: OsscarParams | None = None) -> np.n
             S, f = trial, f_trial
         else:
             t //= 2
+    single_rows = bool(np.all(inst.group_sizes == 1))
     while steps < params.max_iter:
         steps += 1
         N = np.setdiff1d(np.arange(p), S)
         best, best_S = f - tol, None
+        pairs = []  # (delta, g, h)
         for g_pos, g in enumerate(S):
             for h in N:
                 if parts is not None and parts[g] != parts[h]:
@@ -109,8 +111,22 @@ def reference_osscar(inst: Instance, params: OsscarParams | None = None) -> np.n
                 trial = S.copy()
                 trial[g_pos] = h
                 val = _objective(inst, G, trial)
+                pairs.append((val - f, g, h))
                 if val < best:
                     best, best_S = val, np.sort(trial)
+        if best_S is not None and single_rows:
+            # the best few swaps of the scan on distinct groups, each re-scored
+            pairs.sort(key=lambda t: t[0])
+            moved = set()
+            for _, g, h in pairs[: params.swaps_per_scan]:
+                if g in moved or h in moved:
+                    continue
+                trial = np.where(S == g, h, S)
+                val = _objective(inst, G, trial)
+                if val < f - tol:
+                    S, f = np.sort(trial), val
+                    moved.update((g, h))
+            continue
         if best_S is None and params.pair_swap_limit and S.size >= 2 and N.size >= 2 \
                 and math.comb(S.size, 2) * math.comb(N.size, 2) <= params.pair_swap_limit \
                 and np.all(inst.group_sizes == inst.group_sizes[0]):
