@@ -12,7 +12,7 @@ that users can extend with `register_adapter` (the Torch-Pruning pattern).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapters import Adapter, ConvAdapter, Site, UnsupportedModelError, adapter_for
-from .data import Calibration, DataError
+from .adapters import Adapter, ConvAdapter, Site, adapter_for
+from .data import DataError
 from .errors import OsscarError
 from .extract import GramHooks, _batches, describe_calibration, run_model, site_instance
 from .registry import solve

@@ -50,6 +50,20 @@ def _short_list(values: Sequence[int], limit: int = 24) -> str:
     return f"[{head}, ... {len(values) - limit // 2 - limit // 4} more ..., {tail}]"
 
 
+def parse_params(solver: str, items: Sequence[str]) -> dict:
+    """Solver parameters from repeated NAME=VALUE flags, typed by its Params."""
+    from .registry import coerce_param, get_solver
+
+    cls = get_solver(solver)
+    params = {}
+    for item in items:
+        if "=" not in item:
+            raise OsscarError(f"solver parameters are NAME=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        params[key.strip()] = coerce_param(cls, key.strip(), value.strip())
+    return params
+
+
 # ----------------------------------------------------------------- solve
 @command("solve", "solve an instance file with a registered solver")
 def _solve_args(p: argparse.ArgumentParser):
@@ -67,20 +81,14 @@ def _solve_args(p: argparse.ArgumentParser):
 
     def run(args: argparse.Namespace) -> int:
         from .io import load_instance
-        from .registry import coerce_param, get_solver, solve
+        from .registry import solve
 
         inst = load_instance(args.file)
         if args.keep is not None:
             inst = inst.with_keep(args.keep)
         elif args.sparsity is not None:
             inst = inst.with_keep(inst.keep_for_sparsity(args.sparsity))
-        cls = get_solver(args.solver)
-        params = {}
-        for item in args.param:
-            if "=" not in item:
-                raise OsscarError(f"solver parameters are NAME=VALUE, got {item!r}")
-            key, value = item.split("=", 1)
-            params[key.strip()] = coerce_param(cls, key.strip(), value.strip())
+        params = parse_params(args.solver, args.param)
         sol = solve(inst, args.solver, device=args.device, time_limit=args.time_limit, **params)
         record = sol.to_dict()
         record["instance"] = {"file": str(args.file), "id": inst.meta.get("id"), **inst.summary()}
@@ -106,18 +114,9 @@ def _solve_args(p: argparse.ArgumentParser):
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    import os
-    import tempfile
+    from .io import atomic_write_json
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, default=_json_default)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_json(path, obj, indent=2, default=_json_default)
 
 
 # ------------------------------------------------------------------ info
@@ -427,6 +426,22 @@ def _bench_prune_args(p: argparse.ArgumentParser):
         solvers = args.solvers.split(",") if args.solvers else prune.DEFAULT_SOLVERS
         prune.run(args.model, solvers, [float(x) for x in args.sparsities.split(",")], args.nsamples,
                   args.seq_len, args.eval_windows, args.device, args.out)
+        return 0
+
+    return run
+
+
+@command("bench-extract", "time and peak memory of extracting every SmolLM2 layer (results/extract.md)")
+def _bench_extract_args(p: argparse.ArgumentParser):
+    p.add_argument("--windows", default="16,64", help="comma-separated numbers of calibration windows")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--device", action="append", default=None, help="cpu and/or cuda (default: both when present)")
+    p.add_argument("--out", type=Path, default=None)
+
+    def run(args: argparse.Namespace) -> int:
+        from .benchmarks import extraction
+
+        extraction.run([int(x) for x in args.windows.split(",")], args.seq_len, args.device, out=args.out)
         return 0
 
     return run

@@ -14,7 +14,6 @@ import statistics
 import time
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 

@@ -102,21 +102,10 @@ def save_instance(instance: Instance, path: str | os.PathLike) -> Path:
     header = _header_of(instance)
     header["checksum"] = checksum(arrays, header)
     blob = np.frombuffer(json.dumps(header, sort_keys=True, allow_nan=False).encode(), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, header=blob, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    def write(fh):
+        np.savez(fh, header=blob, **arrays)
+
+    atomic_write(path, write, binary=True)
     return path
 
 
@@ -124,6 +113,32 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def atomic_write(path: str | os.PathLike, write, binary: bool = False) -> Path:
+    """Call write(fh) on a temporary file next to `path`, then rename it into
+    place: readers see the old file or the whole new one, never a partial one,
+    and a failure leaves no temporary file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": "\n"})) as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, obj, **dump_options) -> Path:
+    """Write `obj` as indented JSON atomically (see `atomic_write`)."""
+    options = {"indent": 1, **dump_options}
+    return atomic_write(path, lambda fh: (json.dump(obj, fh, **options), fh.write("\n")))
 
 
 def read_header(path: str | os.PathLike) -> dict:

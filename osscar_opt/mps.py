@@ -66,7 +66,6 @@ with os.replace, so a failure never leaves a partial file.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -77,7 +76,7 @@ import torch
 
 from .errors import InstanceError
 from .instance import Instance
-from .io import _umask
+from .io import atomic_write
 from .linalg import output_factor
 
 FORMULATIONS = ("bigm", "perspective")
@@ -300,22 +299,11 @@ def write_mps(
                 yield "".join(out)
         yield "ENDATA\n"
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="ascii", newline="\n") as fh:
-            for chunk in body():
-                fh.write(chunk)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    def write(fh):
+        for chunk in body():
+            fh.write(chunk)
+
+    atomic_write(path, write)
     n_vars = p + d * r + (p if formulation == "perspective" else 0)
     n_rows = 1 + (0 if instance.partition is None else instance.partition.n_parts)
     n_rows += 2 * d * r + (p if formulation == "perspective" else 0)

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import OsscarError
 
 
 def _sparsity(args: argparse.Namespace, value: float) -> Any:
@@ -23,16 +22,9 @@ def _sparsity(args: argparse.Namespace, value: float) -> Any:
 
 
 def _solver_params(args: argparse.Namespace) -> dict:
-    from .registry import coerce_param, get_solver
+    from .cli import parse_params
 
-    cls = get_solver(args.solver)
-    params = {}
-    for item in args.param:
-        if "=" not in item:
-            raise OsscarError(f"solver parameters are NAME=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        params[key.strip()] = coerce_param(cls, key.strip(), value.strip())
-    return params
+    return parse_params(args.solver, args.param)
 
 
 def measure(model, tokenizer, kind: str, args: argparse.Namespace, reference=None, speed: bool = True) -> dict:

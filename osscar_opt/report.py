@@ -144,7 +144,7 @@ def markdown(rows: list[dict], settings: dict, best: dict[str, dict]) -> str:
         "err is the relative reconstruction error from the fp64 evaluator; *err excess* is (err - best known) / "
         "best known, best known being the smallest err of any run here or in the catalog; the certified gap is "
         "(err - proven lower bound) / err, over the runs that proved a bound. Times are the timed solve only. "
-        f"Regenerate with `osscar-opt report <this folder>`.",
+        "Regenerate with `osscar-opt report <this folder>`.",
         "",
     ]
     tiers = sorted({r["tier"] for r in rows}, key=_tier_key)

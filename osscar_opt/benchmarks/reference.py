@@ -9,7 +9,6 @@ optimum 0.010491 / 0.225720 / 0.140004 on the heads.
 from __future__ import annotations
 
 import json
-import time
 
 from .. import library
 from ..registry import solve
