@@ -168,6 +168,9 @@ def _load_smollm2(name: str, dtype: Any):
         try:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
+            from .surgery import _normal_permissions
+
+            _normal_permissions(tmp)
             os.replace(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import tempfile
 import uuid
@@ -718,6 +719,15 @@ def sync_config(model: nn.Module, adapter: Adapter | None = None) -> None:
 _MODULE_META = "osscar_pruned.json"
 
 
+def _normal_permissions(folder: Path) -> None:
+    """mkdtemp makes the folder private: give it and its files the umask's modes."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+    for f in folder.rglob("*"):
+        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~mask)
+
+
 def save_pruned(model: nn.Module, tokenizer: Any, path: str | Path, overwrite: bool = False) -> Path:
     """Save a pruned model (and its tokenizer, when given) into `path`.
 
@@ -749,6 +759,7 @@ def save_pruned(model: nn.Module, tokenizer: Any, path: str | Path, overwrite: b
             (tmp / _MODULE_META).write_text(json.dumps(meta, indent=1))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        _normal_permissions(tmp)
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
