@@ -1,6 +1,7 @@
 """The one fp64 evaluator: every objective and err reported goes through it.
 
-For a support S (a set of groups) it computes, with a Cholesky factor of H_SS,
+For a support S (a set of groups) it computes in float64 on the CPU (torch's
+LAPACK, one thread pool with the solvers), with a Cholesky factor of H_SS,
 
     W_S  = H_SS^-1 G_S                       (optimal weights on S, zero elsewhere)
     f(S) = -0.5 tr(G_S' H_SS^-1 G_S)
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import scipy.linalg
+import torch
 
 from .errors import InstanceError
 from .instance import Instance
@@ -64,21 +65,22 @@ def evaluate(instance: Instance, keep_groups: Sequence[int] | np.ndarray, weight
         W = np.zeros_like(instance.W) if weights else None
         return Evaluation(S, 0.0, 1.0, W, feasible)
     rows = instance.rows_of(S)
-    H_SS = instance.H[np.ix_(rows, rows)]
-    G_S = instance.H[rows] @ instance.W
-    try:
-        L = scipy.linalg.cholesky(H_SS, lower=True, check_finite=False)
-    except np.linalg.LinAlgError:
+    H = torch.from_numpy(instance.H)
+    idx = torch.from_numpy(rows)
+    H_SS = H[idx[:, None], idx[None, :]]
+    G_S = H[idx] @ torch.from_numpy(instance.W)
+    L, info = torch.linalg.cholesky_ex(H_SS)
+    if int(info) != 0:
         raise InstanceError(
             "H restricted to the support is not positive definite: the instance H is not SPD; rebuild it with damping"
-        ) from None
-    Y = scipy.linalg.solve_triangular(L, G_S, lower=True, check_finite=False)
-    objective = -0.5 * float(np.einsum("ij,ij->", Y, Y))
+        )
+    Y = torch.linalg.solve_triangular(L, G_S, upper=False)
+    objective = -0.5 * float((Y * Y).sum())
     err = (objective - instance.full_objective) / (-instance.full_objective)
     W = None
     if weights:
         W = np.zeros_like(instance.W)
-        W[rows] = scipy.linalg.solve_triangular(L, Y, lower=True, trans="T", check_finite=False)
+        W[rows] = torch.linalg.solve_triangular(L.T, Y, upper=True).numpy()
     return Evaluation(S, objective, float(err), W, feasible)
 
 
