@@ -203,6 +203,11 @@ def _rows(prep: Prepared, groups: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(idx, device=prep.device)
 
 
+def _sub(M: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """M[rows][:, cols] in one gather (no |rows| x d intermediate)."""
+    return M[rows[:, None], cols[None, :]]
+
+
 def _chol(M: torch.Tensor, what: str) -> torch.Tensor:
     L, info = torch.linalg.cholesky_ex(M)
     if int(info) != 0:
@@ -302,7 +307,7 @@ class _Support:
         self.N = np.flatnonzero(~in_S)
         rS, rN = _rows(prep, self.S), _rows(prep, self.N)
         H = prep.H
-        L = _chol(H[rS][:, rS], "H restricted to the support")
+        L = _chol(_sub(H, rS, rS), "H restricted to the support")
         self.Hinv = torch.cholesky_inverse(L)
         G_S = G[rS]
         self.W_S = torch.cholesky_solve(G_S, L)
@@ -314,7 +319,7 @@ class _Support:
         self.cost = _quad_costs(self.bS, Pinv_diag, self.W_S)  # removal cost per g in S
         if self.N.size == 0:
             return
-        H_NS = H[rN][:, rS]
+        H_NS = _sub(H, rN, rS)
         self.C = H_NS @ self.Hinv  # (|N| rows, |S| rows)
         self.R = G[rN] - H_NS @ self.W_S  # residual gradient
         if self.bN.b == 1 and self.bN.mask is None:
@@ -322,7 +327,7 @@ class _Support:
         else:
             Cg = self.bN.rows_of(self.C)  # (nN, b, |S|)
             HgS = self.bN.rows_of(H_NS)
-            self.Sigma = self.bN.diag(H[rN][:, rN]) - Cg @ HgS.transpose(1, 2)
+            self.Sigma = self.bN.diag(_sub(H, rN, rN)) - Cg @ HgS.transpose(1, 2)
             if self.bN.mask is not None:  # identity on padding
                 eye = torch.eye(self.bN.b, dtype=H.dtype, device=H.device)
                 pad = ~(self.bN.mask[:, :, None] & self.bN.mask[:, None, :])
@@ -406,12 +411,12 @@ class _ScalarSwaps:
         self.N = np.flatnonzero(~in_S)
         self.rS = torch.as_tensor(self.S, device=prep.device)
         self.rN = torch.as_tensor(self.N, device=prep.device)
-        L = _chol(H[self.rS][:, self.rS], "H restricted to the support")
+        L = _chol(_sub(H, self.rS, self.rS), "H restricted to the support")
         self.Hinv = torch.cholesky_inverse(L)
         G_S = G[self.rS]
         self.W = torch.cholesky_solve(G_S, L)
         self.objective = -0.5 * float((G_S * self.W).sum())
-        H_NS = H[self.rN][:, self.rS]
+        H_NS = _sub(H, self.rN, self.rS)
         self.C = H_NS @ self.Hinv
         self.R = G[self.rN] - H_NS @ self.W
         self.Sigma = self.Hdiag[self.rN] - (self.C * H_NS).sum(1)
@@ -420,17 +425,34 @@ class _ScalarSwaps:
             self.partS = torch.as_tensor(prep.parts[self.S], device=prep.device)
             self.partN = torch.as_tensor(prep.parts[self.N], device=prep.device)
 
-    def swap_deltas(self, prep: Prepared) -> torch.Tensor:
+    def swap_deltas(self, prep: Prepared, rows: slice = slice(None)) -> torch.Tensor:
+        """Exact change of f for every (h in N[rows], g in S) swap."""
         a = self.Hinv.diagonal()
         w2 = (self.W * self.W).sum(1)
-        r2 = (self.R * self.R).sum(1)
-        q = self.C / a  # V P of the module docstring, per pair
-        num = torch.addcmul(self.D, q, w2, value=0.5).mul_(q).mul_(2.0).add_(r2[:, None])  # r2 + 2qD + q^2 w2
-        num.div_(torch.addcmul(self.Sigma[:, None], q, self.C))
+        R, C, D = self.R[rows], self.C[rows], self.D[rows]
+        r2 = (R * R).sum(1)
+        q = C / a  # V P of the module docstring, per pair
+        num = torch.addcmul(D, q, w2, value=0.5).mul_(q).mul_(2.0).add_(r2[:, None])  # r2 + 2qD + q^2 w2
+        num.div_(torch.addcmul(self.Sigma[rows, None], q, C))
         delta = num.mul_(-0.5).add_(0.5 * w2 / a)
         if prep.parts is not None:
-            delta = torch.where(self.partN[:, None] == self.partS[None, :], delta, torch.full_like(delta, math.inf))
+            delta = torch.where(self.partN[rows, None] == self.partS[None, :], delta, torch.full_like(delta, math.inf))
         return delta
+
+    def best_swaps(self, prep: Prepared, count: int, chunk_bytes: int = 1 << 28) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `count` smallest swap deltas and their flat (h * |S| + g) indices,
+        computed over row blocks so the temporaries stay within chunk_bytes."""
+        n, k = self.C.shape
+        step = max(1, chunk_bytes // (32 * max(k, 1)))
+        vals, idxs = [], []
+        for a in range(0, n, step):
+            block = self.swap_deltas(prep, slice(a, a + step))
+            v, i = torch.topk(block.reshape(-1), min(count, block.numel()), largest=False)
+            vals.append(v)
+            idxs.append(i + a * k)
+        v, i = torch.cat(vals), torch.cat(idxs)
+        order = torch.topk(v, min(count, v.numel()), largest=False).indices
+        return v[order], i[order]
 
     def pair_delta(self, hi: int, gi: int) -> float:
         """The entry (hi, gi) of `swap_deltas`, in O(m)."""
@@ -494,7 +516,7 @@ class _ScalarSwaps:
 
 def _objective_of(prep: Prepared, G: torch.Tensor, S: np.ndarray) -> float:
     rS = _rows(prep, np.sort(S))
-    L, info = torch.linalg.cholesky_ex(prep.H[rS][:, rS])
+    L, info = torch.linalg.cholesky_ex(_sub(prep.H, rS, rS))
     if int(info) != 0:
         return math.inf
     Y = torch.linalg.solve_triangular(L, G[rS], upper=False)
@@ -574,9 +596,13 @@ def local_search(prep: Prepared, params: OsscarParams, S: np.ndarray, deadline: 
     since_reset = 0
     while info["steps"] < params.max_iter and not out_of_time():
         info["steps"] += 1
-        delta = state.swap_deltas(prep)
-        best = int(torch.argmin(delta))
-        gain = float(delta.view(-1)[best])
+        if scalar:
+            cand_vals, cand_idx = state.best_swaps(prep, params.swaps_per_scan)
+            best, gain = int(cand_idx[0]), float(cand_vals[0])
+        else:
+            delta = state.swap_deltas(prep)
+            best = int(torch.argmin(delta))
+            gain = float(delta.view(-1)[best])
         trial = None
         if gain < -tol:
             h_pos, g_pos = divmod(best, state.S.size)
@@ -584,11 +610,10 @@ def local_search(prep: Prepared, params: OsscarParams, S: np.ndarray, deadline: 
                 # the best few swaps of this scan, on distinct groups, each
                 # re-scored exactly after the previous ones are applied
                 k = state.S.size
-                cand = torch.topk(delta.view(-1), min(params.swaps_per_scan, delta.numel()), largest=False).indices
                 moved_h, moved_g = set(), set()
-                for idx in cand.tolist():
+                for value, idx in zip(cand_vals.tolist(), cand_idx.tolist()):
                     h_pos, g_pos = divmod(idx, k)
-                    if h_pos in moved_h or g_pos in moved_g or not math.isfinite(float(delta.view(-1)[idx])):
+                    if h_pos in moved_h or g_pos in moved_g or not math.isfinite(value):
                         continue
                     d = gain if not moved_h else state.pair_delta(h_pos, g_pos)
                     if not d < -tol:
