@@ -25,7 +25,7 @@ from torch import nn
 from .adapters import Adapter, ConvAdapter, Site, adapter_for
 from .data import DataError
 from .errors import OsscarError
-from .extract import GramHooks, _batches, describe_calibration, run_model, site_instance
+from .extract import GramHooks, _batches, describe_calibration, run_model, site_instance, token_mask
 from .registry import solve
 
 # structures pruned first inside a block (attention precedes the FFN)
@@ -146,19 +146,22 @@ _CACHE_KWARGS = ("use_cache", "past_key_values", "past_key_value", "cache", "lay
 
 
 def _capture_block_inputs(model: nn.Module, adapter: Adapter, calibration: Any, batch_size: int,
-                          device: Any) -> list[tuple[tuple, dict]]:
-    """The (args, kwargs) that block 0 receives for every calibration batch."""
+                          device: Any) -> list[tuple[tuple, dict, Any]]:
+    """The (args, kwargs) that block 0 receives for every calibration batch,
+    with the batch's token mask."""
     block = adapter.block(0)
-    captured: list[tuple[tuple, dict]] = []
+    captured: list[tuple[tuple, dict, Any]] = []
+    mask = None
 
     def grab(module, args, kwargs):
         captured.append((tuple(_to(a, "cpu") for a in args),
-                         {k: _to(v, "cpu") for k, v in kwargs.items() if k not in _CACHE_KWARGS}))
+                         {k: _to(v, "cpu") for k, v in kwargs.items() if k not in _CACHE_KWARGS}, mask))
         raise _Stop
 
     handle = block.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         for batch in _batches(calibration, batch_size):
+            mask = token_mask(batch)
             try:
                 run_model(model, adapter, batch, device)
             except _Stop:
@@ -182,15 +185,17 @@ def _to(x: Any, device: Any) -> Any:
     return x
 
 
-def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]], device: Any, keep_outputs: bool) -> list:
+def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict, Any]], device: Any, keep_outputs: bool,
+               hooks: GramHooks | None = None) -> list:
     outs = []
     with torch.no_grad():
-        for args, kwargs in inputs:
-            kwargs = {k: v for k, v in kwargs.items() if k not in _CACHE_KWARGS}
+        for args, kwargs, mask in inputs:
+            if hooks is not None:
+                hooks.mask = mask
             out = block(*_to(args, device), **_to(kwargs, device))
             if keep_outputs:
                 hidden = out[0] if isinstance(out, (tuple, list)) else out
-                outs.append(((hidden.to("cpu"),) + tuple(args[1:]), kwargs))
+                outs.append(((hidden.to("cpu"),) + tuple(args[1:]), kwargs, mask))
     return outs
 
 
@@ -271,6 +276,7 @@ def apply(
             model.to(dev)
             with GramHooks(model, [s.consumer for s, _ in batch_sites], device=dev) as hooks:
                 for batch in _batches(calibration, batch_size):
+                    hooks.mask = token_mask(batch)
                     run_model(model, adapter, batch, dev, stop_after=None if isinstance(adapter, ConvAdapter)
                               else max(s.layer for s, _ in batch_sites))
                 grams = {s.consumer: (hooks.gram(s.consumer), hooks.samples(s.consumer)) for s, _ in batch_sites}
@@ -294,7 +300,7 @@ def apply(
                 # the site's current shape (an earlier site of this block may have changed nothing here)
                 site = adapter.site(site.structure, layer)
                 with GramHooks(model, [site.consumer], device=dev) as hooks:
-                    _run_block(block, inputs, dev, keep_outputs=False)
+                    _run_block(block, inputs, dev, keep_outputs=False, hooks=hooks)
                     gram, samples = hooks.gram(site.consumer), hooks.samples(site.consumer)
                 prune_site(site, frac, gram, samples)
                 bar.update()

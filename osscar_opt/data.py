@@ -167,9 +167,12 @@ class Calibration:
     """Token windows plus a description of where they came from."""
 
     def __init__(self, input_ids: Any, source: str = "tensor", split: str = "calibration",
-                 seed: int | None = None, tokenizer_name: str | None = None):
+                 seed: int | None = None, tokenizer_name: str | None = None, attention_mask: Any = None,
+                 kind: str = "windows"):
         import torch
 
+        self.attention_mask = None if attention_mask is None else torch.as_tensor(attention_mask).long()
+        self.kind = kind
         ids = torch.as_tensor(input_ids)
         if ids.dim() == 1:
             ids = ids[None, :]
@@ -190,14 +193,21 @@ class Calibration:
 
     @property
     def tokens(self) -> int:
+        if self.attention_mask is not None:
+            return int(self.attention_mask.sum())
         return int(self.input_ids.numel())
 
     def batches(self, batch_size: int):
+        """Tensors of token ids, or dicts with the attention mask (padded paragraphs)."""
         for a in range(0, self.n_windows, batch_size):
-            yield self.input_ids[a : a + batch_size]
+            if self.attention_mask is None:
+                yield self.input_ids[a : a + batch_size]
+            else:
+                yield {"input_ids": self.input_ids[a : a + batch_size],
+                       "attention_mask": self.attention_mask[a : a + batch_size]}
 
     def describe(self) -> dict:
-        return {"source": self.source, "split": self.split, "windows": self.n_windows,
+        return {"source": self.source, "split": self.split, "kind": self.kind, "windows": self.n_windows,
                 "seq_len": self.seq_len, "tokens": self.tokens, "seed": self.seed}
 
     def __repr__(self) -> str:
@@ -210,3 +220,25 @@ def calibration(tokenizer: Any, source: str = "pydoc", n_windows: int = 32, seq_
     ids = windows(tokenizer, source, split, n_windows, seq_len, seed)
     return Calibration(ids, source=source, split=_split_name(split), seed=seed,
                        tokenizer_name=getattr(tokenizer, "name_or_path", None))
+
+
+def paragraph_texts(source: str = "pydoc", split: str = "calibration", n: int | None = None,
+                    min_chars: int = 40) -> list[str]:
+    """Paragraphs (blank-line separated, at least min_chars long) of one split."""
+    text = load_text(source, split)
+    paras = [p.strip().replace("\n", " ") for p in text.split("\n\n")]
+    paras = [p for p in paras if len(p) >= min_chars]
+    return paras if n is None else paras[:n]
+
+
+def paragraphs(tokenizer: Any, source: str = "pydoc", n: int = 256, max_length: int = 128,
+               split: str = "calibration") -> Calibration:
+    """Calibration for encoders: paragraphs of the split tokenized like sentence
+    inputs (special tokens, padding to max_length, attention mask); padded
+    positions are left out of the Gram matrices."""
+    texts = paragraph_texts(source, split, n)
+    if not texts:
+        raise DataError(f"the {split} split of {source!r} has no paragraph of at least 40 characters")
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    return Calibration(enc["input_ids"], source=source, split=_split_name(split), attention_mask=enc["attention_mask"],
+                       tokenizer_name=getattr(tokenizer, "name_or_path", None), kind="paragraphs")

@@ -54,10 +54,7 @@ def sentence_embeddings(model: nn.Module, tokenizer: Any, texts: Sequence[str], 
 
 def held_out_paragraphs(source: str = "pydoc", n: int = 256, min_chars: int = 40) -> list[str]:
     """Paragraphs of the evaluation half, for encoder fidelity."""
-    text = data.load_text(source, "evaluation")
-    paras = [p.strip().replace("\n", " ") for p in text.split("\n\n")]
-    paras = [p for p in paras if len(p) >= min_chars]
-    return paras[:n]
+    return data.paragraph_texts(source, "evaluation", n, min_chars)
 
 
 def embedding_fidelity(dense: torch.Tensor, pruned: torch.Tensor) -> float:

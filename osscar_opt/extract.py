@@ -33,6 +33,8 @@ class GramHooks:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self._handles = []
+        # (batch, tokens) mask of the current batch: padded tokens stay out of X'X
+        self.mask: torch.Tensor | None = None
         for name in dict.fromkeys(consumers):
             module = model.get_submodule(name)
             self._handles.append(module.register_forward_hook(self._hook(name)))
@@ -42,7 +44,11 @@ class GramHooks:
             x = args[0] if args else None
             if not isinstance(x, torch.Tensor):
                 return
-            rows = input_rows(module, x.detach())
+            x = x.detach()
+            if self.mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(self.mask.shape):
+                rows = x[self.mask.to(x.device).bool()]
+            else:
+                rows = input_rows(module, x)
             dev = self.device or rows.device
             rows = rows.to(dev, torch.float64)
             acc = self.sums.get(name)
@@ -128,6 +134,13 @@ def _batches(calibration: Any, batch_size: int):
         yield from calibration
 
 
+def token_mask(batch: Any) -> torch.Tensor | None:
+    """The attention mask of a batch given as a dict, else None (all tokens count)."""
+    if isinstance(batch, dict) and "attention_mask" in batch:
+        return batch["attention_mask"]
+    return None
+
+
 def describe_calibration(calibration: Any) -> dict:
     if isinstance(calibration, Calibration):
         return calibration.describe()
@@ -208,6 +221,7 @@ def extract(
     with GramHooks(model, [s.consumer for s in sites], device=dev) as hooks:
         for batch in tqdm(_batches(calibration, batch_size), total=n_batches, desc="calibration",
                           disable=not progress, leave=False):
+            hooks.mask = token_mask(batch)
             run_model(model, adapter, batch, dev, stop_after=max(layers))
         meta = {"model": name, "architecture": adapter.name,
                 "calibration": describe_calibration(calibration), "activations": "dense"}

@@ -48,7 +48,10 @@ def prune_once(args: argparse.Namespace, sparsity: float, dense: dict | None = N
     if dense is None:
         dense = measure(model, tok, kind, args)
     seq_len = min(args.seq_len, getattr(model.config, "max_position_embeddings", args.seq_len))
-    cal = data.calibration(tok, args.calib, args.nsamples, seq_len)
+    if kind == "encoder":  # sentence-like inputs, padded tokens masked out of the Gram matrices
+        cal = data.paragraphs(tok, args.calib, n=args.nsamples * 8, max_length=min(seq_len, 128))
+    else:
+        cal = data.calibration(tok, args.calib, args.nsamples, seq_len)
     structures = args.structures.split(",") if args.structures else None
     report = apply(model, cal, _sparsity(args, sparsity), solver=args.solver, structures=structures,
                    sequential=not args.dense_activations, device=args.device, **_solver_params(args))

@@ -37,8 +37,8 @@ def test_windows_are_consecutive_or_seeded():
     c = data.windows(tok, "pydoc", "calibration", 4, 50, seed=2)
     assert torch.equal(a, b) and not torch.equal(a, c)
     cal = data.calibration(tok, "pydoc", 4, 50, seed=1)
-    assert cal.describe() == {"source": "pydoc", "split": "calibration", "windows": 4, "seq_len": 50,
-                              "tokens": 200, "seed": 1}
+    assert cal.describe() == {"source": "pydoc", "split": "calibration", "kind": "windows", "windows": 4,
+                              "seq_len": 50, "tokens": 200, "seed": 1}
 
 
 def test_local_files(tmp_path):

@@ -61,3 +61,24 @@ def test_dense_perplexity_on_the_evaluation_half(smollm2):
     with torch.no_grad():
         logits = model(input_ids=evaluation[:1, :8]).logits
     assert logits.shape == (1, 8, model.config.vocab_size)
+
+
+def test_minilm_embeddings_stay_faithful_after_pruning():
+    """all-MiniLM-L6-v2 from its wheel: a quarter of the heads and half of the
+    neurons pruned with OSSCAR keep the sentence embeddings much closer to the
+    dense model's than magnitude pruning does."""
+    from osscar_opt.evaluation import embedding_fidelity, held_out_paragraphs, sentence_embeddings
+
+    dense, tok = models.load("minilm-l6")
+    cal = data.paragraphs(tok, "pydoc", n=256, max_length=128)
+    texts = held_out_paragraphs("pydoc", n=64)
+    reference = sentence_embeddings(dense, tok, texts)
+    fidelity = {}
+    for solver in ("osscar", "magnitude"):
+        model = copy.deepcopy(dense)
+        report = apply(model, cal, {"heads": 0.25, "neurons": 0.5}, solver=solver, progress=False)
+        assert model.encoder.layer[0].intermediate.dense.out_features == 768
+        assert model.encoder.layer[0].attention.self.query.out_features == 9 * 32
+        assert report.params_after < report.params_before
+        fidelity[solver] = embedding_fidelity(reference, sentence_embeddings(model, tok, texts))
+    assert fidelity["osscar"] > 0.85 and fidelity["osscar"] > fidelity["magnitude"] + 0.2

@@ -90,3 +90,25 @@ def test_bad_inputs_are_clear_errors():
         adapter_for(torch.nn.Linear(3, 3))
     with pytest.raises(DataError, match="empty"):
         extract(model, torch.zeros(0, 8, dtype=torch.long), progress=False)
+
+
+def test_padded_tokens_stay_out_of_the_gram():
+    """Paragraph batches with an attention mask: X'X over the real tokens only."""
+    from small_models import tiny_bert
+
+    model = tiny_bert()
+    ids = random_tokens(n=12, seq_len=24)
+    mask = torch.ones_like(ids)
+    mask[0, 10:] = 0
+    mask[2, 3:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    (inst,) = extract(model, [batch], structures=["neurons"], layers=[0], damping=0.0, progress=False)
+    module = model.get_submodule(inst.meta["module"])
+    rows = []
+    handle = module.register_forward_hook(lambda m, a, o: rows.append(a[0].detach().double()))
+    with torch.no_grad():
+        model(**batch)
+    handle.remove()
+    X = rows[0][mask.bool()].numpy()
+    assert X.shape[0] == int(mask.sum()) == inst.meta["samples"]
+    np.testing.assert_allclose(inst.H, X.T @ X / X.shape[0], rtol=1e-10, atol=1e-12)

@@ -65,7 +65,10 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
     if not any(r.get("solver") == "dense" for r in _rows(log)):
         _append(log, {"solver": "dense", "sparsity": 0.0, "parameters": dense["parameters"],
                       "perplexity": dense.get("perplexity"), "fidelity": 1.0 if kind == "encoder" else None})
-    cal = data.calibration(tok, "pydoc", nsamples, seq)
+    if kind == "encoder":  # sentence-like inputs, padded tokens masked out of the Gram matrices
+        cal = data.paragraphs(tok, "pydoc", n=nsamples * 8, max_length=min(seq, 128))
+    else:
+        cal = data.calibration(tok, "pydoc", nsamples, seq)
     evaluation = data.windows(tok, "pydoc", "evaluation", 1, seq) if kind == "causal-lm" else None
     for solver in solvers:
         for s in sparsities:
