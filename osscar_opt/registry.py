@@ -221,7 +221,10 @@ def solvers() -> list[SolverInfo]:
     """Every registered solver, in preference order, with its availability here."""
     _load_builtin()
     out = []
-    for name, cls in _REGISTRY.items():
+    # core first, then heuristics, exact solvers and plugins, whatever the import order was
+    rank = {"osscar_opt": 0, "heuristics": 1, "exact": 2}
+    ordered = sorted(_REGISTRY.items(), key=lambda kv: rank.get(kv[1].__module__.split(".")[0], 3))
+    for name, cls in ordered:
         ok, reason = cls.available()
         fields = tuple(f.name for f in dataclasses.fields(cls.Params))
         out.append(SolverInfo(name, cls.exact, ok, reason, cls.devices, cls.description, fields))

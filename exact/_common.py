@@ -1,0 +1,166 @@
+"""Helpers shared by the exact solvers and bounds.
+
+Notation (DESIGN.md section 1): H (d x d) SPD, W_hat (d x m), G = H W_hat,
+f(S) = -0.5 tr(G_S' H_SS^-1 G_S). f depends on G only through G G', so every
+exact solver works with a factor F (d x r, r = rank(G) <= min(d, m)) with
+F F' = G G' instead of the m output columns.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+
+from osscar_opt.errors import SolverError
+from osscar_opt.instance import Instance
+
+
+# Default relative optimality tolerance of the exact solvers, in err units:
+# a support is called OPTIMAL when its err is within this of the proven bound.
+GAP_TOL = 1e-9
+
+
+def output_factor(instance: Instance) -> np.ndarray:
+    """F (d x r) with F F' = G G' exactly (G = H W_hat), r = min(d, m).
+
+    For m <= d this is G itself; for m > d it is R' from the QR factorization
+    G' = Q R (so G G' = R' R). f(S) = -0.5 tr(F_S' H_SS^-1 F_S) for every S.
+    Same construction as `osscar_opt.linalg.output_factor`, in numpy.
+    """
+    G = instance.H @ instance.W
+    if G.shape[1] <= G.shape[0]:
+        return np.ascontiguousarray(G)
+    R = scipy.linalg.qr(G.T, mode="r", check_finite=False)[0][: G.shape[0]]
+    return np.ascontiguousarray(R.T)
+
+
+def parts_and_budget(instance: Instance) -> tuple[np.ndarray, np.ndarray]:
+    """(part id per group, groups kept per part); one part with budget keep without a partition."""
+    if instance.partition is None:
+        return np.zeros(instance.n_groups, dtype=np.int64), np.array([instance.keep], dtype=np.int64)
+    return instance.partition.parts.astype(np.int64), instance.partition.budget.astype(np.int64)
+
+
+def objective_of(instance: Instance, F: np.ndarray, keep) -> float:
+    """f(S) = -0.5 ||L^-1 F_S||^2 with L the Cholesky factor of H_SS (fp64)."""
+    rows = instance.rows_of(np.asarray(keep, dtype=np.int64))
+    if rows.size == 0:
+        return 0.0
+    L = scipy.linalg.cholesky(instance.H[np.ix_(rows, rows)], lower=True, check_finite=False)
+    Y = scipy.linalg.solve_triangular(L, F[rows], lower=True, check_finite=False)
+    return -0.5 * float(np.einsum("ij,ij->", Y, Y))
+
+
+def osscar_support(instance: Instance, device: str = "cpu", deadline: float | None = None, **params) -> np.ndarray:
+    """OSSCAR's support (greedy + local search), the warm start of every exact solver."""
+    from osscar_opt.registry import solve
+
+    limit = None
+    if deadline is not None:
+        limit = max(1e-3, deadline - time.perf_counter())
+    sol = solve(instance, "osscar", device=device, time_limit=limit, **params)
+    if sol.keep.size != instance.keep:
+        raise SolverError(f"OSSCAR warm start failed ({sol.message}): run osscar alone to see why")
+    return sol.keep
+
+
+def restricted_instance(instance: Instance, fixed_in: np.ndarray, fixed_out: np.ndarray) -> tuple[Instance, np.ndarray]:
+    """The sub-instance on the groups not fixed out, with the fixed-in groups forced in.
+
+    Forcing is expressed as a partition: every (original part, fixed-in?) pair
+    is a part; a fixed-in part keeps all its groups. Returns the instance and
+    the original ids of its groups.
+    """
+    parts, budget = parts_and_budget(instance)
+    ids = np.flatnonzero(~fixed_out)
+    sub_parts = parts[ids] * 2 + fixed_in[ids].astype(np.int64)
+    labels, new_parts = np.unique(sub_parts, return_inverse=True)
+    new_budget = np.zeros(labels.size, dtype=np.int64)
+    for j, label in enumerate(labels):
+        orig, forced = divmod(int(label), 2)
+        members = ids[sub_parts == label]
+        if forced:
+            new_budget[j] = members.size
+        else:
+            new_budget[j] = budget[orig] - int(np.sum(fixed_in & (parts == orig)))
+    rows = np.concatenate([instance.group_rows[g] for g in ids])
+    sub_groups = np.concatenate([np.full(instance.group_sizes[g], i) for i, g in enumerate(ids)])
+    sub = Instance(
+        instance.H[np.ix_(rows, rows)], instance.W[rows], int(new_budget.sum()),
+        groups=sub_groups, partition=(new_parts, new_budget),
+    )
+    return sub, ids
+
+
+def remaining(deadline: float | None) -> float:
+    """Seconds left before `deadline` (inf without one)."""
+    return math.inf if deadline is None else deadline - time.perf_counter()
+
+
+@dataclass
+class Scale:
+    """Objective scaling used inside the solvers: f_scaled = f / |f(all)|.
+
+    Native solvers (HiGHS, SCIP) see objectives of order 1, so their absolute
+    tolerances are relative to the problem; results are scaled back.
+    """
+
+    full: float  # f(all) < 0
+
+    @property
+    def unit(self) -> float:
+        return -self.full
+
+    def to_native(self, f: float) -> float:
+        return f / self.unit
+
+    def from_native(self, f: float) -> float:
+        return f * self.unit
+
+
+def incumbent_info(instance: Instance, objective: float) -> float:
+    """err of an objective value (for info dicts)."""
+    return (objective - instance.full_objective) / (-instance.full_objective)
+
+
+class cpu_threads:
+    """Context manager: at most `n` CPU threads for torch and BLAS inside, restored after.
+
+    The node problems are small dense factorizations; on a shared machine
+    several threads per call oversubscribe the cores and run many times
+    slower (seen: 12 s instead of 1.3 s for OSSCAR on a 40-group crop).
+    n=None leaves the process settings alone.
+    """
+
+    def __init__(self, n: int | None):
+        self.n = n
+        self._torch = None
+        self._limits = None
+
+    def __enter__(self):
+        if self.n is None:
+            return self
+        import torch
+
+        self._torch = torch.get_num_threads()
+        torch.set_num_threads(int(self.n))
+        try:
+            from threadpoolctl import threadpool_limits
+
+            self._limits = threadpool_limits(int(self.n))
+        except ImportError:  # optional: numpy keeps its own threads
+            self._limits = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._torch is not None:
+            import torch
+
+            torch.set_num_threads(self._torch)
+        if self._limits is not None:
+            self._limits.restore_original_limits()
+        return False

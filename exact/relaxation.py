@@ -1,0 +1,296 @@
+"""Perspective relaxation of a branch-and-bound node, solved in torch (CPU or CUDA).
+
+A node fixes some groups in (set I) and some out (set O); the rest are free.
+With the root split D (diagonal, validated) the node uses rows R = rows of
+I and free groups and the node diagonal
+
+    Dn = t * [delta * D_I, D_free],   t = lambda_min(Dn0^-1/2 H_RR Dn0^-1/2) (>= 1 up to delta)
+
+(so H_RR - Dn is PSD: a principal submatrix needs less room, and groups
+fixed in need no perspective term, which frees room for the others). Its
+relaxation over z in Z_node = {z in [0,1]^free, sum over each part = budget
+left} is
+
+    c(z) = -0.5 tr((sF)' M^-1 (sF)),  M = S A S + Dn,  A = H_RR - Dn,  s_i = sqrt(z_g(i)),
+
+with gradient dc/dz_g = -0.5 q_g and Hessian (per row, summed over groups)
+
+    diag(q_i / z_i) - (M^-1 o V V') / (s s'),   V = F_R - A W,  W = S M^-1 S F_R,
+
+and every W gives the valid Fenchel bound (see `exact.perspective`)
+
+    LB(W) = -0.5 tr(W'AW) - 0.5 sum_{g in I} q_g - 0.5 max_{feasible free S} sum_{g in S} q_g.
+
+`NodeRelaxation.solve` minimizes c by a projected Newton method
+(Bertsekas's two-metric scheme: an epsilon-active set at 0 and 1 is moved to
+the bound, Newton on the rest with the per-part sum kept, Armijo search
+along the projection arc, projected-gradient fallback). The returned bound
+is the best LB(W) over the iterates: valid whether or not it converged.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+_EPS = float(np.finfo(np.float64).eps)
+
+
+def project_capped(y: np.ndarray, need: float) -> np.ndarray:
+    """Euclidean projection of y onto {z in [0, 1]^n : sum z = need} (exact, by breakpoints)."""
+    n = y.size
+    if need <= 0:
+        return np.zeros(n)
+    if need >= n:
+        return np.ones(n)
+    taus = np.sort(np.concatenate([y - 1.0, y]))
+    sums = np.clip(y[None, :] - taus[:, None], 0.0, 1.0).sum(1)  # nonincreasing in tau
+    j = int(np.searchsorted(-sums, -need, side="right"))  # first index with sums < need
+    j = min(max(j, 1), taus.size - 1)
+    s_hi, s_lo = sums[j - 1], sums[j]
+    ta, tb = taus[j - 1], taus[j]
+    tau = ta if s_hi == s_lo else ta + (s_hi - need) / (s_hi - s_lo) * (tb - ta)
+    return np.clip(y - tau, 0.0, 1.0)
+
+
+@dataclass
+class RootData:
+    """Everything a node needs from the instance, on the solver's device."""
+
+    H: torch.Tensor  # (d, d)
+    F: torch.Tensor  # (d, r)
+    D: np.ndarray  # (d,) validated root diagonal split
+    D_t: torch.Tensor
+    group_rows: list  # rows of every group (numpy int64)
+    sizes: np.ndarray  # rows per group
+    parts: np.ndarray  # part id per group
+    budget: np.ndarray  # groups kept per part
+    fixed_in_delta: float = 1e-3
+
+    @property
+    def p(self) -> int:
+        return self.sizes.size
+
+
+class NodeRelaxation:
+    """The perspective relaxation of one node (fixings given as boolean masks over groups)."""
+
+    def __init__(self, root: RootData, fixed_in: np.ndarray, free: np.ndarray, D: np.ndarray | None = None):
+        """D: a positive diagonal to start from (default the root split); any works, it is rescaled here."""
+        self.root = root
+        D = root.D if D is None else D
+        dev, dt = root.H.device, root.H.dtype
+        self.fixed_in_groups = np.flatnonzero(fixed_in)
+        self.free_groups = np.flatnonzero(free)
+        rows_in = [root.group_rows[g] for g in self.fixed_in_groups]
+        rows_free = [root.group_rows[g] for g in self.free_groups]
+        r_in = np.concatenate(rows_in) if rows_in else np.zeros(0, np.int64)
+        r_free = np.concatenate(rows_free)
+        self.n1 = r_in.size
+        rows = np.concatenate([r_in, r_free])
+        sizes = root.sizes[self.free_groups]
+        self.singletons = bool(np.all(sizes == 1))
+        self.grp = np.repeat(np.arange(self.free_groups.size), sizes)  # free-local group of each free row
+        self.grp_t = torch.as_tensor(self.grp, device=dev)
+        self.pf = self.free_groups.size
+        # parts of the free groups and what each still needs
+        fparts = root.parts[self.free_groups]
+        self.labels, self.fpart = np.unique(fparts, return_inverse=True)
+        self.need = np.array([int(root.budget[j]) - int(np.sum(root.parts[self.fixed_in_groups] == j)) for j in self.labels])
+        self.members = [np.flatnonzero(self.fpart == j) for j in range(self.labels.size)]
+        idx = torch.as_tensor(rows, device=dev)
+        HR = root.H[idx][:, idx]
+        D0 = np.concatenate([root.fixed_in_delta * D[r_in], D[r_free]])
+        D0_t = torch.as_tensor(D0, device=dev, dtype=dt)
+        # t = lambda_min(D0^-1/2 H_RR D0^-1/2) less its rounding error: H_RR - t D0 is PSD
+        sc = D0_t.rsqrt()
+        ev = torch.linalg.eigvalsh(sc[:, None] * HR * sc[None, :])
+        t = float(ev[0]) - 16 * rows.size * _EPS * float(ev[-1].abs())
+        self.scale = t * (1.0 - 1e-10)
+        self.Dn = D0_t * self.scale
+        self.A = HR - torch.diag(self.Dn)
+        self.FR = root.F[idx]
+        self.evaluations = 0
+
+    # ------------------------------------------------------------- pieces
+    def top_free(self, qg: np.ndarray) -> float:
+        """max over feasible free selections of sum q (top need_j of every part)."""
+        total = 0.0
+        for mem, k in zip(self.members, self.need):
+            if k > 0:
+                total += float(np.sum(np.sort(qg[mem])[::-1][:k]))
+        return total
+
+    def evaluate(self, z: np.ndarray) -> dict | None:
+        """c(z), gradient, q, W and the Fenchel bound LB(W); None if M is not PD numerically."""
+        self.evaluations += 1
+        dev, dt = self.A.device, self.A.dtype
+        zt = torch.as_tensor(z, device=dev, dtype=dt)
+        s = torch.ones(self.A.shape[0], device=dev, dtype=dt)
+        s[self.n1:] = zt.clamp(0.0, 1.0).sqrt()[self.grp_t]
+        M = self.A * (s[:, None] * s[None, :])
+        M.diagonal().add_(self.Dn)
+        L, info = torch.linalg.cholesky_ex(M)
+        if int(info) != 0:
+            return None
+        sF = s[:, None] * self.FR
+        Y = torch.cholesky_solve(sF, L)
+        W = s[:, None] * Y
+        c = -0.5 * float((sF * Y).sum())
+        AW = self.A @ W
+        V = self.FR - AW
+        qrow = (V * V).sum(1) / self.Dn
+        q_in = float(qrow[: self.n1].sum())
+        qf = qrow[self.n1:]
+        if self.singletons:
+            qg = qf
+        else:
+            qg = torch.zeros(self.pf, device=dev, dtype=dt).index_add_(0, self.grp_t, qf)
+        qg_np = qg.cpu().numpy().astype(np.float64)
+        base = -0.5 * float((W * AW).sum()) - 0.5 * q_in
+        lb = base - 0.5 * self.top_free(qg_np)
+        return {"c": c, "q": qg_np, "base": base, "lb": lb, "L": L, "V": V, "s": s, "qrow": qrow, "z": z}
+
+    def hessian(self, ev: dict) -> np.ndarray:
+        """The Hessian of c over the free groups at the evaluated point (pf x pf)."""
+        n1 = self.n1
+        Minv = torch.cholesky_inverse(ev["L"])[n1:, n1:]
+        Vf = ev["V"][n1:]
+        sf = ev["s"][n1:].clamp_min(1e-150)
+        Hr = -(Minv * (Vf @ Vf.T)) / (sf[:, None] * sf[None, :])
+        zr = (sf * sf).clamp_min(1e-300)
+        Hr.diagonal().add_(ev["qrow"][n1:] / zr)
+        if not self.singletons:
+            pf = self.pf
+            Hg = torch.zeros(pf, Hr.shape[1], device=Hr.device, dtype=Hr.dtype).index_add_(0, self.grp_t, Hr)
+            Hr = torch.zeros(pf, pf, device=Hr.device, dtype=Hr.dtype).index_add_(1, self.grp_t, Hg)
+        return Hr.cpu().numpy()
+
+    def project(self, y: np.ndarray) -> np.ndarray:
+        z = np.empty_like(y)
+        for mem, k in zip(self.members, self.need):
+            z[mem] = project_capped(y[mem], k)
+        return z
+
+    def initial(self, z0: np.ndarray | None) -> np.ndarray:
+        if z0 is None:
+            z = np.empty(self.pf)
+            for mem, k in zip(self.members, self.need):
+                z[mem] = k / mem.size
+            return z
+        return self.project(np.asarray(z0, dtype=np.float64))
+
+    # ------------------------------------------------------------- solver
+    def solve(self, z0: np.ndarray | None, prune_at: float | None, max_steps: int = 30, min_steps: int = 2,
+              rtol: float = 1e-10, deadline: float | None = None, trace: list | None = None) -> dict:
+        """Projected Newton on c over Z_node. Returns the best bound and its (base, q).
+
+        Stops when the bound reaches `prune_at` ("prune"), when c(z) < prune_at
+        after `min_steps` steps (the node cannot be pruned: "branch"), when the
+        gap c - bound is below rtol |c| ("converged"), or after max_steps.
+        prune_at=None solves to convergence. `trace` collects every iterate z.
+        """
+        z = self.initial(z0)
+        ev = self.evaluate(z)
+        if ev is None:
+            return {"lb": -math.inf, "z": z, "status": "failed", "steps": 0}
+        best = ev
+        step_pg = None
+        status = "max_steps"
+        steps = 0
+        for steps in range(max_steps + 1):
+            if ev["lb"] > best["lb"]:
+                best = ev
+            c = ev["c"]
+            if trace is not None:
+                trace.append(ev["z"])
+            if prune_at is not None and best["lb"] >= prune_at:
+                status = "prune"
+                break
+            if prune_at is not None and steps >= min_steps and c < prune_at:
+                status = "branch"
+                break
+            if c - best["lb"] <= rtol * abs(c):
+                status = "converged"
+                break
+            if steps == max_steps or (deadline is not None and time.perf_counter() > deadline):
+                break
+            g = -0.5 * ev["q"]
+            new = self._newton_step(ev, g)
+            if new is None:
+                if step_pg is None:
+                    step_pg = 1.0 / (float(np.max(np.abs(g))) + 1e-300)
+                new = None
+                for _ in range(60):
+                    zn = self.project(z - step_pg * g)
+                    cand = self.evaluate(zn)
+                    if cand is not None and cand["c"] <= c + g @ (zn - z) + 0.5 / step_pg * float(np.sum((zn - z) ** 2)):
+                        new = cand
+                        break
+                    step_pg *= 0.5
+                step_pg *= 2.0
+                if new is None:
+                    break
+            ev, z = new, new["z"]
+        return {"lb": best["lb"], "base": best["base"], "q": best["q"], "z": z, "c": ev["c"],
+                "status": status, "steps": steps}
+
+    def _newton_step(self, ev: dict, g: np.ndarray) -> dict | None:
+        z = ev["z"]
+        y = z - g / (float(np.max(np.abs(g))) + 1e-300)
+        w = float(np.sum(np.abs(z - self.project(y))))
+        eps = min(1e-2, w)
+        inactive = np.ones(self.pf, bool)
+        dA = np.zeros(self.pf)
+        for mem in self.members:
+            zm, gm = z[mem], g[mem]
+            frac = (zm > eps) & (zm < 1 - eps)
+            if frac.any():
+                mu = float(np.mean(gm[frac]))
+            else:
+                srt = np.sort(gm)
+                k = int(round(float(np.sum(zm))))
+                mu = 0.5 * (srt[max(k - 1, 0)] + srt[min(k, srt.size - 1)])
+            at0 = (zm <= eps) & (gm > mu)
+            at1 = (zm >= 1 - eps) & (gm < mu)
+            inactive[mem[at0 | at1]] = False
+            dA[mem[at0]] = -zm[at0]
+            dA[mem[at1]] = 1 - zm[at1]
+        I = np.flatnonzero(inactive)
+        if I.size < 2:
+            return None
+        Hs = self.hessian(ev)[np.ix_(I, I)]
+        Hs = Hs + (1e-12 * float(np.trace(Hs)) / I.size) * np.eye(I.size)
+        try:
+            Lh = np.linalg.cholesky(Hs)
+        except np.linalg.LinAlgError:
+            return None
+        from scipy.linalg import cho_solve
+
+        fp = self.fpart[I]
+        B = (fp[None, :] == np.arange(self.labels.size)[:, None]).astype(np.float64)
+        used = B.sum(1) > 0
+        B = B[used]
+        rhs = np.array([-float(np.sum(dA[mem])) for mem in self.members])[used]
+        Hg = cho_solve((Lh, True), g[I])
+        HB = cho_solve((Lh, True), B.T)
+        S = B @ HB
+        nu = np.linalg.solve(S, rhs + B @ Hg)
+        d = dA.copy()
+        d[I] = -(Hg - HB @ nu)
+        c = ev["c"]
+        alpha = 1.0
+        for _ in range(20):
+            zn = self.project(z + alpha * d)
+            slope = float(g @ (zn - z))
+            if slope >= 0:  # the projected arc is not a descent direction here
+                return None
+            cand = self.evaluate(zn)
+            if cand is not None and cand["c"] <= c + 1e-4 * slope:
+                return cand
+            alpha *= 0.5
+        return None

@@ -1,0 +1,219 @@
+"""Exact solvers and relaxation bounds (exact/): optimality against brute force,
+validity of every bound, perspective splits, time limits, missing packages."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+import osscar_opt as oo
+from osscar_opt import SolverError
+from osscar_opt.registry import get_solver
+
+from conftest import brute_force, random_instance
+from exact._common import output_factor, restricted_instance
+from exact.perspective import PerspectiveModel, best_selection, split_for, validate_split
+from exact.relax import newton_relaxation
+from exact.pyomo_model import backend_status
+
+EXACT = ["bnb", "highs-oa", "scip", "pyomo"]
+
+
+def _available(name: str) -> bool:
+    return get_solver(name).available()[0]
+
+
+def _cases(seed: int = 7):
+    rng = np.random.default_rng(seed)
+    yield "neurons", random_instance(rng, p=8, keep=3, m=4)
+    yield "heads", random_instance(rng, p=6, group_size=3, keep=2, m=3)
+    yield "gqa", random_instance(rng, p=6, group_size=2, keep=4, m=3, partition=np.repeat(np.arange(2), 3))
+    H = random_instance(rng, p=9, keep=2).H
+    yield "uneven", oo.Instance(H, rng.standard_normal((9, 2)), 2, groups=[0, 0, 1, 2, 2, 3, 1, 4, 4])
+
+
+CASES = list(_cases())
+
+
+@pytest.mark.parametrize("name", EXACT)
+def test_exact_solver_matches_enumerate(name):
+    if not _available(name):
+        pytest.skip(f"{name} unavailable here: {get_solver(name).available()[1]}")
+    for label, inst in CASES:
+        truth = oo.solve(inst, "enumerate")
+        optimum, _ = brute_force(inst)
+        assert truth.objective == pytest.approx(optimum, rel=1e-12)
+        sol = oo.solve(inst, name, device="cpu", time_limit=60)
+        assert sol.status == oo.Status.OPTIMAL, (label, sol.message)
+        assert sol.objective == pytest.approx(optimum, rel=1e-10), label
+        assert sol.bound is not None and sol.bound <= optimum + 1e-9 * abs(inst.full_objective), label
+        # the certified gap is tiny: OPTIMAL is backed by the bound
+        assert optimum - sol.bound <= 1e-5 * abs(inst.full_objective), label
+
+
+def test_bnb_prunes_most_of_the_tree(rng):
+    inst = random_instance(rng, p=16, keep=8, m=4)
+    sol = oo.solve(inst, "bnb")
+    best = oo.solve(inst, "enumerate")
+    assert sol.status == oo.Status.OPTIMAL
+    assert sol.objective == pytest.approx(best.objective, rel=1e-10)
+    assert sol.info["nodes"] < 12870 / 20  # C(16, 8) supports
+
+
+@pytest.mark.parametrize("split", ["optimal", "max-trace", "lambda-min"])
+def test_relax_bounds_are_valid_and_methods_agree(split):
+    if not _available("relax"):
+        pytest.skip(get_solver("relax").available()[1])
+    for label, inst in CASES[:3]:
+        optimum, _ = brute_force(inst)
+        sol = oo.solve(inst, "relax", split=split, methods="newton,cvxpy,highs")
+        assert sol.status in (oo.Status.FEASIBLE, oo.Status.OPTIMAL)
+        assert sol.bound <= optimum + 1e-9 * abs(inst.full_objective), label
+        bounds = {m: b["bound"] for m, b in sol.info["bounds"].items() if isinstance(b, dict)}
+        assert set(bounds) == {"newton", "cvxpy", "highs"}
+        scale = abs(inst.full_objective)
+        # newton and cvxpy solve the same relaxation; the HiGHS bundle may stop earlier
+        assert bounds["newton"] == pytest.approx(bounds["cvxpy"], abs=1e-5 * scale), label
+        assert max(bounds.values()) <= optimum + 1e-9 * scale
+
+
+def test_block_split_relaxation_bound_is_valid():
+    if not _available("relax"):
+        pytest.skip(get_solver("relax").available()[1])
+    _, inst = CASES[1]  # groups of 3 rows
+    optimum, _ = brute_force(inst)
+    sol = oo.solve(inst, "relax", split="max-trace", block=True, methods="newton,cvxpy,highs")
+    assert sol.info["bounds"]["newton"].startswith("skipped")
+    assert sol.bound <= optimum + 1e-9 * abs(inst.full_objective)
+    assert sol.info["split"]["diagonal"] is False
+
+
+def test_splits_are_psd_and_optimal_split_gives_the_best_root_bound(rng):
+    inst = random_instance(rng, p=12, keep=5, m=6)
+    F = output_factor(inst)
+    roots = {}
+    for method in ("lambda-min", "max-trace", "optimal"):
+        split = split_for(inst, method, backend="newton", cache=False)
+        assert np.linalg.eigvalsh(inst.H - split.dense())[0] >= 0
+        assert split.min_eig >= 0
+        roots[method], _ = newton_relaxation(PerspectiveModel(inst, F, split), None)
+    optimum, _ = brute_force(inst)
+    assert roots["optimal"] >= roots["max-trace"] - 1e-9 * abs(inst.full_objective)
+    assert roots["max-trace"] >= roots["lambda-min"] - 1e-9 * abs(inst.full_objective)
+    assert roots["optimal"] <= optimum
+
+
+def test_max_trace_split_newton_matches_cvxpy(rng):
+    inst = random_instance(rng, p=10, keep=5, m=3)
+    newton = split_for(inst, "max-trace", backend="newton", cache=False)
+    cvx = split_for(inst, "max-trace", backend="cvxpy", cache=False)
+    assert newton.total() == pytest.approx(cvx.total(), rel=1e-5)
+
+
+def test_validation_shrinks_an_invalid_split(rng):
+    inst = random_instance(rng, p=8, keep=4, m=3)
+    lam = np.linalg.eigvalsh(inst.H)[0]
+    split = validate_split(inst.H, np.full(8, 5.0 * lam), "too-large")
+    assert split.shrink < 0.25
+    assert np.linalg.eigvalsh(inst.H - split.dense())[0] >= 0
+
+
+def test_fenchel_bound_is_valid_for_any_weights(rng):
+    """The bound -0.5 tr(W'AW) - 0.5 max_S sum q needs no solver accuracy at all."""
+    inst = random_instance(rng, p=8, keep=3, m=4)
+    optimum, _ = brute_force(inst)
+    F = output_factor(inst)
+    model = PerspectiveModel(inst, F, split_for(inst, "optimal", cache=False))
+    z = np.full(8, 3 / 8)
+    _, _, W_opt = model.value(z)
+    for scale in (0.0, 0.5, 1.0, 2.0):
+        noise = rng.standard_normal(W_opt.shape) * np.abs(W_opt).mean()
+        lb, _ = model.bound(scale * W_opt + (scale - 1.0) * noise)
+        assert lb <= optimum + 1e-12 * abs(inst.full_objective)
+
+
+def test_best_selection_respects_fixings_and_parts():
+    q = np.array([5.0, 1.0, 4.0, 3.0, 2.0, 6.0])
+    parts = np.array([0, 0, 0, 1, 1, 1])
+    budget = np.array([1, 2])
+    total, chosen = best_selection(q, parts, budget)
+    assert total == 5.0 + 6.0 + 3.0 and chosen.tolist() == [True, False, False, True, False, True]
+    fixed_in = np.array([False, True, False, False, False, False])
+    fixed_out = np.array([False, False, False, False, False, True])
+    total, chosen = best_selection(q, parts, budget, fixed_in, fixed_out)
+    assert total == 1.0 + 3.0 + 2.0
+
+
+def test_restricted_instance_forces_fixings(rng):
+    inst = random_instance(rng, p=8, keep=4, m=3, partition=np.repeat(np.arange(2), 4))
+    fixed_in = np.zeros(8, bool)
+    fixed_out = np.zeros(8, bool)
+    fixed_in[[0, 5]] = True
+    fixed_out[[1, 6]] = True
+    sub, ids = restricted_instance(inst, fixed_in, fixed_out)
+    sol = oo.solve(sub, "enumerate")
+    kept = ids[sol.keep]
+    assert set(kept) >= {0, 5} and not set(kept) & {1, 6}
+    # the optimum under the fixings, by brute force on the original instance
+    best = min(
+        (oo.evaluate(inst, S).objective, tuple(S))
+        for S in map(np.array, __import__("itertools").combinations(range(8), 4))
+        if {0, 5} <= set(S) and not {1, 6} & set(S) and np.bincount(inst.partition.parts[S], minlength=2).tolist() == [2, 2]
+    )
+    assert oo.evaluate(inst, kept).objective == pytest.approx(best[0], rel=1e-12)
+
+
+@pytest.mark.parametrize("name", EXACT + ["relax"])
+def test_time_limit_holds_with_a_valid_bound(name):
+    if not _available(name):
+        pytest.skip(f"{name} unavailable here: {get_solver(name).available()[1]}")
+    rng = np.random.default_rng(3)
+    inst = random_instance(rng, p=40, keep=20, m=4, damping=1e-3)
+    reference = oo.solve(inst, "osscar", device="cpu")
+    limit = 2.0
+    start = time.perf_counter()
+    sol = oo.solve(inst, name, device="cpu", time_limit=limit)
+    wall = time.perf_counter() - start
+    assert sol.seconds <= limit + 1.0, (name, sol.seconds)
+    assert wall - sol.prepare_seconds <= limit + 1.5
+    assert sol.status in (oo.Status.TIME_LIMIT, oo.Status.OPTIMAL, oo.Status.FEASIBLE), sol.message
+    if name in EXACT:
+        assert sol.status == oo.Status.TIME_LIMIT, (name, sol.status)
+    assert sol.bound is not None and sol.bound <= reference.objective + 1e-9 * abs(inst.full_objective)
+    assert sol.keep.size == inst.keep and sol.objective <= reference.objective + 1e-9 * abs(inst.full_objective)
+
+
+def test_missing_package_gives_a_clear_reason(rng):
+    inst = random_instance(rng, p=6, keep=3, m=2)
+    ok, why = backend_status("gurobi")
+    if ok:
+        pytest.skip("gurobipy is installed here")
+    assert "gurobipy" in why
+    with pytest.raises(SolverError, match="skips this instance: .*gurobipy"):
+        oo.solve(inst, "pyomo", backend="gurobi")
+
+    class NeedsAbsentPackage(get_solver("scip")):
+        requires = ("a_package_that_is_not_installed",)
+
+    ok, why = NeedsAbsentPackage.available()
+    assert not ok and "a_package_that_is_not_installed" in why and "pip install" in why
+
+
+def test_every_exact_solver_reports_availability_with_a_reason():
+    rows = {r.name: r for r in oo.solvers()}
+    for name in EXACT + ["relax"]:
+        assert name in rows
+        assert rows[name].available or rows[name].reason
+    assert rows["bnb"].available and rows["bnb"].exact and "cuda" in rows["bnb"].devices
+    assert not rows["relax"].exact
+
+
+def test_bad_parameters_are_clear_errors(small_instance):
+    with pytest.raises(SolverError, match="split must be one of"):
+        oo.solve(small_instance, "bnb", split="nope")
+    with pytest.raises(SolverError, match="methods must be"):
+        oo.solve(small_instance, "relax", methods="newton,magic")
+    with pytest.raises(SolverError, match="block=True needs split='max-trace'"):
+        oo.solve(small_instance, "highs-oa", block=True)
