@@ -110,6 +110,28 @@ def latency(model: nn.Module, input_ids: torch.Tensor, new_tokens: int = 0, warm
     return out
 
 
+def compare_latency(dense: nn.Module, pruned: nn.Module, input_ids: torch.Tensor, new_tokens: int = 32,
+                    warmup: int = 2, rounds: int = 5) -> tuple[dict, dict]:
+    """latency() of two models measured in alternation (dense, pruned, dense,
+    ...), medians over the rounds, so that other load on the machine weighs
+    on both alike; returns (dense, pruned)."""
+    runs: tuple[list, list] = ([], [])
+    for r in range(rounds):
+        for i, model in enumerate((dense, pruned)):
+            runs[i].append(latency(model, input_ids, new_tokens=new_tokens if r < max(1, rounds // 2 + 1) else 0,
+                                   warmup=warmup if r == 0 else 0, repeats=1))
+    out = []
+    for rows in runs:
+        merged = dict(rows[0])
+        for key in ("prefill_seconds", "prefill_tokens_per_second", "generate_tokens_per_second"):
+            vals = [row[key] for row in rows if key in row]
+            if vals:
+                merged[key] = statistics.median(vals)
+        merged["rounds"] = rounds
+        out.append(merged)
+    return out[0], out[1]
+
+
 def evaluate_model(model: nn.Module, tokenizer: Any = None, kind: str | None = None, source: str = "pydoc",
                    n_windows: int = 40, seq_len: int = 512, reference: torch.Tensor | None = None,
                    inputs: torch.Tensor | None = None, labels: torch.Tensor | None = None,

@@ -46,7 +46,7 @@ def prune_once(args: argparse.Namespace, sparsity: float, dense: dict | None = N
     kind = EMBEDDED[args.model].kind if args.model in EMBEDDED else (
         "causal-lm" if hasattr(model, "lm_head") else "encoder")
     if dense is None:
-        dense = measure(model, tok, kind, args)
+        dense = measure(model, tok, kind, args, speed=False)
     seq_len = min(args.seq_len, getattr(model.config, "max_position_embeddings", args.seq_len))
     if kind == "encoder":  # sentence-like inputs, padded tokens masked out of the Gram matrices
         cal = data.paragraphs(tok, args.calib, n=args.nsamples * 8, max_length=min(seq_len, 128))
@@ -55,9 +55,31 @@ def prune_once(args: argparse.Namespace, sparsity: float, dense: dict | None = N
     structures = args.structures.split(",") if args.structures else None
     report = apply(model, cal, _sparsity(args, sparsity), solver=args.solver, structures=structures,
                    sequential=not args.dense_activations, device=args.device, **_solver_params(args))
-    pruned = measure(model, tok, kind, args, reference=dense.get("embeddings"))
+    pruned = measure(model, tok, kind, args, reference=dense.get("embeddings"), speed=False)
+    if not args.no_speed:
+        speed_dense, speed_pruned = _speeds(args, model, tok, kind, seq_len)
+        dense = dict(dense, speed=speed_dense)
+        pruned["speed"] = speed_pruned
     return {"model": model, "tokenizer": tok, "kind": kind, "dense": dense, "pruned": pruned, "report": report,
             "sparsity": sparsity}
+
+
+def _speeds(args: argparse.Namespace, pruned_model, tok, kind: str, seq_len: int) -> tuple[dict, dict]:
+    """Dense and pruned latency measured in alternation (a fresh dense copy)."""
+    import torch
+
+    from . import data, models
+    from .evaluation import compare_latency
+
+    dense_model, _ = models.load(args.model, dtype=torch.float32, device=args.device)
+    if kind == "causal-lm":
+        x = data.windows(tok, "pydoc" if args.calib == "pydoc" else args.calib, "evaluation", 1, seq_len)
+        return compare_latency(dense_model, pruned_model, x, new_tokens=32)
+    from .evaluation import held_out_paragraphs
+
+    texts = held_out_paragraphs("pydoc")[:32]
+    enc = tok(texts, padding="max_length", truncation=True, max_length=min(seq_len, 128), return_tensors="pt")
+    return compare_latency(dense_model, pruned_model, enc["input_ids"], new_tokens=0)
 
 
 def _summary(run: dict) -> dict:

@@ -82,3 +82,32 @@ def test_minilm_embeddings_stay_faithful_after_pruning():
         assert report.params_after < report.params_before
         fidelity[solver] = embedding_fidelity(reference, sentence_embeddings(model, tok, texts))
     assert fidelity["osscar"] > 0.85 and fidelity["osscar"] > fidelity["magnitude"] + 0.2
+
+
+def test_prune_command_on_minilm_writes_a_reloadable_smaller_model(tmp_path, capsys):
+    """The CLI's main job on the embedded MiniLM: report files, a smaller model
+    that reloads with the same outputs, fidelity and a dense-vs-pruned speed
+    measured in alternation."""
+    import json
+
+    from osscar_opt.cli import main
+    from osscar_opt.surgery import load_pruned
+
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", "minilm-l6", "--sparsity", "0.25", "--nsamples", "4", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "embedding cosine fidelity" in printed and "prefill speed-up" in printed
+    report = json.loads((out / "report.json").read_text())
+    row = report["summary"][0]
+    assert row["params_pruned"] < row["params_dense"]
+    assert 0.8 < row["fidelity"] <= 1.0
+    assert row["prefill_speedup"] > 0
+    assert (out / "report.md").read_text().startswith("# osscar-opt prune: minilm-l6")
+    model = load_pruned(out / "model")
+    assert model.config.intermediate_size == round(0.75 * 1536)
+    dense, tok = models.load("minilm-l6")
+    enc = tok(["pruning keeps the embeddings close"], return_tensors="pt")
+    with torch.no_grad():
+        a = model(**enc).last_hidden_state
+        b = dense(**enc).last_hidden_state
+    assert a.shape == b.shape and torch.nn.functional.cosine_similarity(a.mean(1), b.mean(1)).item() > 0.8

@@ -51,7 +51,7 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
 
     from .. import data, models
     from ..apply import apply
-    from ..evaluation import evaluate_model, latency
+    from ..evaluation import compare_latency, evaluate_model
 
     out = Path(out) if out else RESULTS
     out.mkdir(parents=True, exist_ok=True)
@@ -83,8 +83,7 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
                    "solve_seconds": report.solve_seconds, "mean_err": report.mean_err,
                    "perplexity": res.get("perplexity"), "fidelity": res.get("fidelity")}
             if speed_at is not None and abs(s - speed_at) < 1e-9 and solver == solvers[0] and kind == "causal-lm":
-                row["speed_pruned"] = latency(model, evaluation, new_tokens=32)
-                row["speed_dense"] = latency(dense_model, evaluation, new_tokens=32)
+                row["speed_dense"], row["speed_pruned"] = compare_latency(dense_model, model, evaluation)
             _append(log, row)
             print(f"{model_name} {solver:<16} sparsity {s:.2f}: " + (
                 f"perplexity {row['perplexity']:.2f}" if row["perplexity"] is not None else
