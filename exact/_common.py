@@ -18,7 +18,6 @@ import scipy.linalg
 from osscar_opt.errors import SolverError
 from osscar_opt.instance import Instance
 
-
 # Default relative optimality tolerance of the exact solvers, in err units:
 # a support is called OPTIMAL when its err is within this of the proven bound.
 GAP_TOL = 1e-9
@@ -164,3 +163,25 @@ class cpu_threads:
         if self._limits is not None:
             self._limits.restore_original_limits()
         return False
+
+
+class SplitSolver:
+    """Shared parts of the solvers built on a perspective split (mixed into a
+    registry Solver): the block-split check, a prepare that computes the
+    output factor, and run() under the thread cap; subclasses write _run."""
+
+    def skip(self, instance, params):
+        if getattr(params, "block", False) and params.split != "max-trace":
+            return True, "block=True needs split='max-trace' (the other splits are diagonal)"
+        max_vars = getattr(params, "max_variables", None)
+        size = instance.d * min(instance.d, instance.m)
+        if max_vars is not None and size > max_vars:
+            return True, f"the model would have {size:,} weight variables (d * rank(G)) > max_variables={max_vars:,}"
+        return False, ""
+
+    def prepare(self, instance, params, device):
+        return {"instance": instance, "F": output_factor(instance)}
+
+    def run(self, state, params, deadline):
+        with cpu_threads(params.threads):
+            return self._run(state, params, deadline)

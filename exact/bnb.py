@@ -47,7 +47,15 @@ import torch
 from osscar_opt.instance import Instance
 from osscar_opt.registry import Result, Solver, Status, register
 
-from ._common import GAP_TOL, cpu_threads, objective_of, osscar_support, output_factor, parts_and_budget, restricted_instance
+from ._common import (
+    GAP_TOL,
+    cpu_threads,
+    objective_of,
+    osscar_support,
+    output_factor,
+    parts_and_budget,
+    restricted_instance,
+)
 from .perspective import SPLIT_METHODS, optimal_diagonal, split_for
 from .relaxation import NodeRelaxation, RootData
 

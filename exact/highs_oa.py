@@ -33,7 +33,12 @@ import numpy as np
 
 from osscar_opt.registry import Result, Solver, Status, register
 
-from ._common import cpu_threads, objective_of, osscar_support, output_factor, remaining
+from ._common import (
+    SplitSolver,
+    objective_of,
+    osscar_support,
+    remaining,
+)
 from .perspective import SPLIT_METHODS, PerspectiveModel, split_for
 from .relax import highs_relaxation
 
@@ -66,25 +71,13 @@ class HighsOAParams:
 
 
 @register
-class HighsOA(Solver):
+class HighsOA(SplitSolver, Solver):
     name = "highs-oa"
     exact = True
     requires = ("highspy",)
     devices = ("cpu",)
     Params = HighsOAParams
     description = "outer approximation: HiGHS MILP master over the indicators, perspective cuts, kept alive"
-
-    def skip(self, instance, params):
-        if params.block and params.split != "max-trace":
-            return True, "block=True needs split='max-trace' (the other splits are diagonal)"
-        return False, ""
-
-    def prepare(self, instance, params, device):
-        return {"instance": instance, "F": output_factor(instance)}
-
-    def run(self, state, params, deadline):
-        with cpu_threads(params.threads):
-            return self._run(state, params, deadline)
 
     def _run(self, state, params, deadline):
         import highspy

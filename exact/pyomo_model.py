@@ -33,7 +33,15 @@ import numpy as np
 
 from osscar_opt.registry import Result, Solver, Status, register
 
-from ._common import GAP_TOL, cpu_threads, objective_of, osscar_support, output_factor, remaining
+from ._common import (
+    GAP_TOL,
+    SplitSolver,
+    cpu_threads,
+    objective_of,
+    osscar_support,
+    output_factor,
+    remaining,
+)
 from .perspective import SPLIT_METHODS, PerspectiveModel, split_for
 from .relax import newton_relaxation
 
@@ -182,7 +190,7 @@ def pyomo_highs_relaxation(model: PerspectiveModel, rounds: int, start_points: l
 
 
 @register
-class PyomoMiqp(Solver):
+class PyomoMiqp(SplitSolver, Solver):
     name = "pyomo"
     exact = True
     requires = ("pyomo",)
@@ -207,10 +215,7 @@ class PyomoMiqp(Solver):
         ok, why = backend_status(params.backend)
         if not ok:
             return True, why
-        size = instance.d * min(instance.d, instance.m)
-        if size > params.max_variables:
-            return True, f"the model would have {size:,} weight variables (d * rank(G)) > max_variables={params.max_variables:,}"
-        return False, ""
+        return super().skip(instance, params)
 
     def prepare(self, instance, params, device):
         F = output_factor(instance)
@@ -219,10 +224,6 @@ class PyomoMiqp(Solver):
             model = PerspectiveModel(instance, F, split)
             pm = build_pyomo_model(model)
         return {"instance": instance, "F": F, "model": model, "pyomo": pm}
-
-    def run(self, state, params, deadline):
-        with cpu_threads(params.threads):
-            return self._run(state, params, deadline)
 
     def _run(self, state, params, deadline):
         import pyomo.environ as pyo

@@ -36,7 +36,13 @@ import torch
 from osscar_opt.errors import SolverError
 from osscar_opt.registry import Result, Solver, Status, register
 
-from ._common import GAP_TOL, cpu_threads, objective_of, osscar_support, output_factor, remaining
+from ._common import (
+    GAP_TOL,
+    SplitSolver,
+    objective_of,
+    osscar_support,
+    remaining,
+)
 from .perspective import SPLIT_METHODS, PerspectiveModel, best_selection, split_for
 from .relaxation import NodeRelaxation, RootData
 
@@ -240,25 +246,13 @@ def highs_relaxation(model: PerspectiveModel, rounds: int, deadline: float | Non
 
 
 @register
-class Relax(Solver):
+class Relax(SplitSolver, Solver):
     name = "relax"
     exact = False  # a bound provider: proves optimality only when the relaxation closes the gap
     requires = ("cvxpy", "highspy")
     devices = ("cpu",)
     Params = RelaxParams
     description = "perspective relaxation lower bounds (torch Newton, cvxpy conic, HiGHS QP cuts) + rounded support"
-
-    def skip(self, instance, params):
-        if params.block and params.split != "max-trace":
-            return True, "block=True needs split='max-trace' (the other splits are diagonal)"
-        return False, ""
-
-    def prepare(self, instance, params, device):
-        return {"instance": instance, "F": output_factor(instance)}
-
-    def run(self, state, params, deadline):
-        with cpu_threads(params.threads):
-            return self._run(state, params, deadline)
 
     def _run(self, state, params, deadline):
         inst, F = state["instance"], state["F"]

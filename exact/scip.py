@@ -32,7 +32,15 @@ import numpy as np
 
 from osscar_opt.registry import Result, Solver, Status, register
 
-from ._common import GAP_TOL, cpu_threads, objective_of, osscar_support, output_factor, remaining
+from ._common import (
+    GAP_TOL,
+    SplitSolver,
+    cpu_threads,
+    objective_of,
+    osscar_support,
+    output_factor,
+    remaining,
+)
 from .perspective import SPLIT_METHODS, PerspectiveModel, split_for
 
 
@@ -146,21 +154,13 @@ def start_values(model: PerspectiveModel, S: np.ndarray) -> dict:
 
 
 @register
-class Scip(Solver):
+class Scip(SplitSolver, Solver):
     name = "scip"
     exact = True
     requires = ("pyscipopt",)
     devices = ("cpu",)
     Params = ScipParams
     description = "MIQP in SCIP (pyscipopt): perspective cones, epigraph objective, OSSCAR start"
-
-    def skip(self, instance, params):
-        if params.block and params.split != "max-trace":
-            return True, "block=True needs split='max-trace' (the other splits are diagonal)"
-        size = instance.d * min(instance.d, instance.m)
-        if size > params.max_variables:
-            return True, f"the model would have {size:,} weight variables (d * rank(G)) > max_variables={params.max_variables:,}"
-        return False, ""
 
     def prepare(self, instance, params, device):
         F = output_factor(instance)
@@ -169,10 +169,6 @@ class Scip(Solver):
             model = PerspectiveModel(instance, F, split)
             scip, var = build_scip_model(model, params.linking)
         return {"instance": instance, "F": F, "model": model, "scip": scip, "var": var}
-
-    def run(self, state, params, deadline):
-        with cpu_threads(params.threads):
-            return self._run(state, params, deadline)
 
     def _run(self, state, params, deadline):
         inst, F, model, m, var = state["instance"], state["F"], state["model"], state["scip"], state["var"]
