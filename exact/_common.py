@@ -182,6 +182,17 @@ class SplitSolver:
     def prepare(self, instance, params, device):
         return {"instance": instance, "F": output_factor(instance)}
 
+    @staticmethod
+    def perspective_model(instance, params):
+        """(F, the PerspectiveModel of the instance under params.split), built
+        under the thread cap: the common start of the MIQP formulations."""
+        from .perspective import PerspectiveModel, split_for
+
+        F = output_factor(instance)
+        with cpu_threads(params.threads):
+            split = split_for(instance, params.split, block=getattr(params, "block", False), F=F)
+            return F, PerspectiveModel(instance, F, split)
+
     def run(self, state, params, deadline):
         with cpu_threads(params.threads):
             return self._run(state, params, deadline)

@@ -39,10 +39,9 @@ from ._common import (
     cpu_threads,
     objective_of,
     osscar_support,
-    output_factor,
     remaining,
 )
-from .perspective import SPLIT_METHODS, PerspectiveModel, split_for
+from .perspective import SPLIT_METHODS, PerspectiveModel
 from .relax import newton_relaxation
 
 _BACKENDS = {"scip": ("scip_direct", "pyscipopt"), "gurobi": ("gurobi_direct", "gurobipy")}
@@ -218,10 +217,8 @@ class PyomoMiqp(SplitSolver, Solver):
         return super().skip(instance, params)
 
     def prepare(self, instance, params, device):
-        F = output_factor(instance)
+        F, model = self.perspective_model(instance, params)
         with cpu_threads(params.threads):
-            split = split_for(instance, params.split, F=F)
-            model = PerspectiveModel(instance, F, split)
             pm = build_pyomo_model(model)
         return {"instance": instance, "F": F, "model": model, "pyomo": pm}
 

@@ -38,10 +38,9 @@ from ._common import (
     cpu_threads,
     objective_of,
     osscar_support,
-    output_factor,
     remaining,
 )
-from .perspective import SPLIT_METHODS, PerspectiveModel, split_for
+from .perspective import SPLIT_METHODS, PerspectiveModel
 
 
 @dataclass
@@ -163,10 +162,8 @@ class Scip(SplitSolver, Solver):
     description = "MIQP in SCIP (pyscipopt): perspective cones, epigraph objective, OSSCAR start"
 
     def prepare(self, instance, params, device):
-        F = output_factor(instance)
+        F, model = self.perspective_model(instance, params)
         with cpu_threads(params.threads):
-            split = split_for(instance, params.split, block=params.block, F=F)
-            model = PerspectiveModel(instance, F, split)
             scip, var = build_scip_model(model, params.linking)
         return {"instance": instance, "F": F, "model": model, "scip": scip, "var": var}
 
