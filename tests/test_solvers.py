@@ -82,6 +82,30 @@ def test_enumerate_skips_large_instances_with_a_reason(rng):
         oo.solve(inst, "enumerate")
 
 
+@pytest.mark.parametrize("partition", [None, np.arange(9) % 3])
+def test_enumerate_tree_and_batched_methods_agree_with_brute_force(rng, partition):
+    """The prefix-tree walk (Schur complements) and the batched Cholesky path are two
+    independent exact methods: both must find the brute-force optimum."""
+    for keep in (3, 6, 9) if partition is not None else (1, 4, 7, 9):
+        inst = random_instance(rng, p=9, group_size=4, keep=keep, m=5, partition=partition)
+        optimum, best = brute_force(inst)
+        for method in ("tree", "batched"):
+            sol = oo.solve(inst, "enumerate", device="cpu", method=method)
+            assert sol.status == oo.Status.OPTIMAL
+            assert sol.objective == pytest.approx(optimum, rel=1e-10), method
+            assert sol.bound == pytest.approx(optimum, rel=1e-10), method
+            if partition is not None:
+                assert np.bincount(partition[list(sol.keep)], minlength=3).tolist() == inst.partition.budget.tolist()
+
+
+def test_enumerate_tree_time_limit(rng):
+    inst = random_instance(rng, p=24, group_size=4, keep=12, m=3)
+    start = time.perf_counter()
+    sol = oo.solve(inst, "enumerate", time_limit=0.2, method="tree", max_supports=10**8)
+    assert time.perf_counter() - start < 3.0
+    assert sol.status == oo.Status.TIME_LIMIT and sol.bound is None
+
+
 def test_time_limit_holds_and_reports_time_limit(rng):
     inst = random_instance(rng, p=22, keep=11, m=3)
     start = time.perf_counter()
