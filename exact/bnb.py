@@ -65,7 +65,8 @@ class BnbParams:
     """Parameters of the branch and bound.
 
     split: perspective split, "optimal" (bound-maximizing diagonal, default),
-        "max-trace" (largest trace, cvxpy-free Newton) or "lambda-min".
+        "max-trace" (largest trace, cvxpy-free Newton), "lambda-min" or
+        "conditional" (t / diag(H^-1)).
     gap_tol: optimality tolerance in err units (relative to -f(all)).
     max_newton: projected Newton steps per node solve.
     min_newton: steps taken before a node that cannot be pruned is branched.

@@ -49,7 +49,7 @@ _SAFETY = 1e-8  # in units of |f(all)|
 class HighsOAParams:
     """Parameters of the outer approximation.
 
-    split: "optimal" (default), "max-trace" (cvxpy SDP) or "lambda-min".
+    split: "optimal" (default), "max-trace" (cvxpy SDP), "lambda-min" or "conditional".
     block: block-diagonal max-trace split (groups of more than one row).
     root_rounds: bundle iterations whose cuts seed the master (0: none).
     max_iterations: master solves.

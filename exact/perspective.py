@@ -30,6 +30,12 @@ c(z) + min_{z' in Z} grad c(z)'(z' - z) (the Frank-Wolfe dual bound).
 Choices of D (`split_for(instance, method)`):
 
 * ``lambda-min``: D = lambda_min(H) I (cheap, weak).
+* ``conditional``: D = t / diag(H^-1), the largest multiple that keeps H - D
+  PSD. 1 / (H^-1)_ii (the conditional variance of feature i given the others)
+  is the most any D_i can be, so this spreads D like the SDP solution does, at
+  the price of one inverse and one eigenvalue. On full SmolLM2 / MiniLM
+  down_proj layers (d = 1536) its sum is 1.7-4x that of lambda-min and the
+  certified gap of the root bound drops from 55-79% to 40-48%.
 * ``max-trace``: the SDP  max sum_i D_ii  s.t. H - D PSD, D PSD, diagonal or
   block-diagonal per group (cvxpy); ``backend="newton"`` solves the diagonal
   case by a log-barrier Newton method without cvxpy.
@@ -61,7 +67,7 @@ from osscar_opt.instance import Instance
 
 from ._common import output_factor, parts_and_budget
 
-SPLIT_METHODS = ("optimal", "max-trace", "lambda-min")
+SPLIT_METHODS = ("optimal", "max-trace", "lambda-min", "conditional")
 _EPS = np.finfo(np.float64).eps
 
 
@@ -162,6 +168,17 @@ def lambda_min_split(H: np.ndarray) -> PerspectiveSplit:
     t0 = time.perf_counter()
     lam = float(scipy.linalg.eigvalsh(H, check_finite=False, subset_by_index=[0, 0])[0])
     return validate_split(H, np.full(H.shape[0], lam), "lambda-min", time.perf_counter() - t0)
+
+
+def conditional_split(H: np.ndarray) -> PerspectiveSplit:
+    """D = t / diag(H^-1), t as large as keeps H - D PSD (validate_split finds t)."""
+    t0 = time.perf_counter()
+    try:
+        c = scipy.linalg.cho_factor(H, lower=True, check_finite=False)
+    except np.linalg.LinAlgError:
+        raise SolverError("H is not positive definite: rebuild the instance with damping") from None
+    inv_diag = np.diag(scipy.linalg.cho_solve(c, np.eye(H.shape[0]), check_finite=False))
+    return validate_split(H, 1.0 / inv_diag, "conditional", time.perf_counter() - t0)
 
 
 def max_trace_diagonal_newton(H: np.ndarray, weights: np.ndarray | None = None, gap: float = 1e-9,
@@ -460,7 +477,8 @@ def split_for(instance: Instance, method: str = "optimal", block: bool = False, 
     """The validated split of `instance` by `method`, cached in memory by content.
 
     method: "optimal" (depends on H, F, groups and the budgets), "max-trace"
-    (H and groups; block-diagonal with block=True) or "lambda-min" (H).
+    (H and groups; block-diagonal with block=True), "lambda-min" or
+    "conditional" (H only).
     """
     if method not in SPLIT_METHODS:
         raise SolverError(f"unknown split {method!r}: choose one of {', '.join(SPLIT_METHODS)}")
@@ -469,7 +487,7 @@ def split_for(instance: Instance, method: str = "optimal", block: bool = False, 
         key = (method, _fingerprint(instance.H, instance.W, instance.groups, parts, budget))
     elif method == "max-trace":
         key = (method, block, backend, _fingerprint(instance.H, instance.groups))
-    else:
+    else:  # lambda-min, conditional: H only
         key = (method, _fingerprint(instance.H))
     if cache and key in _CACHE:
         _CACHE.move_to_end(key)
@@ -479,6 +497,8 @@ def split_for(instance: Instance, method: str = "optimal", block: bool = False, 
     elif method == "max-trace":
         limit = None if deadline is None else max(1.0, deadline - time.perf_counter())
         split = max_trace_split(instance.H, instance.groups, block=block, backend=backend, time_limit=limit)
+    elif method == "conditional":
+        split = conditional_split(instance.H)
     else:
         split = lambda_min_split(instance.H)
     if cache and not (split.info.get("stopped") == "deadline"):

@@ -52,7 +52,7 @@ class PyomoParams:
     """Parameters of the Pyomo model.
 
     backend: "scip" (Pyomo's pyscipopt interface) or "gurobi" (licensed).
-    split: perspective split (diagonal): "optimal", "max-trace" or "lambda-min".
+    split: perspective split (diagonal): "optimal", "max-trace", "lambda-min" or "conditional".
     relaxation_rounds: rounds of the HiGHS QP relaxation through Pyomo (0: skip).
     feastol: the MIQP solver's feasibility tolerance.
     max_variables: skip instances whose model has more W entries (d * rank(G)).

@@ -55,7 +55,9 @@ class RelaxParams:
 
     methods: comma-separated subset of newton, cvxpy, highs.
     split: "optimal" (bound-maximizing diagonal), "max-trace" (the SDP
-        max sum D, cvxpy) or "lambda-min".
+        max sum D, cvxpy), "lambda-min" or "conditional" (t / diag(H^-1):
+        cheap and much stronger than lambda-min on full layers, where
+        "optimal" is too slow).
     block: with split="max-trace", a full PSD block per group (groups of
         more than one row; newton is then skipped, it needs a diagonal D).
     cvxpy_solver: conic solver for the cvxpy method (default Clarabel).

@@ -47,7 +47,8 @@ from .perspective import SPLIT_METHODS, PerspectiveModel
 class ScipParams:
     """Parameters of the SCIP model.
 
-    split: perspective split, "optimal" (default), "max-trace" or "lambda-min".
+    split: perspective split, "optimal" (default), "max-trace", "lambda-min" or
+        "conditional".
     block: block-diagonal max-trace split (groups of more than one row).
     linking: how z_g = 0 forces W_g = 0 besides the cone: "bigm" (default,
         |W_ic| <= w_max z_g), "indicator" (SCIP indicator constraints) or

@@ -14,6 +14,7 @@ Extraction and write-back use the same code as `osscar_opt.extract`:
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
@@ -62,6 +63,7 @@ class PruneReport:
     sites: list[SiteReport] = field(default_factory=list)
     calibration: dict = field(default_factory=dict)
     solver_params: dict = field(default_factory=dict)
+    damping: float = 0.01
 
     @property
     def mean_err(self) -> dict:
@@ -80,7 +82,7 @@ class PruneReport:
             f"# Pruning report: {self.model}",
             "",
             f"solver `{self.solver}`, sparsity {self.sparsity}, {'sequential' if self.sequential else 'dense'} activations, "
-            f"calibration {self.calibration}",
+            f"damping {self.damping:g}, calibration {self.calibration}",
             "",
             f"parameters {self.params_before:,} -> {self.params_after:,} "
             f"({100 * (1 - self.params_after / max(self.params_before, 1)):.1f}% fewer); "
@@ -228,6 +230,9 @@ def apply(
     from .surgery import check_prunable, remove_groups
 
     _check_sparsity(sparsity)
+    if isinstance(damping, bool) or not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
+        raise PruneError(f"damping must be a finite number >= 0 (a fraction of the mean Gram diagonal, e.g. 0.01), "
+                         f"got {damping!r}")
     adapter = adapter_for(model)
     structures = tuple(structures or adapter.default_structures)
     for s in structures:
@@ -250,7 +255,8 @@ def apply(
     report = PruneReport(model=name, solver=solver, sparsity=sparsity if not isinstance(sparsity, Mapping) else
                          {str(k): v for k, v in sparsity.items()}, sequential=sequential,
                          params_before=count_parameters(model), params_after=0, seconds=0.0, solve_seconds=0.0,
-                         calibration=describe_calibration(calibration), solver_params=dict(solver_params))
+                         calibration=describe_calibration(calibration), solver_params=dict(solver_params),
+                         damping=float(damping))
     start = time.perf_counter()
     model.eval()
     meta = {"model": name, "architecture": adapter.name, "calibration": report.calibration,

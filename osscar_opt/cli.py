@@ -303,6 +303,11 @@ def _prune_args(p: argparse.ArgumentParser):
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
     p.add_argument("--eval-windows", type=int, default=40, help="evaluation windows (causal LMs)")
     p.add_argument("--dense-activations", action="store_true", help="prune every layer on the dense model's activations")
+    p.add_argument("--calib-seed", type=int, default=None,
+                   help="draw the calibration windows at random positions of the calibration half with this seed "
+                        "(default: consecutive windows from its start)")
+    p.add_argument("--damping", type=float, default=0.01,
+                   help="ridge added to each Gram matrix, as a fraction of its mean diagonal (default 0.01)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
     p.add_argument("--out", type=Path, default=None, help="write the pruned model, report.json and report.md here")
     p.add_argument("--sweep", default=None, help="comma-separated sparsities: a quality-versus-sparsity table")
@@ -419,13 +424,15 @@ def _bench_prune_args(p: argparse.ArgumentParser):
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--device", default=None)
     p.add_argument("--out", type=Path, default=None, help="results folder (default: results/)")
+    p.add_argument("--damping", type=float, default=0.01,
+                   help="ridge of the Gram matrices, fraction of the mean diagonal (rows other than 0.01 are labelled)")
 
     def run(args: argparse.Namespace) -> int:
         from .benchmarks import prune
 
         solvers = args.solvers.split(",") if args.solvers else prune.DEFAULT_SOLVERS
         prune.run(args.model, solvers, [float(x) for x in args.sparsities.split(",")], args.nsamples,
-                  args.seq_len, args.eval_windows, args.device, args.out)
+                  args.seq_len, args.eval_windows, args.device, args.out, damping=args.damping)
         return 0
 
     return run

@@ -51,10 +51,11 @@ def prune_once(args: argparse.Namespace, sparsity: float, dense: dict | None = N
     if kind == "encoder":  # sentence-like inputs, padded tokens masked out of the Gram matrices
         cal = data.paragraphs(tok, args.calib, n=args.nsamples * 8, max_length=min(seq_len, 128))
     else:
-        cal = data.calibration(tok, args.calib, args.nsamples, seq_len)
+        cal = data.calibration(tok, args.calib, args.nsamples, seq_len, seed=args.calib_seed)
     structures = args.structures.split(",") if args.structures else None
     report = apply(model, cal, _sparsity(args, sparsity), solver=args.solver, structures=structures,
-                   sequential=not args.dense_activations, device=args.device, **_solver_params(args))
+                   sequential=not args.dense_activations, damping=args.damping, device=args.device,
+                   **_solver_params(args))
     pruned = measure(model, tok, kind, args, reference=dense.get("embeddings"), speed=False)
     if not args.no_speed:
         speed_dense, speed_pruned = _speeds(args, model, tok, kind, seq_len)

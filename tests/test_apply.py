@@ -106,6 +106,8 @@ def test_bad_inputs_leave_the_model_untouched():
         (dict(sparsity=0.5, structures=["channels"]), UnsupportedModelError, "no structure 'channels'"),
         (dict(sparsity=0.5, structures=["heads", "kv-groups"]), PruneError, "either 'heads' or 'kv-groups'"),
         (dict(sparsity=0.5, layers=[7]), UnsupportedModelError, "out of range"),
+        (dict(sparsity=0.5, damping=-0.01), PruneError, "damping must be a finite number >= 0"),
+        (dict(sparsity=0.5, damping=float("nan")), PruneError, "damping must be a finite number >= 0"),
     ]:
         with pytest.raises(error, match=match):
             apply(model, tokens, progress=False, **bad)

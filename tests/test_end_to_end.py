@@ -105,10 +105,12 @@ def test_prune_command_on_minilm_writes_a_reloadable_smaller_model(tmp_path, cap
     from osscar_opt.surgery import load_pruned
 
     out = tmp_path / "pruned"
-    assert main(["prune", "--model", "minilm-l6", "--sparsity", "0.25", "--nsamples", "4", "--out", str(out)]) == 0
+    assert main(["prune", "--model", "minilm-l6", "--sparsity", "0.25", "--nsamples", "4", "--damping", "0.02",
+                 "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "embedding cosine fidelity" in printed and "prefill speed-up" in printed
     report = json.loads((out / "report.json").read_text())
+    assert report["last_report"]["damping"] == 0.02
     row = report["summary"][0]
     assert row["params_pruned"] < row["params_dense"]
     assert 0.8 < row["fidelity"] <= 1.0

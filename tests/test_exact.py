@@ -62,7 +62,7 @@ def test_bnb_prunes_most_of_the_tree(rng):
     assert sol.info["nodes"] < 12870 / 20  # C(16, 8) supports
 
 
-@pytest.mark.parametrize("split", ["optimal", "max-trace", "lambda-min"])
+@pytest.mark.parametrize("split", ["optimal", "max-trace", "lambda-min", "conditional"])
 def test_relax_bounds_are_valid_and_methods_agree(split):
     if not _available("relax"):
         pytest.skip(get_solver("relax").available()[1])
@@ -94,7 +94,7 @@ def test_splits_are_psd_and_optimal_split_gives_the_best_root_bound(rng):
     inst = random_instance(rng, p=12, keep=5, m=6)
     F = output_factor(inst)
     roots = {}
-    for method in ("lambda-min", "max-trace", "optimal"):
+    for method in ("lambda-min", "conditional", "max-trace", "optimal"):
         split = split_for(inst, method, backend="newton", cache=False)
         assert np.linalg.eigvalsh(inst.H - split.dense())[0] >= 0
         assert split.min_eig >= 0
@@ -102,6 +102,7 @@ def test_splits_are_psd_and_optimal_split_gives_the_best_root_bound(rng):
     optimum, _ = brute_force(inst)
     assert roots["optimal"] >= roots["max-trace"] - 1e-9 * abs(inst.full_objective)
     assert roots["max-trace"] >= roots["lambda-min"] - 1e-9 * abs(inst.full_objective)
+    assert roots["optimal"] >= roots["conditional"] - 1e-9 * abs(inst.full_objective)
     assert roots["optimal"] <= optimum
 
 

@@ -20,6 +20,7 @@ from typing import Sequence
 
 from . import RESULTS, machine, machine_line
 
+DAMPING = 0.01  # the default of osscar_opt.apply
 PUBLISHED = {"smollm2-135m": {0.3: 19.70, 0.5: 31.78}}
 DEFAULT_SOLVERS = ("osscar", "obs-greedy", "forward", "activation", "magnitude-refit", "iht", "magnitude", "random")
 
@@ -29,6 +30,12 @@ def _append(path: Path, row: dict) -> None:
         fh.write(json.dumps(row) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def _label(row: dict) -> str:
+    """The solver's name, with the damping when it is not the default."""
+    damping = row.get("damping", DAMPING)
+    return row["solver"] if damping == DAMPING else f"{row['solver']} (damping {damping:g})"
 
 
 def _rows(path: Path) -> list[dict]:
@@ -46,7 +53,7 @@ def _rows(path: Path) -> list[dict]:
 def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVERS,
         sparsities: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6), nsamples: int = 32, seq_len: int = 512,
         eval_windows: int = 40, device: str | None = None, out: str | Path | None = None,
-        speed_at: float | None = 0.5) -> list[dict]:
+        speed_at: float | None = 0.5, damping: float = DAMPING) -> list[dict]:
     import torch
 
     from .. import data, models
@@ -56,7 +63,7 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
     out = Path(out) if out else RESULTS
     out.mkdir(parents=True, exist_ok=True)
     log = out / f"prune_{model_name}.jsonl"
-    done = {(r["solver"], r["sparsity"]) for r in _rows(log) if r.get("solver")}
+    done = {(_label(r), r["sparsity"]) for r in _rows(log) if r.get("solver")}
     kind = models.EMBEDDED[model_name].kind if model_name in models.EMBEDDED else "causal-lm"
     dense_model, tok = models.load(model_name, dtype=torch.float32, device=device)
     seq = min(seq_len, getattr(dense_model.config, "max_position_embeddings", seq_len))
@@ -72,20 +79,21 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
     evaluation = data.windows(tok, "pydoc", "evaluation", 1, seq) if kind == "causal-lm" else None
     for solver in solvers:
         for s in sparsities:
-            if (solver, s) in done:
+            label = _label({"solver": solver, "damping": damping})
+            if (label, s) in done:
                 continue
             model, _ = models.load(model_name, dtype=torch.float32, device=device)
             t = time.perf_counter()
-            report = apply(model, cal, s, solver=solver, device=device, progress=False)
+            report = apply(model, cal, s, solver=solver, device=device, progress=False, damping=damping)
             seconds = time.perf_counter() - t
             res = evaluate_model(model, tok, kind=kind, n_windows=eval_windows, seq_len=seq, reference=reference)
-            row = {"solver": solver, "sparsity": s, "parameters": res["parameters"], "prune_seconds": seconds,
+            row = {"solver": solver, "sparsity": s, "damping": damping, "parameters": res["parameters"], "prune_seconds": seconds,
                    "solve_seconds": report.solve_seconds, "mean_err": report.mean_err,
                    "perplexity": res.get("perplexity"), "fidelity": res.get("fidelity")}
             if speed_at is not None and abs(s - speed_at) < 1e-9 and solver == solvers[0] and kind == "causal-lm":
                 row["speed_dense"], row["speed_pruned"] = compare_latency(dense_model, model, evaluation)
             _append(log, row)
-            print(f"{model_name} {solver:<16} sparsity {s:.2f}: " + (
+            print(f"{model_name} {label:<16} sparsity {s:.2f}: " + (
                 f"perplexity {row['perplexity']:.2f}" if row["perplexity"] is not None else
                 f"fidelity {row['fidelity']:.4f}") + f" ({seconds:.0f} s)")
             del model
@@ -97,9 +105,9 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
 def _write(model_name: str, kind: str, rows: list[dict], out: Path) -> None:
     metric = "perplexity" if kind == "causal-lm" else "fidelity"
     dense = next((r for r in rows if r["solver"] == "dense"), None)
-    solvers = list(dict.fromkeys(r["solver"] for r in rows if r["solver"] != "dense"))
+    solvers = list(dict.fromkeys(_label(r) for r in rows if r["solver"] != "dense"))
     sparsities = sorted({r["sparsity"] for r in rows if r["solver"] != "dense"})
-    table = {(r["solver"], r["sparsity"]): r for r in rows}
+    table = {(_label(r), r["sparsity"]): r for r in rows}
     lines = [f"# Whole-model pruning: {model_name}", "",
              f"Machine: {machine_line(machine())}. Command: `osscar-opt bench-prune --model {model_name}`.",
              "Heads and neurons at the same sparsity, sequential, pydoc calibration half; "
