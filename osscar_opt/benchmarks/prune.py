@@ -135,7 +135,7 @@ def _write(model_name: str, kind: str, rows: list[dict], out: Path) -> None:
     for r in rows:
         if "speed_pruned" in r:
             d, p = r["speed_dense"], r["speed_pruned"]
-            lines += ["", f"Speed at {r['sparsity']:.0%} ({r['solver']}, CPU, batch 1 x {d['seq_len']} tokens): prefill "
+            lines += ["", f"Speed at {r['sparsity']:.0%} ({_label(r)}, CPU, batch 1 x {d['seq_len']} tokens): prefill "
                       f"{d['prefill_seconds'] * 1000:.1f} ms -> {p['prefill_seconds'] * 1000:.1f} ms "
                       f"({d['prefill_seconds'] / p['prefill_seconds']:.2f}x); generation "
                       f"{d.get('generate_tokens_per_second', 0):.1f} -> {p.get('generate_tokens_per_second', 0):.1f} tokens/s; "
