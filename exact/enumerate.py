@@ -139,7 +139,7 @@ def tree_search(instance: Instance, H: torch.Tensor, F: torch.Tensor, deadline: 
     # after[g, q]: groups of part q with index > g
     onehot = np.eye(n_parts, dtype=np.int64)[parts]
     after = np.cumsum(onehot[::-1], 0)[::-1] - onehot
-    dev, r = H.device, F.shape[1]
+    dev = H.device
     offs = torch.arange(b, device=dev)
     best = [-math.inf, None]
 
