@@ -28,10 +28,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from osscar_opt.errors import SolverError
 from osscar_opt.instance import Instance
 from osscar_opt.linalg import batched_objectives, output_factor
-from osscar_opt.errors import SolverError
 from osscar_opt.registry import Result, Solver, Status, register
+
+from ._common import parts_and_budget
 
 
 @dataclass
@@ -39,7 +41,8 @@ class EnumerateParams:
     """max_supports: refuse instances with more feasible supports than this.
     batch: supports evaluated per batched Cholesky (method `batched`).
 
-    method: "auto" picks `tree` for groups of at least 4 rows, `batched` otherwise."""
+    method: "auto" picks `tree` for groups of at least 4 rows, `batched` otherwise;
+    uneven groups always use `batched`."""
 
     max_supports: int = 5_000_000
     batch: int = 32768
@@ -47,7 +50,7 @@ class EnumerateParams:
 
     def __post_init__(self):
         if self.method not in ("auto", "tree", "batched"):
-            raise SolverError(f"method must be 'auto', 'tree' or 'batched', got {self.method!r}")
+            raise ValueError(f"method must be 'auto', 'tree' or 'batched', got {self.method!r}")
 
 
 def n_supports(instance: Instance) -> int:
@@ -132,9 +135,7 @@ class _Stop(Exception):
 def tree_search(instance: Instance, H: torch.Tensor, F: torch.Tensor, deadline: float | None) -> Result:
     """Exact minimum of f over every feasible support by the prefix tree (module docstring)."""
     p, b, keep = instance.n_groups, instance.group_size, instance.keep
-    part = instance.partition
-    parts = np.zeros(p, dtype=np.int64) if part is None else part.parts
-    budget = np.array([keep]) if part is None else part.budget
+    parts, budget = parts_and_budget(instance)
     n_parts = len(budget)
     # after[g, q]: groups of part q with index > g
     onehot = np.eye(n_parts, dtype=np.int64)[parts]

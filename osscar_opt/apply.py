@@ -14,7 +14,6 @@ Extraction and write-back use the same code as `osscar_opt.extract`:
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
@@ -27,6 +26,7 @@ from .adapters import Adapter, ConvAdapter, Site, adapter_for
 from .data import DataError
 from .errors import OsscarError
 from .extract import GramHooks, _batches, describe_calibration, run_model, site_instance, token_mask
+from .instance import DAMPING, check_damping
 from .registry import solve
 
 # structures pruned first inside a block (attention precedes the FFN)
@@ -63,7 +63,7 @@ class PruneReport:
     sites: list[SiteReport] = field(default_factory=list)
     calibration: dict = field(default_factory=dict)
     solver_params: dict = field(default_factory=dict)
-    damping: float = 0.01
+    damping: float = DAMPING
 
     @property
     def mean_err(self) -> dict:
@@ -208,7 +208,7 @@ def apply(
     solver: str = "osscar",
     structures: Sequence[str] | None = None,
     sequential: bool = True,
-    damping: float = 0.01,
+    damping: float = DAMPING,
     device: Any = None,
     layers: Sequence[int] | None = None,
     batch_size: int = 8,
@@ -230,9 +230,7 @@ def apply(
     from .surgery import check_prunable, remove_groups
 
     _check_sparsity(sparsity)
-    if isinstance(damping, bool) or not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
-        raise PruneError(f"damping must be a finite number >= 0 (a fraction of the mean Gram diagonal, e.g. 0.01), "
-                         f"got {damping!r}")
+    damping = check_damping(damping)
     adapter = adapter_for(model)
     structures = tuple(structures or adapter.default_structures)
     for s in structures:
@@ -256,7 +254,7 @@ def apply(
                          {str(k): v for k, v in sparsity.items()}, sequential=sequential,
                          params_before=count_parameters(model), params_after=0, seconds=0.0, solve_seconds=0.0,
                          calibration=describe_calibration(calibration), solver_params=dict(solver_params),
-                         damping=float(damping))
+                         damping=damping)
     start = time.perf_counter()
     model.eval()
     meta = {"model": name, "architecture": adapter.name, "calibration": report.calibration,

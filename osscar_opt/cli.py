@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .errors import OsscarError
+from .instance import DAMPING
 
 Handler = Callable[[argparse.Namespace], int]
 _COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], Handler], str]] = {}
@@ -306,8 +307,8 @@ def _prune_args(p: argparse.ArgumentParser):
     p.add_argument("--calib-seed", type=int, default=None,
                    help="draw the calibration windows at random positions of the calibration half with this seed "
                         "(default: consecutive windows from its start)")
-    p.add_argument("--damping", type=float, default=0.01,
-                   help="ridge added to each Gram matrix, as a fraction of its mean diagonal (default 0.01)")
+    p.add_argument("--damping", type=float, default=DAMPING,
+                   help=f"ridge added to each Gram matrix, as a fraction of its mean diagonal (default {DAMPING})")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
     p.add_argument("--out", type=Path, default=None, help="write the pruned model, report.json and report.md here")
     p.add_argument("--sweep", default=None, help="comma-separated sparsities: a quality-versus-sparsity table")
@@ -424,8 +425,8 @@ def _bench_prune_args(p: argparse.ArgumentParser):
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--device", default=None)
     p.add_argument("--out", type=Path, default=None, help="results folder (default: results/)")
-    p.add_argument("--damping", type=float, default=0.01,
-                   help="ridge of the Gram matrices, fraction of the mean diagonal (rows other than 0.01 are labelled)")
+    p.add_argument("--damping", type=float, default=DAMPING,
+                   help=f"ridge of the Gram matrices, fraction of the mean diagonal (rows other than {DAMPING} are labelled)")
 
     def run(args: argparse.Namespace) -> int:
         from .benchmarks import prune

@@ -21,7 +21,7 @@ from torch import nn
 
 from .adapters import Adapter, Site, adapter_for, input_rows, weight_matrix
 from .data import Calibration, DataError
-from .instance import Instance, damped_gram
+from .instance import DAMPING, Instance, damped_gram
 
 
 class GramHooks:
@@ -103,7 +103,7 @@ def site_instance(
     gram: np.ndarray,
     samples: int,
     keep: float | int = 0.5,
-    damping: float = 0.01,
+    damping: float = DAMPING,
     meta: dict | None = None,
 ) -> Instance:
     """The Instance of one site from its Gram matrix X'X/n."""
@@ -185,7 +185,7 @@ def extract(
     calibration: Any,
     structures: Sequence[str] | None = None,
     layers: Sequence[int] | None = None,
-    damping: float = 0.01,
+    damping: float = DAMPING,
     device: Any = None,
     keep: float | int = 0.5,
     batch_size: int = 8,

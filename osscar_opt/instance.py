@@ -411,10 +411,20 @@ class Instance:
         return f"<Instance{name} d={self.d} m={self.m} p={self.n_groups} group_size={b} keep={self.keep}{part}>"
 
 
+DAMPING = 0.01  # the default ridge: a fraction of the Gram matrix's mean diagonal
+
+
+def check_damping(damping: Any) -> float:
+    """The damping as a float; InstanceError unless it is a finite number >= 0."""
+    if isinstance(damping, bool) or not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
+        raise InstanceError(f"damping must be a finite number >= 0 (a fraction of the mean Gram diagonal, "
+                            f"e.g. {DAMPING}), got {damping!r}")
+    return float(damping)
+
+
 def damped_gram(gram: np.ndarray, damping: float) -> np.ndarray:
     """gram + damping * mean(diag(gram)) * I, checking the damping and the scale."""
-    if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
-        raise InstanceError(f"damping must be a finite number >= 0, got {damping!r}")
+    check_damping(damping)
     scale = float(np.mean(np.diag(gram)))
     if not scale > 0:
         raise InstanceError("the activations are all zero: no input feature is ever active, nothing to fit")

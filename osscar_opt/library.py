@@ -30,14 +30,13 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from .errors import InstanceFileError, OsscarError
-from .instance import Instance
+from .instance import DAMPING, Instance
 
 ROOT = Path(__file__).resolve().parent.parent / "instances"
 CATALOG = ROOT / "catalog.json"
 BUILD_DIR = ROOT / "build"
 TIERS = ("T0", "T1", "T2", "T3")
 CALIBRATION = {"source": "pydoc", "split": "calibration", "windows": 32, "seq_len": 512, "seed": None}
-DAMPING = 0.01
 MODEL_DTYPE = "float64"
 
 

@@ -11,6 +11,7 @@ import osscar_opt as oo
 from osscar_opt.adapters import UnsupportedModelError, adapter_for, weight_matrix
 from osscar_opt.apply import PruneError, apply, count_parameters
 from osscar_opt.data import DataError
+from osscar_opt.errors import InstanceError
 from osscar_opt.surgery import load_pruned, save_pruned
 
 from small_models import ARCHITECTURES, digits_cnn, random_tokens, tiny_llama
@@ -106,8 +107,9 @@ def test_bad_inputs_leave_the_model_untouched():
         (dict(sparsity=0.5, structures=["channels"]), UnsupportedModelError, "no structure 'channels'"),
         (dict(sparsity=0.5, structures=["heads", "kv-groups"]), PruneError, "either 'heads' or 'kv-groups'"),
         (dict(sparsity=0.5, layers=[7]), UnsupportedModelError, "out of range"),
-        (dict(sparsity=0.5, damping=-0.01), PruneError, "damping must be a finite number >= 0"),
-        (dict(sparsity=0.5, damping=float("nan")), PruneError, "damping must be a finite number >= 0"),
+        (dict(sparsity=0.5, damping=-0.01), InstanceError, "damping must be a finite number >= 0"),
+        (dict(sparsity=0.5, damping=float("nan")), InstanceError, "damping must be a finite number >= 0"),
+        (dict(sparsity=0.5, damping=True), InstanceError, "damping must be a finite number >= 0"),
     ]:
         with pytest.raises(error, match=match):
             apply(model, tokens, progress=False, **bad)

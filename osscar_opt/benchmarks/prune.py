@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from ..instance import DAMPING
 from . import RESULTS, machine, machine_line
 
-DAMPING = 0.01  # the default of osscar_opt.apply
 PUBLISHED = {"smollm2-135m": {0.3: 19.70, 0.5: 31.78}}
 DEFAULT_SOLVERS = ("osscar", "obs-greedy", "forward", "activation", "magnitude-refit", "iht", "magnitude", "random")
 
