@@ -427,13 +427,20 @@ def _bench_prune_args(p: argparse.ArgumentParser):
     p.add_argument("--out", type=Path, default=None, help="results folder (default: results/)")
     p.add_argument("--damping", type=float, default=DAMPING,
                    help=f"ridge of the Gram matrices, fraction of the mean diagonal (rows other than {DAMPING} are labelled)")
+    p.add_argument("--calib-seeds", default=None,
+                   help="comma-separated seeds: repeat every run with calibration windows drawn at random positions "
+                        "(one draw per seed; the report adds mean and spread)")
 
     def run(args: argparse.Namespace) -> int:
         from .benchmarks import prune
 
         solvers = args.solvers.split(",") if args.solvers else prune.DEFAULT_SOLVERS
+        try:
+            seeds = [int(x) for x in args.calib_seeds.split(",")] if args.calib_seeds else [None]
+        except ValueError:
+            raise OsscarError(f"--calib-seeds takes comma-separated integers like 0,1,2, got {args.calib_seeds!r}")
         prune.run(args.model, solvers, [float(x) for x in args.sparsities.split(",")], args.nsamples,
-                  args.seq_len, args.eval_windows, args.device, args.out, damping=args.damping)
+                  args.seq_len, args.eval_windows, args.device, args.out, damping=args.damping, calib_seeds=seeds)
         return 0
 
     return run

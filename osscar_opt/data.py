@@ -232,13 +232,17 @@ def paragraph_texts(source: str = "pydoc", split: str = "calibration", n: int | 
 
 
 def paragraphs(tokenizer: Any, source: str = "pydoc", n: int = 256, max_length: int = 128,
-               split: str = "calibration") -> Calibration:
+               split: str = "calibration", seed: int | None = None) -> Calibration:
     """Calibration for encoders: paragraphs of the split tokenized like sentence
     inputs (special tokens, padding to max_length, attention mask); padded
-    positions are left out of the Gram matrices."""
-    texts = paragraph_texts(source, split, n)
+    positions are left out of the Gram matrices. The first n paragraphs, or
+    with a seed n drawn at random without replacement."""
+    texts = paragraph_texts(source, split, None if seed is not None else n)
     if not texts:
         raise DataError(f"the {split} split of {source!r} has no paragraph of at least 40 characters")
+    if seed is not None:
+        pick = np.random.default_rng(seed).choice(len(texts), size=min(n, len(texts)), replace=False)
+        texts = [texts[i] for i in np.sort(pick)]
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-    return Calibration(enc["input_ids"], source=source, split=_split_name(split), attention_mask=enc["attention_mask"],
+    return Calibration(enc["input_ids"], source=source, split=_split_name(split), attention_mask=enc["attention_mask"], seed=seed,
                        tokenizer_name=getattr(tokenizer, "name_or_path", None), kind="paragraphs")

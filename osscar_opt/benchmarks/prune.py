@@ -12,6 +12,7 @@ results/prune_<model>.md and .png hold the table and the plot.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -32,10 +33,14 @@ def _append(path: Path, row: dict) -> None:
         os.fsync(fh.fileno())
 
 
-def _label(row: dict) -> str:
-    """The solver's name, with the damping when it is not the default."""
+def _label(row: dict, seed: bool = True) -> str:
+    """The solver's name, with the damping when it is not the default and the
+    calibration seed when the windows were drawn at random (seed=False leaves it out)."""
     damping = row.get("damping", DAMPING)
-    return row["solver"] if damping == DAMPING else f"{row['solver']} (damping {damping:g})"
+    extra = [] if damping == DAMPING else [f"damping {damping:g}"]
+    if seed and row.get("calib_seed") is not None:
+        extra.append(f"calib seed {row['calib_seed']}")
+    return row["solver"] + (f" ({', '.join(extra)})" if extra else "")
 
 
 def _rows(path: Path) -> list[dict]:
@@ -53,7 +58,7 @@ def _rows(path: Path) -> list[dict]:
 def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVERS,
         sparsities: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6), nsamples: int = 32, seq_len: int = 512,
         eval_windows: int = 40, device: str | None = None, out: str | Path | None = None,
-        speed_at: float | None = 0.5, damping: float = DAMPING) -> list[dict]:
+        speed_at: float | None = 0.5, damping: float = DAMPING, calib_seeds: Sequence[int | None] = (None,)) -> list[dict]:
     import torch
 
     from .. import data, models
@@ -72,39 +77,67 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
     if not any(r.get("solver") == "dense" for r in _rows(log)):
         _append(log, {"solver": "dense", "sparsity": 0.0, "parameters": dense["parameters"],
                       "perplexity": dense.get("perplexity"), "fidelity": 1.0 if kind == "encoder" else None})
-    if kind == "encoder":  # sentence-like inputs, padded tokens masked out of the Gram matrices
-        cal = data.paragraphs(tok, "pydoc", n=nsamples * 8, max_length=min(seq, 128))
-    else:
-        cal = data.calibration(tok, "pydoc", nsamples, seq)
+    def calibration_for(seed: int | None):
+        if kind == "encoder":  # sentence-like inputs, padded tokens masked out of the Gram matrices
+            return data.paragraphs(tok, "pydoc", n=nsamples * 8, max_length=min(seq, 128), seed=seed)
+        return data.calibration(tok, "pydoc", nsamples, seq, seed=seed)
+
     evaluation = data.windows(tok, "pydoc", "evaluation", 1, seq) if kind == "causal-lm" else None
-    for solver in solvers:
-        for s in sparsities:
-            label = _label({"solver": solver, "damping": damping})
-            if (label, s) in done:
-                continue
-            model, _ = models.load(model_name, dtype=torch.float32, device=device)
-            t = time.perf_counter()
-            report = apply(model, cal, s, solver=solver, device=device, progress=False, damping=damping)
-            seconds = time.perf_counter() - t
-            res = evaluate_model(model, tok, kind=kind, n_windows=eval_windows, seq_len=seq, reference=reference)
-            row = {"solver": solver, "sparsity": s, "damping": damping, "parameters": res["parameters"], "prune_seconds": seconds,
-                   "solve_seconds": report.solve_seconds, "mean_err": report.mean_err,
-                   "perplexity": res.get("perplexity"), "fidelity": res.get("fidelity")}
-            if speed_at is not None and abs(s - speed_at) < 1e-9 and solver == solvers[0] and kind == "causal-lm":
-                row["speed_dense"], row["speed_pruned"] = compare_latency(dense_model, model, evaluation)
-            _append(log, row)
-            print(f"{model_name} {label:<16} sparsity {s:.2f}: " + (
-                f"perplexity {row['perplexity']:.2f}" if row["perplexity"] is not None else
-                f"fidelity {row['fidelity']:.4f}") + f" ({seconds:.0f} s)")
-            del model
+    for seed, solver, s in itertools.product(calib_seeds, solvers, sparsities):
+        label = _label({"solver": solver, "damping": damping, "calib_seed": seed})
+        if (label, s) in done:
+            continue
+        cal = calibration_for(seed)
+        model, _ = models.load(model_name, dtype=torch.float32, device=device)
+        t = time.perf_counter()
+        report = apply(model, cal, s, solver=solver, device=device, progress=False, damping=damping)
+        seconds = time.perf_counter() - t
+        res = evaluate_model(model, tok, kind=kind, n_windows=eval_windows, seq_len=seq, reference=reference)
+        row = {"solver": solver, "sparsity": s, "damping": damping, "calib_seed": seed, "parameters": res["parameters"],
+               "prune_seconds": seconds, "solve_seconds": report.solve_seconds, "mean_err": report.mean_err,
+               "perplexity": res.get("perplexity"), "fidelity": res.get("fidelity")}
+        if speed_at is not None and abs(s - speed_at) < 1e-9 and solver == solvers[0] and kind == "causal-lm" \
+                and seed is None:
+            row["speed_dense"], row["speed_pruned"] = compare_latency(dense_model, model, evaluation)
+        _append(log, row)
+        print(f"{model_name} {label:<16} sparsity {s:.2f}: " + (
+            f"perplexity {row['perplexity']:.2f}" if row["perplexity"] is not None else
+            f"fidelity {row['fidelity']:.4f}") + f" ({seconds:.0f} s)")
+        del model
     rows = _rows(log)
     _write(model_name, kind, rows, out)
     return rows
 
 
+def _seed_table(rows: list[dict], metric: str) -> list[str]:
+    """Mean and spread over calibration draws (windows at random positions, one seed each)."""
+    import numpy as np
+
+    labels = list(dict.fromkeys(_label(r, seed=False) for r in rows))
+    sparsities = sorted({r["sparsity"] for r in rows})
+    seeds = sorted({r["calib_seed"] for r in rows})
+    lines = ["", f"Calibration drawn at random positions of the calibration half (`--calib-seeds "
+             f"{','.join(str(x) for x in seeds)}`): {metric} per seed, then mean +- standard deviation.", "",
+             "| solver | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |", "|---|" + "---|" * len(sparsities)]
+    fmt = "{:.2f}" if metric == "perplexity" else "{:.4f}"
+    for v in labels:
+        cells = []
+        for s in sparsities:
+            vals = [r[metric] for r in rows if _label(r, seed=False) == v and r["sparsity"] == s and r.get(metric) is not None]
+            if not vals:
+                cells.append("-")
+                continue
+            each = " / ".join(fmt.format(x) for x in vals)
+            cells.append(f"{each}; {fmt.format(np.mean(vals))} +- {fmt.format(np.std(vals, ddof=1) if len(vals) > 1 else 0.0)}")
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _write(model_name: str, kind: str, rows: list[dict], out: Path) -> None:
     metric = "perplexity" if kind == "causal-lm" else "fidelity"
     dense = next((r for r in rows if r["solver"] == "dense"), None)
+    seeded = [r for r in rows if r["solver"] != "dense" and r.get("calib_seed") is not None]
+    rows = [r for r in rows if r.get("calib_seed") is None]
     solvers = list(dict.fromkeys(_label(r) for r in rows if r["solver"] != "dense"))
     sparsities = sorted({r["sparsity"] for r in rows if r["solver"] != "dense"})
     table = {(_label(r), r["sparsity"]): r for r in rows}
@@ -132,6 +165,8 @@ def _write(model_name: str, kind: str, rows: list[dict], out: Path) -> None:
     pub = PUBLISHED.get(model_name)
     if pub:
         lines += ["", "Published OSSCAR code: " + ", ".join(f"{p:.2f} at {s:.0%}" for s, p in pub.items()) + "."]
+    if seeded:
+        lines += _seed_table(seeded, metric)
     for r in rows:
         if "speed_pruned" in r:
             d, p = r["speed_dense"], r["speed_pruned"]
