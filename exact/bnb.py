@@ -25,6 +25,8 @@ groups (a budget per part with a partition) exactly:
   worth it near the root.
 * incumbents: rounding of the relaxation (top z per part) at every node and
   OSSCAR restricted to the node's fixings (as a partition) at nodes 1, 2, 4, 8, ...
+* workers > 1: the open nodes are searched by several processes (shares
+  dealt out in bound order, sent back after a time slice and dealt out again).
 * branching on the most fractional z (strong branching on the most
   fractional candidates, product rule, is available: strong_depth > 0).
 
@@ -35,15 +37,18 @@ still open): valid at any time. OPTIMAL means the gap is below gap_tol
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import math
+import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from osscar_opt.errors import SolverError
 from osscar_opt.instance import Instance
 from osscar_opt.registry import Result, Solver, Status, register
 
@@ -83,6 +88,12 @@ class BnbParams:
     reoptimize_mu: final barrier weight of those recomputations.
     strong_depth: strong branching at nodes shallower than this (0: off).
     strong_candidates / strong_steps: candidates tried and Newton steps per child.
+    workers: processes searching the tree together (CPU only; 1: this
+        process alone). Worth it on instances that take more than a few
+        seconds: starting the workers costs about two seconds, during which
+        this process searches alone.
+    slice_seconds: how long a worker searches its share of the open nodes
+        before sending back what is left to be dealt out again.
     """
 
     split: str = "optimal"
@@ -100,6 +111,8 @@ class BnbParams:
     strong_depth: int = 0
     strong_candidates: int = 8
     strong_steps: int = 4
+    workers: int = 1
+    slice_seconds: float = 2.0
 
     def __post_init__(self):
         if self.split not in SPLIT_METHODS:
@@ -110,6 +123,8 @@ class BnbParams:
             raise ValueError("max_newton must be >= 1 and min_newton >= 0")
         if int(self.reoptimize_every) < 0 or int(self.strong_steps) < 1:
             raise ValueError("reoptimize_every must be >= 0 and strong_steps >= 1")
+        if int(self.workers) < 1 or not float(self.slice_seconds) > 0:
+            raise ValueError("workers must be >= 1 and slice_seconds > 0")
 
 
 class _Node:
@@ -168,173 +183,211 @@ class BranchAndBound(Solver):
         p, keep = instance.n_groups, instance.keep
         parts, budget = parts_and_budget(instance)
         full = instance.full_objective
-        tol = params.gap_tol * (-full)
-        info: dict = {"nodes": 0, "pruned": 0, "fixed_by_bound": 0, "newton_steps": 0, "osscar_runs": 0}
 
         # incumbent: OSSCAR
         best_S = osscar_support(instance, "cpu", deadline)
         UB = objective_of(instance, F, best_S)
-        info["osscar_err"] = (UB - full) / (-full)
         if keep in (0, p) or _trivial(instance):
+            info = {"nodes": 0, "osscar_err": (UB - full) / (-full)}
             return Result(keep=best_S, status=Status.OPTIMAL, bound=UB, info=info)
 
         split = split_for(instance, params.split, backend="newton", F=F, deadline=deadline)
-        info["split"] = {"method": split.method, "seconds": split.seconds, "shrink": split.shrink}
-        root = RootData(
-            H=torch.as_tensor(instance.H, device=dev), F=torch.as_tensor(F, device=dev),
-            D=split.diagonal(), D_t=torch.as_tensor(split.diagonal(), device=dev),
-            group_rows=instance.group_rows, sizes=instance.group_sizes.astype(np.int64),
-            parts=parts, budget=budget,
-        )
-        counter = itertools.count()
+        root = _root_data(instance, F, split.diagonal(), dev)
+        search = _Search(instance, F, root, params, UB, best_S, deadline)
+        search.info["osscar_err"] = (UB - full) / (-full)
+        search.info["split"] = {"method": split.method, "seconds": split.seconds, "shrink": split.shrink}
         fi0, fo0 = np.zeros(p, bool), np.zeros(p, bool)
         _propagate(parts, budget, fi0, fo0)
-        heap = [_Node(-math.inf, 0, next(counter), fi0, fo0, None, root.D)]
-        pruned_min = math.inf  # smallest bound among nodes closed by their bound
-        seen_roundings: set = set()
-        timed_out = False
-        root_lb = None
-
-        def try_support(S: np.ndarray) -> None:
-            nonlocal UB, best_S
-            key = S.tobytes()
-            if key in seen_roundings:
-                return
-            seen_roundings.add(key)
-            val = objective_of(instance, F, S)
-            if val < UB:
-                UB, best_S = val, np.sort(S)
-
-        while heap:
-            if deadline is not None and time.perf_counter() > deadline:
-                timed_out = True
-                break
-            if params.max_nodes is not None and info["nodes"] >= params.max_nodes:
-                break
-            node = heapq.heappop(heap)
-            if node.lb >= UB - tol:
-                pruned_min = min(pruned_min, node.lb)
-                info["pruned"] += 1
-                continue
-            info["nodes"] += 1
-            fixed_in, fixed_out = node.fixed_in.copy(), node.fixed_out.copy()
-            lb, z = node.lb, node.z
-            closed = False
-            D_node = node.D
-            depth = node.depth
-            if depth > 0 and (depth <= params.reoptimize_depth or (params.reoptimize_every and depth % params.reoptimize_every == 0)) \
-                    and (~fixed_in & ~fixed_out).any():
-                D_node, _ = optimal_diagonal(instance.H, F, instance.groups, parts, budget, deadline=deadline,
-                                             fixed_in=fixed_in, fixed_out=fixed_out, D_start=node.D,
-                                             z_start=node.z, mu_final=params.reoptimize_mu)
-                info["reoptimized"] = info.get("reoptimized", 0) + 1
-            for round_ in range(params.fixing_rounds + 1):
-                free = ~fixed_in & ~fixed_out
-                if not free.any():  # a leaf: the support is fixed
-                    S = np.flatnonzero(fixed_in)
-                    try_support(S)
-                    pruned_min = min(pruned_min, objective_of(instance, F, S))
-                    closed = True
-                    break
-                relax = NodeRelaxation(root, fixed_in, free, D_node)
-                z_start = None if z is None else z[relax.free_groups]
-                out = relax.solve(z_start, UB - tol, params.max_newton, params.min_newton, deadline=deadline)
-                info["newton_steps"] += out["steps"]
-                lb = max(lb, out["lb"])
-                z_full = np.zeros(p)
-                z_full[fixed_in] = 1.0
-                z_full[relax.free_groups] = out["z"]
-                z = z_full
-                if root_lb is None:
-                    root_lb = lb
-                    info["root_bound_err"] = (lb - full) / (-full)
-                if lb >= UB - tol:
-                    pruned_min = min(pruned_min, lb)
-                    info["pruned"] += 1
-                    closed = True
-                    break
-                # incumbent from rounding z (top z of every part)
-                try_support(_round(z, parts, budget, fixed_in, fixed_out))
-                if info["nodes"] & (info["nodes"] - 1) == 0 and info["nodes"] <= params.osscar_nodes and fixed_in.any() | fixed_out.any():
-                    S = _restricted_osscar(instance, fixed_in, fixed_out, deadline)
-                    info["osscar_runs"] += 1
-                    if S is not None:
-                        try_support(S)
-                if lb >= UB - tol:
-                    pruned_min = min(pruned_min, lb)
-                    closed = True
-                    break
-                n_fixed, child_min = _fix_by_bound(relax, out, UB - tol, fixed_in, fixed_out)
-                pruned_min = min(pruned_min, child_min)
-                info["fixed_by_bound"] += n_fixed
-                if n_fixed == 0:
-                    break
-                if not _propagate(parts, budget, fixed_in, fixed_out):
-                    closed = True  # no feasible completion: the node holds nothing
-                    break
-            if closed:
-                continue
-            free = np.flatnonzero(~fixed_in & ~fixed_out)
-            if free.size == 0:
-                heapq.heappush(heap, _Node(lb, node.depth + 1, next(counter), fixed_in, fixed_out, z, D_node))
-                continue
-            frac = np.minimum(z[free], 1.0 - z[free])
-            g = int(free[np.argmax(frac)])
-            child_lbs = (lb, lb)
-            if node.depth < params.strong_depth and params.strong_candidates > 1 and free.size > 1:
-                g, child_lbs = self._strong_branch(root, instance, F, parts, budget, fixed_in, fixed_out, z, D_node, lb,
-                                                   free[np.argsort(-frac, kind="stable")[: params.strong_candidates]],
-                                                   UB - tol, params, deadline, info)
-            for into, child_lb in zip((True, False), child_lbs):
-                fi, fo = fixed_in.copy(), fixed_out.copy()
-                (fi if into else fo)[g] = True
-                if child_lb >= UB - tol:
-                    pruned_min = min(pruned_min, child_lb)
-                    info["pruned"] += 1
-                elif _propagate(parts, budget, fi, fo):
-                    zc = z.copy()
-                    zc[g] = 1.0 if into else 0.0
-                    heapq.heappush(heap, _Node(child_lb, node.depth + 1, next(counter), fi, fo, zc, D_node))
+        heap = [_Node(-math.inf, 0, 0, fi0, fo0, None, root.D)]
+        if params.workers > 1 and dev.type == "cpu":
+            heap = _Parallel(search, params, split.diagonal()).run(heap)
+        else:
+            heap = search.run(heap)
+        info = search.info
         open_min = min((n.lb for n in heap), default=math.inf)
-        bound = min(UB, pruned_min, open_min)
+        bound = min(search.UB, search.pruned_min, open_min)
         info["open_nodes"] = len(heap)
         info["seconds_total"] = time.perf_counter() - t_start
-        gap_closed = bound >= UB - tol
+        gap_closed = bound >= search.UB - search.tol
         if gap_closed:
             status = Status.OPTIMAL
-        elif timed_out:
+        elif search.timed_out:
             status = Status.TIME_LIMIT
         else:
             status = Status.FEASIBLE
-        msg = "" if gap_closed else f"gap left: bound err {(bound - full) / (-full):.6g} vs incumbent err {(UB - full) / (-full):.6g}"
-        return Result(keep=best_S, status=status, bound=bound, info=info, message=msg)
+        msg = "" if gap_closed else \
+            f"gap left: bound err {(bound - full) / (-full):.6g} vs incumbent err {(search.UB - full) / (-full):.6g}"
+        return Result(keep=search.best_S, status=status, bound=bound, info=info, message=msg)
 
 
-    @staticmethod
-    def _strong_branch(root, instance, F, parts, budget, fixed_in, fixed_out, z, D_node, lb, candidates,
-                       prune_at, params, deadline, info) -> tuple[int, tuple[float, float]]:
+def _root_data(instance: Instance, F: np.ndarray, D: np.ndarray, dev: torch.device) -> RootData:
+    parts, budget = parts_and_budget(instance)
+    return RootData(
+        H=torch.as_tensor(instance.H, device=dev), F=torch.as_tensor(F, device=dev),
+        D=D, D_t=torch.as_tensor(D, device=dev), group_rows=instance.group_rows,
+        sizes=instance.group_sizes.astype(np.int64), parts=parts, budget=budget,
+    )
+
+
+class _Search:
+    """The best-first node loop, its incumbent and its bookkeeping.
+
+    Runs in the solving process, or in a worker process on a share of the
+    open nodes (`_Parallel`); `run` processes nodes until the heap is empty,
+    the deadline, max_nodes or a stop condition, and returns the open nodes.
+    """
+
+    def __init__(self, instance: Instance, F: np.ndarray, root: RootData, params: BnbParams, UB: float,
+                 best_S: np.ndarray, deadline: float | None):
+        self.instance, self.F, self.root, self.params = instance, F, root, params
+        self.parts, self.budget = root.parts, root.budget
+        self.full = instance.full_objective
+        self.tol = params.gap_tol * (-self.full)
+        self.UB, self.best_S = UB, best_S
+        self.deadline = deadline
+        self.info: dict = {"nodes": 0, "pruned": 0, "fixed_by_bound": 0, "newton_steps": 0, "osscar_runs": 0}
+        self.pruned_min = math.inf  # smallest bound among nodes closed by their bound
+        self.seen: set = set()
+        self.timed_out = False
+        self.counter = itertools.count(1)
+
+    def try_support(self, S: np.ndarray) -> None:
+        key = S.tobytes()
+        if key in self.seen:
+            return
+        self.seen.add(key)
+        val = objective_of(self.instance, self.F, S)
+        if val < self.UB:
+            self.UB, self.best_S = val, np.sort(S)
+
+    def close(self, lb: float) -> None:
+        self.pruned_min = min(self.pruned_min, lb)
+        self.info["pruned"] += 1
+
+    def run(self, heap: list, until: float | None = None, max_open: int | None = None,
+            max_nodes: int | None = None) -> list:
+        params = self.params
+        max_nodes = params.max_nodes if max_nodes is None else max_nodes
+        heapq.heapify(heap)
+        while heap:
+            now = time.perf_counter()
+            if self.deadline is not None and now > self.deadline:
+                self.timed_out = True
+                break
+            if (until is not None and now > until) or (max_open is not None and len(heap) >= max_open):
+                break
+            if max_nodes is not None and self.info["nodes"] >= max_nodes:
+                break
+            node = heapq.heappop(heap)
+            if node.lb >= self.UB - self.tol:
+                self.close(node.lb)
+                continue
+            self.info["nodes"] += 1
+            self.process(node, heap)
+        return heap
+
+    def process(self, node: _Node, heap: list) -> None:
+        """Bound one node: tighten, round, then close it or push its two children."""
+        instance, F, root, params, info = self.instance, self.F, self.root, self.params, self.info
+        parts, budget, p = self.parts, self.budget, instance.n_groups
+        fixed_in, fixed_out = node.fixed_in.copy(), node.fixed_out.copy()
+        lb, z = node.lb, node.z
+        D_node = node.D
+        depth = node.depth
+        if depth > 0 and (depth <= params.reoptimize_depth or (params.reoptimize_every and depth % params.reoptimize_every == 0)) \
+                and (~fixed_in & ~fixed_out).any():
+            D_node, _ = optimal_diagonal(instance.H, F, instance.groups, parts, budget, deadline=self.deadline,
+                                         fixed_in=fixed_in, fixed_out=fixed_out, D_start=node.D,
+                                         z_start=node.z, mu_final=params.reoptimize_mu)
+            info["reoptimized"] = info.get("reoptimized", 0) + 1
+        for _ in range(params.fixing_rounds + 1):
+            free = ~fixed_in & ~fixed_out
+            if not free.any():  # a leaf: the support is fixed
+                S = np.flatnonzero(fixed_in)
+                self.try_support(S)
+                self.pruned_min = min(self.pruned_min, objective_of(instance, F, S))
+                return
+            relax = NodeRelaxation(root, fixed_in, free, D_node)
+            z_start = None if z is None else z[relax.free_groups]
+            prune_at = self.UB - self.tol
+            out = relax.solve(z_start, prune_at, params.max_newton, params.min_newton, deadline=self.deadline)
+            info["newton_steps"] += out["steps"]
+            lb = max(lb, out["lb"])
+            z_full = np.zeros(p)
+            z_full[fixed_in] = 1.0
+            z_full[relax.free_groups] = out["z"]
+            z = z_full
+            if depth == 0 and "root_bound_err" not in info:
+                info["root_bound_err"] = (lb - self.full) / (-self.full)
+            if lb >= prune_at:
+                self.close(lb)
+                return
+            # incumbent from rounding z (top z of every part)
+            self.try_support(_round(z, parts, budget, fixed_in, fixed_out))
+            n = info["nodes"]
+            if n & (n - 1) == 0 and n <= params.osscar_nodes and fixed_in.any() | fixed_out.any():
+                S = _restricted_osscar(instance, fixed_in, fixed_out, self.deadline)
+                info["osscar_runs"] += 1
+                if S is not None:
+                    self.try_support(S)
+            prune_at = self.UB - self.tol
+            if lb >= prune_at:
+                self.pruned_min = min(self.pruned_min, lb)
+                return
+            n_fixed, child_min = _fix_by_bound(relax, out, prune_at, fixed_in, fixed_out)
+            self.pruned_min = min(self.pruned_min, child_min)
+            info["fixed_by_bound"] += n_fixed
+            if n_fixed == 0:
+                break
+            if not _propagate(parts, budget, fixed_in, fixed_out):
+                return  # no feasible completion: the node holds nothing
+        free = np.flatnonzero(~fixed_in & ~fixed_out)
+        if free.size == 0:
+            heapq.heappush(heap, _Node(lb, depth + 1, next(self.counter), fixed_in, fixed_out, z, D_node))
+            return
+        frac = np.minimum(z[free], 1.0 - z[free])
+        g = int(free[np.argmax(frac)])
+        child_lbs = (lb, lb)
+        prune_at = self.UB - self.tol
+        if depth < params.strong_depth and params.strong_candidates > 1 and free.size > 1:
+            g, child_lbs = self.strong_branch(fixed_in, fixed_out, z, D_node, lb,
+                                              free[np.argsort(-frac, kind="stable")[: params.strong_candidates]],
+                                              prune_at)
+        for into, child_lb in zip((True, False), child_lbs):
+            fi, fo = fixed_in.copy(), fixed_out.copy()
+            (fi if into else fo)[g] = True
+            if child_lb >= prune_at:
+                self.close(child_lb)
+            elif _propagate(parts, budget, fi, fo):
+                zc = z.copy()
+                zc[g] = 1.0 if into else 0.0
+                heapq.heappush(heap, _Node(child_lb, depth + 1, next(self.counter), fi, fo, zc, D_node))
+
+    def strong_branch(self, fixed_in, fixed_out, z, D_node, lb, candidates, prune_at) -> tuple[int, tuple[float, float]]:
         """Branch on the candidate whose two children have the best bounds (product rule).
 
         Each child's relaxation gets `strong_steps` projected Newton steps from the
         parent's z; its bound is valid for that child and becomes its priority.
         """
+        params, info = self.params, self.info
         best = (-math.inf, int(candidates[0]), (lb, lb))
         for g in candidates:
             lbs = []
             for into in (True, False):
                 fi, fo = fixed_in.copy(), fixed_out.copy()
                 (fi if into else fo)[g] = True
-                if not _propagate(parts, budget, fi, fo):
+                if not _propagate(self.parts, self.budget, fi, fo):
                     lbs.append(math.inf)
                     continue
                 fr = ~fi & ~fo
                 if not fr.any():
-                    lbs.append(objective_of(instance, F, np.flatnonzero(fi)))
+                    lbs.append(objective_of(self.instance, self.F, np.flatnonzero(fi)))
                     continue
-                rel = NodeRelaxation(root, fi, fr, D_node)
+                rel = NodeRelaxation(self.root, fi, fr, D_node)
                 zc = z.copy()
                 zc[g] = 1.0 if into else 0.0
-                out = rel.solve(zc[rel.free_groups], prune_at, params.strong_steps, params.strong_steps, deadline=deadline)
+                out = rel.solve(zc[rel.free_groups], prune_at, params.strong_steps, params.strong_steps,
+                                deadline=self.deadline)
                 info["strong_solves"] = info.get("strong_solves", 0) + 1
                 lbs.append(max(lb, out["lb"]))
             gain_in, gain_out = lbs[0] - lb, lbs[1] - lb
@@ -344,6 +397,183 @@ class BranchAndBound(Solver):
             if score > best[0]:
                 best = (score, int(g), (lbs[0], lbs[1]))
         return best[1], best[2]
+
+
+# ------------------------------------------------------------ worker processes
+def _pack(nodes: list) -> dict:
+    """Open nodes as a few arrays (fast to pickle); nodes sharing a diagonal share one copy."""
+    Ds, where = [], {}
+    d_index = np.empty(len(nodes), np.int64)
+    for i, n in enumerate(nodes):
+        key = id(n.D)
+        if key not in where:
+            where[key] = len(Ds)
+            Ds.append(n.D)
+        d_index[i] = where[key]
+    return {
+        "lb": np.array([n.lb for n in nodes]), "depth": np.array([n.depth for n in nodes], np.int64),
+        "fi": np.packbits(np.array([n.fixed_in for n in nodes]), axis=1),
+        "fo": np.packbits(np.array([n.fixed_out for n in nodes]), axis=1),
+        "z": np.array([n.z for n in nodes]), "D": Ds, "d_index": d_index, "p": nodes[0].fixed_in.size,
+    }
+
+
+def _unpack(packed: dict) -> list:
+    p = packed["p"]
+    fi = np.unpackbits(packed["fi"], axis=1, count=p).astype(bool)
+    fo = np.unpackbits(packed["fo"], axis=1, count=p).astype(bool)
+    return [_Node(float(packed["lb"][i]), int(packed["depth"][i]), i, fi[i], fo[i], packed["z"][i],
+                  packed["D"][int(packed["d_index"][i])]) for i in range(packed["lb"].size)]
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(instance: Instance, F: np.ndarray, D: np.ndarray, params: BnbParams) -> None:
+    cpu_threads(1).__enter__()  # for the life of the worker: one thread each, as in the serial search
+    _WORKER.update(instance=instance, F=F, params=params,
+                   root=_root_data(instance, F, D, torch.device("cpu")))
+
+
+def _worker_ready() -> bool:
+    return bool(_WORKER)
+
+
+def _worker_solve(packed: dict, UB: float, best_S: np.ndarray, seconds_left: float | None, slice_s: float,
+                  max_nodes: int | None) -> dict:
+    """Search a share of the open nodes for up to slice_s seconds; return what is left."""
+    now = time.perf_counter()
+    deadline = None if seconds_left is None else now + seconds_left
+    w = _WORKER
+    search = _Search(w["instance"], w["F"], w["root"], w["params"], UB, best_S, deadline)
+    heap = search.run(_unpack(packed), until=now + slice_s, max_nodes=max_nodes)
+    return {"open": _pack(heap) if heap else None, "UB": search.UB, "best_S": search.best_S,
+            "pruned_min": search.pruned_min, "info": search.info, "timed_out": search.timed_out}
+
+
+@contextlib.contextmanager
+def _main_hidden():
+    """Start spawned processes without importing the caller's __main__ in them.
+
+    multiprocessing's spawn re-imports the main script (or module) in every
+    child, which re-runs a script without an `if __name__ == "__main__"`
+    guard. The workers need nothing from __main__, so its file and spec are
+    hidden while they start.
+    """
+    main = sys.modules.get("__main__")
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if main is not None and k in main.__dict__}
+    try:
+        if main is not None:
+            main.__dict__.pop("__file__", None)
+            main.__spec__ = None
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.pop("__file__", None)
+            main.__dict__.update(saved)
+            if "__spec__" not in saved:
+                main.__dict__.pop("__spec__", None)
+
+
+class _Parallel:
+    """Best-first search shared by `workers` processes.
+
+    The solving process searches alone until the workers have started (easy
+    instances finish before that), then deals the open nodes out in shares.
+    A worker searches its share best-first for `slice_seconds` and sends back
+    what is still open, which is split and dealt out again, so no worker idles
+    while another holds a large subtree. Every share carries the incumbent
+    value; bounds, pruned minima and counters are merged here, so the bound
+    stays valid at any moment (the open nodes are always either in a share or
+    in a worker that will return them).
+    """
+
+    def __init__(self, search: _Search, params: BnbParams, D: np.ndarray):
+        self.search, self.params, self.D = search, params, D
+
+    def run(self, heap: list, search_while_starting: bool = True) -> list:
+        """Search `heap` with the workers; returns the nodes left open (deadline or max_nodes)."""
+        import concurrent.futures as cf
+        import multiprocessing
+
+        s, params = self.search, self.params
+        W = int(params.workers)
+        ctx = multiprocessing.get_context("spawn")  # torch and OpenMP do not survive fork safely
+        pool = cf.ProcessPoolExecutor(max_workers=W, mp_context=ctx, initializer=_worker_init,
+                                      initargs=(s.instance, s.F, self.D, params))
+        try:
+            with _main_hidden():  # each submit starts one worker; none re-runs the caller's script
+                ready = [pool.submit(_worker_ready) for _ in range(W)]
+            while search_while_starting and heap and not all(f.done() for f in ready):  # search here meanwhile
+                heap = s.run(heap, until=time.perf_counter() + 0.05)
+                if s.timed_out or (params.max_nodes is not None and s.info["nodes"] >= params.max_nodes):
+                    return heap
+            if not heap:
+                return heap
+            for f in ready:
+                f.result()  # a worker that failed to start raises here
+            return self._share(pool, heap, W)
+        except cf.process.BrokenProcessPool as exc:
+            raise SolverError(f"a bnb worker process died ({exc}): run with workers=1") from None
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _share(self, pool, heap: list, W: int) -> list:
+        import concurrent.futures as cf
+
+        s, params = self.search, self.params
+        s.info["workers"] = W
+        shares: list[list] = self._split(heap, 2 * W)
+        running: dict = {}
+        left: list = []
+        while shares or running:
+            now = time.perf_counter()
+            late = s.deadline is not None and now > s.deadline
+            capped = params.max_nodes is not None and s.info["nodes"] >= params.max_nodes
+            while shares and len(running) < W and not late and not capped:
+                share = []
+                for n in shares.pop(0):
+                    if n.lb < s.UB - s.tol:
+                        share.append(n)
+                    else:
+                        s.close(n.lb)
+                if not share:
+                    continue
+                seconds_left = None if s.deadline is None else max(s.deadline - now, 0.0)
+                cap = None if params.max_nodes is None else params.max_nodes - s.info["nodes"]
+                fut = pool.submit(_worker_solve, _pack(share), s.UB, s.best_S, seconds_left,
+                                  params.slice_seconds, cap)
+                running[fut] = share
+            if not running:
+                if late:
+                    s.timed_out = True
+                left.extend(n for sh in shares for n in sh)
+                break
+            done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for fut in done:
+                running.pop(fut)
+                r = fut.result()
+                if r["UB"] < s.UB:
+                    s.UB, s.best_S = r["UB"], np.sort(r["best_S"])
+                s.pruned_min = min(s.pruned_min, r["pruned_min"])
+                s.timed_out |= r["timed_out"]
+                for k, v in r["info"].items():
+                    if isinstance(v, (int, float)) and k in ("nodes", "pruned", "fixed_by_bound", "newton_steps",
+                                                            "osscar_runs", "reoptimized", "strong_solves"):
+                        s.info[k] = s.info.get(k, 0) + v
+                s.info["shares"] = s.info.get("shares", 0) + 1
+                if r["open"] is not None:
+                    rest = _unpack(r["open"])
+                    shares.extend(self._split(rest, 2 if len(shares) < W else 1))
+            shares.sort(key=lambda sh: min(n.lb for n in sh))
+        return left
+
+    @staticmethod
+    def _split(nodes: list, pieces: int) -> list[list]:
+        """Deal nodes, in bound order, round-robin into `pieces` shares of similar difficulty."""
+        nodes = sorted(nodes)
+        pieces = max(1, min(pieces, len(nodes)))
+        return [nodes[i::pieces] for i in range(pieces)]
 
 
 def _trivial(instance: Instance) -> bool:

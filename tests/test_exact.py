@@ -4,6 +4,7 @@ validity of every bound, perspective splits, time limits, missing packages."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -218,3 +219,64 @@ def test_bad_parameters_are_clear_errors(small_instance):
         oo.solve(small_instance, "relax", methods="newton,magic")
     with pytest.raises(SolverError, match="block=True needs split='max-trace'"):
         oo.solve(small_instance, "highs-oa", block=True)
+
+
+def _shared_search(inst: oo.Instance, workers: int = 2):
+    """bnb's tree searched by worker processes from the root's first children on
+    (the solving process does not search while they start, so they always share)."""
+    import math
+
+    import torch
+
+    from exact import bnb
+    from exact._common import objective_of, osscar_support
+
+    params = bnb.BnbParams(workers=workers, slice_seconds=0.05)
+    F = output_factor(inst)
+    S = osscar_support(inst)
+    D = split_for(inst, params.split, backend="newton", F=F).diagonal()
+    root = bnb._root_data(inst, F, D, torch.device("cpu"))
+    search = bnb._Search(inst, F, root, params, objective_of(inst, F, S), S, time.perf_counter() + 120)
+    fi, fo = np.zeros(inst.n_groups, bool), np.zeros(inst.n_groups, bool)
+    heap = search.run([bnb._Node(-math.inf, 0, 0, fi, fo, None, D)], max_open=2)
+    left = bnb._Parallel(search, params, D).run(heap, search_while_starting=False)
+    return search, left
+
+
+def test_bnb_workers_share_the_tree_and_agree_with_enumerate(rng):
+    cases = [random_instance(rng, p=16, keep=8, m=4, damping=1e-3),
+             random_instance(rng, p=12, group_size=2, keep=6, m=3, partition=np.repeat(np.arange(3), 4))]
+    for inst in cases:
+        truth = oo.solve(inst, "enumerate")
+        search, left = _shared_search(inst)
+        assert search.info.get("shares", 0) >= 2  # the workers really searched
+        assert not left and not search.timed_out
+        assert search.UB == pytest.approx(truth.objective, rel=1e-10)
+        assert oo.evaluate(inst, search.best_S).objective == pytest.approx(truth.objective, rel=1e-10)
+        # the proof closed: every node pruned with a bound no better than the optimum, none left open
+        bound = min(search.UB, search.pruned_min)
+        tol = 1e-9 * abs(inst.full_objective)
+        assert truth.objective - tol <= bound <= truth.objective + tol
+
+
+def test_bnb_with_workers_holds_the_time_limit_and_a_valid_bound():
+    rng = np.random.default_rng(3)
+    inst = random_instance(rng, p=40, keep=20, m=4, damping=1e-3)
+    reference = oo.solve(inst, "osscar", device="cpu")
+    limit = 4.0
+    start = time.perf_counter()
+    sol = oo.solve(inst, "bnb", device="cpu", time_limit=limit, workers=2, slice_seconds=0.5)
+    wall = time.perf_counter() - start
+    assert sol.seconds <= limit + 1.0 and wall - sol.prepare_seconds <= limit + 1.5, sol.seconds
+    assert sol.status == oo.Status.TIME_LIMIT, sol.message
+    assert sol.bound is not None and sol.bound <= reference.objective + 1e-9 * abs(inst.full_objective)
+    assert sol.objective <= reference.objective + 1e-9 * abs(inst.full_objective)
+
+
+def test_bnb_workers_on_a_real_crop_match_the_serial_proof():
+    inst = oo.load_instance(Path(__file__).resolve().parents[1] / "instances/t1/smollm2-l10-neurons-crop30-k15.npz")
+    serial = oo.solve(inst, "bnb", time_limit=60)
+    parallel = oo.solve(inst, "bnb", time_limit=60, workers=2)
+    assert serial.status == parallel.status == oo.Status.OPTIMAL
+    assert parallel.objective == pytest.approx(serial.objective, rel=1e-12)
+    assert parallel.bound >= serial.objective - 1e-9 * abs(inst.full_objective)
