@@ -373,7 +373,7 @@ def optimal_diagonal(H: np.ndarray, F: np.ndarray, groups: np.ndarray, parts: np
         e = 1.0 / z - 1.0
         erow = e[grp]
         u = np.concatenate([np.zeros(n1), D * erow])
-        K = scipy.linalg.cho_solve(scipy.linalg.cho_factor(HR + np.diag(u)), np.eye(rows.size))
+        K = _spd_inverse(HR + np.diag(u))
         K = 0.5 * (K + K.T)
         W = K @ FR
         Wf = W[n1:]
@@ -381,7 +381,7 @@ def optimal_diagonal(H: np.ndarray, F: np.ndarray, groups: np.ndarray, parts: np
         Pi = K[n1:, n1:] * (Wf @ Wf.T)
         A = HR.copy()
         A[n1:, n1:] -= np.diag(D)
-        Ainv = scipy.linalg.cho_solve(scipy.linalg.cho_factor(A), np.eye(rows.size))[n1:, n1:]
+        Ainv = _spd_inverse(A)[n1:, n1:]
         Jz = -(D[:, None] * E) / (z**2)[None, :]  # d u_i / d z_g
         return {"z": z, "D": D, "e": e, "erow": erow, "a": a, "Pi": Pi, "Ainv": Ainv, "Jz": Jz,
                 "gz0": Jz.T @ a, "gD0": a * erow, "dAinv": np.diag(Ainv).copy()}
@@ -449,6 +449,18 @@ def optimal_diagonal(H: np.ndarray, F: np.ndarray, groups: np.ndarray, parts: np
         mu *= 0.1
     info["mu"] = mu
     return _expand_diagonal(D * sH, rows, n1, d, lam), info
+
+
+def _spd_inverse(X: np.ndarray) -> np.ndarray:
+    """X^-1 of a symmetric positive definite X by LAPACK (potrf, potri); LinAlgError if X is not PD."""
+    L, info = scipy.linalg.lapack.dpotrf(X, lower=1, clean=0)
+    if info != 0:
+        raise np.linalg.LinAlgError("not positive definite")
+    Xinv, info = scipy.linalg.lapack.dpotri(L, lower=1)
+    if info != 0:
+        raise np.linalg.LinAlgError("inverse failed")
+    Xinv = np.tril(Xinv)
+    return Xinv + np.tril(Xinv, -1).T
 
 
 def _expand_diagonal(D_free: np.ndarray, rows: np.ndarray, n1: int, d: int, lam: float) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Perspective relaxation of a branch-and-bound node, solved in torch (CPU or CUDA).
+"""Perspective relaxation of a branch-and-bound node, solved in numpy (CPU) or torch (CUDA).
 
 A node fixes some groups in (set I) and some out (set O); the rest are free.
 With the root split D (diagonal, validated) the node uses rows R = rows of
@@ -36,6 +36,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.linalg.lapack import dpotrf as _potrf
+from scipy.linalg.lapack import dpotri as _potri
+from scipy.linalg.lapack import dpotrs as _potrs
+from scipy.linalg.lapack import dsyevr as _syevr
 
 _EPS = float(np.finfo(np.float64).eps)
 
@@ -102,9 +106,32 @@ class NodeRelaxation:
         self.labels, self.fpart = np.unique(fparts, return_inverse=True)
         self.need = np.array([int(root.budget[j]) - int(np.sum(root.parts[self.fixed_in_groups] == j)) for j in self.labels])
         self.members = [np.flatnonzero(self.fpart == j) for j in range(self.labels.size)]
+        D0 = np.concatenate([root.fixed_in_delta * D[r_in], D[r_free]])
+        self.evaluations = 0
+        # small node problems are dominated by per-call overhead: on the CPU they run in
+        # numpy with direct LAPACK calls, on CUDA in torch
+        self.cpu = dev.type == "cpu"
+        if self.cpu:
+            H = root.H.numpy()
+            HR = H[rows[:, None], rows[None, :]]
+            sc = 1.0 / np.sqrt(D0)
+            B = sc[:, None] * HR * sc[None, :]
+            w, _, _, _, info = _syevr(B, compute_v=0, range="I", il=1, iu=1, lower=1)
+            if info != 0:
+                raise np.linalg.LinAlgError("node split: the smallest eigenvalue failed")
+            lam = float(w[0])
+            t = lam - 16 * rows.size * _EPS * float(np.max(np.abs(B).sum(1)))  # Gershgorin: >= |lambda_max|
+            self.scale = t * (1.0 - 1e-10)
+            self.Dn = D0 * self.scale
+            self.A = HR.copy()
+            self.A[np.diag_indices(rows.size)] -= self.Dn
+            self.FR = root.F.numpy()[rows]
+            if not self.singletons:  # free rows -> free groups, for the group sums of the Hessian
+                self.E = np.zeros((self.grp.size, self.pf))
+                self.E[np.arange(self.grp.size), self.grp] = 1.0
+            return
         idx = torch.as_tensor(rows, device=dev)
         HR = root.H[idx][:, idx]
-        D0 = np.concatenate([root.fixed_in_delta * D[r_in], D[r_free]])
         D0_t = torch.as_tensor(D0, device=dev, dtype=dt)
         # t = lambda_min(D0^-1/2 H_RR D0^-1/2) less its rounding error: H_RR - t D0 is PSD
         sc = D0_t.rsqrt()
@@ -114,7 +141,6 @@ class NodeRelaxation:
         self.Dn = D0_t * self.scale
         self.A = HR - torch.diag(self.Dn)
         self.FR = root.F[idx]
-        self.evaluations = 0
 
     # ------------------------------------------------------------- pieces
     def top_free(self, qg: np.ndarray) -> float:
@@ -128,6 +154,8 @@ class NodeRelaxation:
     def evaluate(self, z: np.ndarray) -> dict | None:
         """c(z), gradient, q, W and the Fenchel bound LB(W); None if M is not PD numerically."""
         self.evaluations += 1
+        if self.cpu:
+            return self._evaluate_np(z)
         dev, dt = self.A.device, self.A.dtype
         zt = torch.as_tensor(z, device=dev, dtype=dt)
         s = torch.ones(self.A.shape[0], device=dev, dtype=dt)
@@ -155,8 +183,51 @@ class NodeRelaxation:
         lb = base - 0.5 * self.top_free(qg_np)
         return {"c": c, "q": qg_np, "base": base, "lb": lb, "L": L, "V": V, "s": s, "qrow": qrow, "z": z}
 
+    def _evaluate_np(self, z: np.ndarray) -> dict | None:
+        """`evaluate` in numpy and LAPACK (same quantities; "L" is the LAPACK factor)."""
+        n1 = self.n1
+        s = np.ones(self.A.shape[0])
+        s[n1:] = np.sqrt(np.clip(z, 0.0, 1.0))[self.grp]
+        M = self.A * np.outer(s, s)
+        M[np.diag_indices(s.size)] += self.Dn
+        L, info = _potrf(M.T, lower=1, clean=0, overwrite_a=1)  # M is symmetric: M.T is its Fortran-order view
+        if info != 0:
+            return None
+        sF = s[:, None] * self.FR
+        Y, info = _potrs(L, sF, lower=1)
+        if info != 0:
+            return None
+        W = s[:, None] * Y
+        c = -0.5 * float(np.vdot(sF, Y))
+        AW = self.A @ W
+        V = self.FR - AW
+        qrow = np.einsum("ij,ij->i", V, V) / self.Dn
+        q_in = float(qrow[:n1].sum())
+        qf = qrow[n1:]
+        qg = qf if self.singletons else np.bincount(self.grp, weights=qf, minlength=self.pf)
+        base = -0.5 * float(np.vdot(W, AW)) - 0.5 * q_in
+        lb = base - 0.5 * self.top_free(qg)
+        return {"c": c, "q": qg, "base": base, "lb": lb, "L": L, "V": V, "s": s, "qrow": qrow, "z": z}
+
+    def _hessian_np(self, ev: dict) -> np.ndarray:
+        n1 = self.n1
+        Minv, info = _potri(ev["L"], lower=1)
+        if info != 0:
+            raise np.linalg.LinAlgError("node Hessian: M^-1 failed")
+        Minv = np.tril(Minv)
+        Minv = (Minv + np.tril(Minv, -1).T)[n1:, n1:]
+        Vf = ev["V"][n1:]
+        sf = np.maximum(ev["s"][n1:], 1e-150)
+        Hr = -(Minv * (Vf @ Vf.T)) / np.outer(sf, sf)
+        Hr[np.diag_indices(sf.size)] += ev["qrow"][n1:] / np.maximum(sf * sf, 1e-300)
+        if not self.singletons:
+            Hr = self.E.T @ Hr @ self.E
+        return Hr
+
     def hessian(self, ev: dict) -> np.ndarray:
         """The Hessian of c over the free groups at the evaluated point (pf x pf)."""
+        if self.cpu:
+            return self._hessian_np(ev)
         n1 = self.n1
         Minv = torch.cholesky_inverse(ev["L"])[n1:, n1:]
         Vf = ev["V"][n1:]
@@ -265,19 +336,17 @@ class NodeRelaxation:
             return None
         Hs = self.hessian(ev)[np.ix_(I, I)]
         Hs = Hs + (1e-12 * float(np.trace(Hs)) / I.size) * np.eye(I.size)
-        try:
-            Lh = np.linalg.cholesky(Hs)
-        except np.linalg.LinAlgError:
+        Lh, info = _potrf(Hs, lower=1, clean=0)
+        if info != 0:
             return None
-        from scipy.linalg import cho_solve
 
         fp = self.fpart[I]
         B = (fp[None, :] == np.arange(self.labels.size)[:, None]).astype(np.float64)
         used = B.sum(1) > 0
         B = B[used]
         rhs = np.array([-float(np.sum(dA[mem])) for mem in self.members])[used]
-        Hg = cho_solve((Lh, True), g[I])
-        HB = cho_solve((Lh, True), B.T)
+        Hg = _potrs(Lh, g[I], lower=1)[0]
+        HB = _potrs(Lh, B.T, lower=1)[0]
         S = B @ HB
         nu = np.linalg.solve(S, rhs + B @ Hg)
         d = dA.copy()
