@@ -49,8 +49,10 @@ def objective_of(instance: Instance, F: np.ndarray, keep) -> float:
     rows = instance.rows_of(np.asarray(keep, dtype=np.int64))
     if rows.size == 0:
         return 0.0
-    L = scipy.linalg.cholesky(instance.H[np.ix_(rows, rows)], lower=True, check_finite=False)
-    Y = scipy.linalg.solve_triangular(L, F[rows], lower=True, check_finite=False)
+    L, info = scipy.linalg.lapack.dpotrf(instance.H[rows[:, None], rows[None, :]], lower=1, clean=1)
+    if info != 0:
+        raise np.linalg.LinAlgError("H restricted to the support is not positive definite")
+    Y, info = scipy.linalg.lapack.dtrtrs(L, F[rows], lower=1)
     return -0.5 * float(np.einsum("ij,ij->", Y, Y))
 
 

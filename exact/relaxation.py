@@ -75,6 +75,11 @@ class RootData:
     budget: np.ndarray  # groups kept per part
     fixed_in_delta: float = 1e-3
 
+    def __post_init__(self):
+        # the row of every group when each has exactly one (None otherwise)
+        self.single_rows = np.array([r[0] for r in self.group_rows], dtype=np.int64) \
+            if np.all(self.sizes == 1) else None
+
     @property
     def p(self) -> int:
         return self.sizes.size
@@ -90,22 +95,31 @@ class NodeRelaxation:
         dev, dt = root.H.device, root.H.dtype
         self.fixed_in_groups = np.flatnonzero(fixed_in)
         self.free_groups = np.flatnonzero(free)
-        rows_in = [root.group_rows[g] for g in self.fixed_in_groups]
-        rows_free = [root.group_rows[g] for g in self.free_groups]
-        r_in = np.concatenate(rows_in) if rows_in else np.zeros(0, np.int64)
-        r_free = np.concatenate(rows_free)
+        single_rows = root.single_rows
+        if single_rows is not None:  # one row per group (neurons): no per-group lists
+            r_in, r_free = single_rows[self.fixed_in_groups], single_rows[self.free_groups]
+        else:
+            rows_in = [root.group_rows[g] for g in self.fixed_in_groups]
+            r_in = np.concatenate(rows_in) if rows_in else np.zeros(0, np.int64)
+            r_free = np.concatenate([root.group_rows[g] for g in self.free_groups])
         self.n1 = r_in.size
         rows = np.concatenate([r_in, r_free])
-        sizes = root.sizes[self.free_groups]
-        self.singletons = bool(np.all(sizes == 1))
-        self.grp = np.repeat(np.arange(self.free_groups.size), sizes)  # free-local group of each free row
-        self.grp_t = torch.as_tensor(self.grp, device=dev)
         self.pf = self.free_groups.size
+        self.singletons = r_free.size == self.pf
+        self.grp = np.arange(self.pf) if self.singletons else \
+            np.repeat(np.arange(self.pf), root.sizes[self.free_groups])  # free-local group of each free row
+        self.grp_t = None if dev.type == "cpu" else torch.as_tensor(self.grp, device=dev)
         # parts of the free groups and what each still needs
-        fparts = root.parts[self.free_groups]
-        self.labels, self.fpart = np.unique(fparts, return_inverse=True)
-        self.need = np.array([int(root.budget[j]) - int(np.sum(root.parts[self.fixed_in_groups] == j)) for j in self.labels])
-        self.members = [np.flatnonzero(self.fpart == j) for j in range(self.labels.size)]
+        if root.budget.size == 1:
+            self.labels, self.fpart = np.zeros(1, np.int64), np.zeros(self.pf, np.int64)
+            self.need = np.array([int(root.budget[0]) - self.fixed_in_groups.size])
+            self.members = [np.arange(self.pf)]
+        else:
+            fparts = root.parts[self.free_groups]
+            self.labels, self.fpart = np.unique(fparts, return_inverse=True)
+            self.need = np.array([int(root.budget[j]) - int(np.sum(root.parts[self.fixed_in_groups] == j))
+                                  for j in self.labels])
+            self.members = [np.flatnonzero(self.fpart == j) for j in range(self.labels.size)]
         D0 = np.concatenate([root.fixed_in_delta * D[r_in], D[r_free]])
         self.evaluations = 0
         # small node problems are dominated by per-call overhead: on the CPU they run in
