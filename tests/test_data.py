@@ -77,3 +77,38 @@ def test_empty_text_file_is_refused(tmp_path):
 def test_unknown_model_name_lists_the_embedded_ones():
     with pytest.raises(models.ModelError, match="unknown model 'smollm3'.*smollm2-135m, minilm-l6"):
         models.load("smollm3")
+
+
+def test_seeded_paragraphs_are_a_reproducible_draw_of_the_split():
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(models.embedded_path("minilm-l6")))
+    texts = data.paragraph_texts("pydoc", "calibration")
+    first = data.paragraphs(tok, "pydoc", n=16, max_length=32)
+    a = data.paragraphs(tok, "pydoc", n=16, max_length=32, seed=3)
+    b = data.paragraphs(tok, "pydoc", n=16, max_length=32, seed=3)
+    c = data.paragraphs(tok, "pydoc", n=16, max_length=32, seed=4)
+    assert torch.equal(a.input_ids, b.input_ids) and not torch.equal(a.input_ids, c.input_ids)
+    assert not torch.equal(a.input_ids, first.input_ids)
+    assert a.n_windows == 16 and a.describe()["seed"] == 3 and first.describe()["seed"] is None
+    # every drawn paragraph is a distinct paragraph of the calibration split
+    drawn = {tok.decode(row[row_mask.bool()], skip_special_tokens=True) for row, row_mask in zip(a.input_ids, a.attention_mask)}
+    assert len(drawn) == 16
+    expected = {tok.decode(tok(t, truncation=True, max_length=32)["input_ids"], skip_special_tokens=True) for t in texts}
+    assert drawn <= expected
+
+
+def test_bench_prune_reports_seeded_runs_apart_with_mean_and_spread(tmp_path):
+    from osscar_opt.benchmarks import prune
+
+    rows = [{"solver": "dense", "sparsity": 0.0, "perplexity": 13.0}]
+    rows += [{"solver": "osscar", "sparsity": 0.3, "damping": 0.01, "calib_seed": None, "perplexity": 19.0}]
+    values = {0: 20.5, 1: 21.5, 2: 20.0}
+    rows += [{"solver": "osscar", "sparsity": 0.3, "damping": 0.01, "calib_seed": s, "perplexity": v} for s, v in values.items()]
+    prune._write("smollm2-135m", "causal-lm", rows, tmp_path)
+    text = (tmp_path / "prune_smollm2-135m.md").read_text()
+    main_table, seeds_table = text.split("Calibration drawn at random positions")
+    assert "| osscar | **19.00** |" in main_table and "calib seed" not in main_table
+    mean, sd = np.mean(list(values.values())), np.std(list(values.values()), ddof=1)
+    assert f"20.50 / 21.50 / 20.00; {mean:.2f} +- {sd:.2f}" in seeds_table
+    assert prune._label({"solver": "obs-greedy", "damping": 0.002, "calib_seed": 1}) == "obs-greedy (damping 0.002, calib seed 1)"
