@@ -226,7 +226,8 @@ def test_a_crashing_worker_becomes_an_error_row(hard_file, library, tmp_path):
     me, workers = psutil.Process(), []
     deadline = time.time() + 60
     while not workers and time.time() < deadline:
-        workers = [c for c in me.children() if "-c" in c.cmdline()]
+        # harness workers only (multiprocessing's helpers, e.g. its resource tracker, also run `python -c`)
+        workers = [c for c in me.children() if "-c" in c.cmdline() and "worker_main" in " ".join(c.cmdline())]
         time.sleep(0.02)
     time.sleep(0.5)
     workers[0].send_signal(signal.SIGSEGV)
