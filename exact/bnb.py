@@ -8,8 +8,9 @@ groups (a budget per part with a partition) exactly:
   "optimal"; "max-trace" and "lambda-min" are available).
 * nodes (best-first on the bound, deeper first on ties): fix groups in/out;
   the node's perspective relaxation is minimized by a projected Newton method
-  in torch (`exact.relaxation`) warm-started from the parent; its bound is the
-  Fenchel bound LB(W), valid for every iterate (no convergence needed).
+  (`exact.relaxation`: numpy and LAPACK on the CPU, torch on CUDA)
+  warm-started from the parent; its bound is the Fenchel bound LB(W), valid
+  for every iterate (no convergence needed).
   A node whose relaxation value c(z) is already below the incumbent cannot be
   pruned and is branched after a couple of steps.
 * bound tightening: from the node's best W, the bound of each child "g
@@ -161,7 +162,7 @@ class BranchAndBound(Solver):
     requires = ()
     devices = ("cpu", "cuda")
     Params = BnbParams
-    description = "branch and bound over groups, perspective bounds by projected Newton in torch (CPU/CUDA)"
+    description = "branch and bound over groups, perspective bounds by projected Newton (CPU in numpy, CUDA in torch), workers=N processes"
 
     def skip(self, instance, params):
         if instance.n_groups > params.max_groups:
