@@ -174,10 +174,9 @@ def conditional_split(H: np.ndarray) -> PerspectiveSplit:
     """D = t / diag(H^-1), t as large as keeps H - D PSD (validate_split finds t)."""
     t0 = time.perf_counter()
     try:
-        c = scipy.linalg.cho_factor(H, lower=True, check_finite=False)
+        inv_diag = np.diag(_spd_inverse(H))
     except np.linalg.LinAlgError:
         raise SolverError("H is not positive definite: rebuild the instance with damping") from None
-    inv_diag = np.diag(scipy.linalg.cho_solve(c, np.eye(H.shape[0]), check_finite=False))
     return validate_split(H, 1.0 / inv_diag, "conditional", time.perf_counter() - t0)
 
 
