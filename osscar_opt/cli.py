@@ -403,13 +403,18 @@ def _bench_speed_args(p: argparse.ArgumentParser):
     p.add_argument("--device", action="append", default=None, help="cpu and/or cuda (default: both when present)")
     p.add_argument("--sizes", default=None, help="comma-separated synthetic widths d (default: by device)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="OSSCAR's working precision")
+    p.add_argument("--local-search-max-d", type=int, default=None,
+                   help="skip the local search above this width (default: always run it)")
+    p.add_argument("--no-layer", action="store_true", help="only the synthetic widths (no SmolLM2 layer)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default: results/)")
 
     def run(args: argparse.Namespace) -> int:
         from .benchmarks import speed
 
         sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else None
-        speed.run(devices=args.device, sizes=sizes, repeats=args.repeats, out=args.out)
+        speed.run(devices=args.device, sizes=sizes, repeats=args.repeats, out=args.out, dtype=args.dtype,
+                  local_search_max_d=args.local_search_max_d, layer=not args.no_layer)
         return 0
 
     return run

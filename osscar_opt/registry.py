@@ -328,6 +328,7 @@ def solve(
     except (SolverError, np.linalg.LinAlgError, RuntimeError) as exc:
         result = Result(keep=None, status=Status.ERROR, message=f"{type(exc).__name__}: {exc}")
     seconds = time.perf_counter() - t1
+    del state  # the solver's device buffers are free before the evaluation
     return finish(instance, cls.name, result, seconds, dataclasses.asdict(p), dev, t1 - t0, refits=cls.refits)
 
 
@@ -356,7 +357,8 @@ def finish(
             result.message or "no solution", _full_objective=full,
         )
     S = support_array(instance, result.keep)
-    ev = evaluate(instance, S)
+    # the fp64 evaluation runs where the solver ran when that is a GPU
+    ev = evaluate(instance, S, device=device if str(device).startswith("cuda") else None)
     status, message = result.status, result.message
     if not ev.feasible:
         status = Status.ERROR

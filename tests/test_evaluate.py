@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 import osscar_opt as oo
 from osscar_opt import InstanceError
@@ -51,3 +52,13 @@ def test_weights_vanish_outside_the_support_and_are_stationary_on_it(small_insta
 def test_bad_supports_are_refused(small_instance, support, message):
     with pytest.raises(InstanceError, match=message):
         oo.evaluate(small_instance, support)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_evaluation_on_cuda_gives_the_cpu_values(small_instance):
+    S = list(range(small_instance.keep))
+    cpu = oo.evaluate(small_instance, S)
+    gpu = oo.evaluate(small_instance, S, device="cuda")
+    assert gpu.objective == pytest.approx(cpu.objective, rel=1e-12)
+    np.testing.assert_allclose(gpu.weights, cpu.weights, rtol=1e-9, atol=1e-12)

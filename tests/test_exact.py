@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import osscar_opt as oo
 from osscar_opt import SolverError
@@ -63,6 +64,20 @@ def test_bnb_prunes_most_of_the_tree(rng):
     assert sol.status == oo.Status.OPTIMAL
     assert sol.objective == pytest.approx(best.objective, rel=1e-10)
     assert sol.info["nodes"] < 12870 / 20  # C(16, 8) supports
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bnb_on_cuda_proves_the_enumerated_optimum(rng):
+    """The node relaxations run in torch on the GPU: same optimum, valid bound."""
+    for group_size, p in ((1, 16), (3, 10)):
+        inst = random_instance(rng, p=p, group_size=group_size, keep=p // 2, m=4)
+        sol = oo.solve(inst, "bnb", device="cuda")
+        best = oo.solve(inst, "enumerate")
+        assert sol.device.startswith("cuda")
+        assert sol.status == oo.Status.OPTIMAL
+        assert sol.objective == pytest.approx(best.objective, rel=1e-10)
+        assert sol.bound <= best.objective + 1e-9 * abs(inst.full_objective)
 
 
 @pytest.mark.parametrize("split", ["optimal", "max-trace", "lambda-min", "conditional"])

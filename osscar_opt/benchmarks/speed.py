@@ -19,6 +19,7 @@ versus d with the fitted growth exponent).
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import resource
 import statistics
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from ..instance import Instance
-from ..registry import solve
+from ..registry import Status, solve
 from . import RESULTS, machine, machine_line
 
 PUBLISHED = {
@@ -68,15 +69,22 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def time_instance(inst: Instance, device: str, repeats: int, local_search: bool = True, **params) -> dict:
+def time_instance(inst: Instance, device: str, repeats: int, local_search: bool = True,
+                  full_warmup: bool = True, **params) -> dict:
+    """Median timings of `repeats` solves after one warm-up (greedy only when
+    `full_warmup` is False: the large widths, where kernels are warm already)."""
     dev = torch.device(device)
-    solve(inst, "osscar", device=device, local_search=local_search, **params)  # warm-up
+    solve(inst, "osscar", device=device, local_search=local_search and full_warmup, **params)  # warm-up
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
     runs = [solve(inst, "osscar", device=device, local_search=local_search, **params) for _ in range(repeats)]
+    for r in runs:
+        if r.status == Status.ERROR:
+            raise RuntimeError(f"osscar failed on {inst.meta.get('id')} ({device}): {r.message}")
     row = {
         "instance": inst.meta.get("id"), "d": inst.d, "m": inst.m, "keep": inst.keep, "device": device,
+        "dtype": params.get("dtype", "float64"), "local_search": local_search,
         "greedy_seconds": statistics.median(r.info["greedy_seconds"] for r in runs),
         "total_seconds": statistics.median(r.seconds for r in runs),
         "err": runs[0].err, "greedy_err": None, "repeats": repeats,
@@ -88,42 +96,64 @@ def time_instance(inst: Instance, device: str, repeats: int, local_search: bool 
         row["peak_cuda_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
     from ..evaluate import evaluate
 
-    row["greedy_err"] = evaluate(inst, runs[0].info["greedy_keep"], weights=False).err
+    row["greedy_err"] = evaluate(inst, runs[0].info["greedy_keep"], weights=False,
+                                 device=device if dev.type == "cuda" else None).err
+    row["keep_sha1"] = hashlib.sha1(np.sort(runs[0].keep).astype(np.int64).tobytes()).hexdigest()
+    info = machine()
+    row["machine"] = machine_line(info)
+    row["machine_short"] = info.get("gpu") if dev.type == "cuda" else f"{info['cores']}-core CPU"
     return row
 
 
 def run(devices: Sequence[str] | None = None, sizes: Sequence[int] | None = None, repeats: int = 3,
-        out: str | Path | None = None, local_search_max_d: int = 12000) -> list[dict]:
+        out: str | Path | None = None, local_search_max_d: int | None = None, dtype: str = "float64",
+        layer: bool = True) -> list[dict]:
+    """Time OSSCAR on the SmolLM2 layer and the synthetic widths; each row is
+    written as soon as it is measured (merged into out/speed.json with the
+    rows of other devices, dtypes or machines measured earlier)."""
     from .. import library
 
+    out = Path(out) if out else RESULTS
     devices = list(devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]))
     rows: list[dict] = []
-    catalog = library.Catalog.load()
-    entry = catalog.entry("smollm2-l10-neurons-k768")
-    if not catalog.file_of(entry).exists():
-        library.build([entry["recipe"]])
-    layer = catalog.instance(entry)
-    layer.meta["id"] = "smollm2-l10-down"
-    for device in devices:
-        row = time_instance(layer, device, repeats)
+
+    def record(row: dict) -> None:
         rows.append(row)
         _print(row)
+        _write(rows, out)
+
+    if layer:
+        catalog = library.Catalog.load()
+        entry = catalog.entry("smollm2-l10-neurons-k768")
+        if not catalog.file_of(entry).exists():
+            library.build([entry["recipe"]])
+        smol = catalog.instance(entry)
+        smol.meta["id"] = "smollm2-l10-down"
+    for device in devices:
+        if layer:
+            record(time_instance(smol, device, repeats, dtype=dtype))
         for d in sizes or ((1024, 2048, 4096, 10240, 20480, 28672) if device.startswith("cuda") else (1024, 2048, 4096)):
             inst = synthetic(d, device=device)
-            row = time_instance(inst, device, repeats if d <= 8192 else 1, local_search=d <= local_search_max_d)
-            rows.append(row)
-            _print(row)
+            big = d > 8192
+            ls = local_search_max_d is None or d <= local_search_max_d
+            record(time_instance(inst, device, 1 if big else repeats, local_search=ls, full_warmup=not big, dtype=dtype))
             del inst
             gc.collect()
-    _write(rows, Path(out) if out else RESULTS)
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
     return rows
+
+
+def _key(row: dict) -> tuple:
+    return (row["instance"], row["device"].split(":")[0], row.get("dtype", "float64"),
+            row.get("machine_short", ""))
 
 
 def _print(row: dict) -> None:
     extra = f", peak CUDA {row['peak_cuda_gb']:.1f} GB" if "peak_cuda_gb" in row else ""
-    print(f"{row['instance']:<18} d={row['d']:<6} {row['device']:<5} greedy {row['greedy_seconds']:.3f} s "
-          f"(err {row['greedy_err']:.6f})  greedy+LS {row['total_seconds']:.3f} s (err {row['err']:.6f}), "
-          f"peak RSS {row['peak_cpu_rss_gb']:.1f} GB{extra}")
+    print(f"{row['instance']:<18} d={row['d']:<6} {row['device']:<5} {row.get('dtype', 'float64')} "
+          f"greedy {row['greedy_seconds']:.3f} s (err {row['greedy_err']:.6f})  greedy+LS {row['total_seconds']:.3f} s "
+          f"(err {row['err']:.6f}, {row['single_swaps']} swaps), peak RSS {row['peak_cpu_rss_gb']:.1f} GB{extra}", flush=True)
 
 
 def growth_exponent(ds: Sequence[int], secs: Sequence[float]) -> float:
@@ -133,57 +163,100 @@ def growth_exponent(ds: Sequence[int], secs: Sequence[float]) -> float:
     return float(np.polyfit(np.log(ds), np.log(secs), 1)[0])
 
 
+def _merged(rows: list[dict], out: Path) -> list[dict]:
+    """`rows` plus the rows of out/speed.json that they do not replace."""
+    path = out / "speed.json"
+    old: list[dict] = []
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())
+            old = saved["rows"]
+            for r in old:  # rows from before machines were recorded per row
+                if "machine" not in r:
+                    r["machine"] = machine_line(saved["machine"])
+                    r["machine_short"] = f"{saved['machine']['cores']}-core CPU"
+        except (ValueError, KeyError, TypeError):
+            old = []
+    new = {_key(r) for r in rows}
+    return [r for r in old if _key(r) not in new] + rows
+
+
 def _write(rows: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    info = machine()
+    rows = _merged(rows, out)
+    machines = sorted({r["machine"] for r in rows})
     lines = [
         "# OSSCAR speed and scale",
         "",
-        f"Machine: {machine_line(info)}. Command: `osscar-opt bench-speed`.",
-        "Median of timed solves after a warm-up; set-up (device transfer, permutation) excluded, every",
-        "factorization included. err from the fp64 evaluator. Published: the OSSCAR code's figures (DESIGN.md section 5).",
+        "Command: `osscar-opt bench-speed` (options: --device, --sizes, --dtype, --local-search-max-d).",
+        "Median of timed solves after a warm-up (one timed solve for d > 8192, after a greedy-only warm-up);",
+        "set-up (device transfer, permutation) excluded, every factorization included. err from the fp64",
+        "evaluator. Published: the OSSCAR code's figures (DESIGN.md section 5). Machines:",
         "",
-        "| instance | d | m | device | greedy s | greedy err | greedy + LS s | err | published greedy s | published total s | published err | peak RSS GB | peak CUDA GB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *[f"- {m}" for m in machines],
+        "",
+        "| instance | d | m | machine | device | dtype | greedy s | greedy err | greedy + LS s | err | swaps "
+        "| support = fp64's | published greedy s | published total s | published err | peak RSS GB | peak CUDA GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    fp64 = {(r["instance"], r["device"].split(":")[0], r["machine_short"]): r.get("keep_sha1")
+            for r in rows if r.get("dtype", "float64") == "float64"}
+    rows = sorted(rows, key=lambda r: (r["machine_short"], r["device"], r.get("dtype", "float64"),
+                                       r["instance"] != "smollm2-l10-down", r["d"]))
     for r in rows:
+        ref = fp64.get((r["instance"], r["device"].split(":")[0], r["machine_short"]))
+        same = "-" if r.get("dtype", "float64") == "float64" or not ref or "keep_sha1" not in r else (
+            "yes" if ref == r["keep_sha1"] else "no")
         pub = PUBLISHED.get((r["instance"], r["device"].split(":")[0]), {})
+        total = f"{r['total_seconds']:.3f}" if r.get("local_search", True) else "(no LS)"
         lines.append(
-            f"| {r['instance']} | {r['d']} | {r['m']} | {r['device']} | {r['greedy_seconds']:.3f} | {r['greedy_err']:.6f} "
-            f"| {r['total_seconds']:.3f} | {r['err']:.6f} | {pub.get('greedy', '-')} | {pub.get('total', '-')} "
-            f"| {pub.get('err', '-')} | {r['peak_cpu_rss_gb']:.1f} | {r.get('peak_cuda_gb', float('nan')):.1f} |")
+            f"| {r['instance']} | {r['d']} | {r['m']} | {r['machine_short']} | {r['device']} | {r.get('dtype', 'float64')} "
+            f"| {r['greedy_seconds']:.3f} | {r['greedy_err']:.6f} | {total} | {r['err']:.6f} | {r['single_swaps']} "
+            f"| {same} | {pub.get('greedy', '-')} | {pub.get('total', '-')} | {pub.get('err', '-')} | {r['peak_cpu_rss_gb']:.1f} "
+            f"| {r.get('peak_cuda_gb', float('nan')):.1f} |")
     lines.append("")
-    for device in sorted({r["device"] for r in rows}):
-        syn = [r for r in rows if r["device"] == device and r["instance"] != "smollm2-l10-down"]
+    for key in sorted({(r["machine_short"], r["device"], r.get("dtype", "float64")) for r in rows}):
+        syn = [r for r in rows if (r["machine_short"], r["device"], r.get("dtype", "float64")) == key
+               and r["instance"] != "smollm2-l10-down"]
         if len(syn) >= 2:
+            syn.sort(key=lambda r: r["d"])
             k = growth_exponent([r["d"] for r in syn], [r["greedy_seconds"] for r in syn])
-            lines.append(f"Greedy time on {device} grows as d^{k:.2f} over d = {syn[0]['d']}..{syn[-1]['d']}.")
-    (out / "speed.md").write_text("\n".join(lines) + "\n")
-    (out / "speed.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1) + "\n")
+            lines.append(f"Greedy time on {key[0]} ({key[1]}, {key[2]}) grows as d^{k:.2f} over d = "
+                         f"{syn[0]['d']}..{syn[-1]['d']}.")
+    _atomic_write(out / "speed.md", "\n".join(lines) + "\n")
+    _atomic_write(out / "speed.json", json.dumps({"rows": rows}, indent=1) + "\n")
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for device in sorted({r["device"] for r in rows}):
-            syn = [r for r in rows if r["device"] == device and r["instance"] != "smollm2-l10-down"]
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for key in sorted({(r["machine_short"], r["device"], r.get("dtype", "float64")) for r in rows}):
+            syn = sorted((r for r in rows if (r["machine_short"], r["device"], r.get("dtype", "float64")) == key
+                          and r["instance"] != "smollm2-l10-down"), key=lambda r: r["d"])
             if not syn:
                 continue
             ds = [r["d"] for r in syn]
             secs = [r["greedy_seconds"] for r in syn]
-            ax.loglog(ds, secs, "o-", label=f"{device} greedy (d^{growth_exponent(ds, secs):.2f})")
+            ax.loglog(ds, secs, "o-", label=f"{key[0]} {key[2]} greedy (d^{growth_exponent(ds, secs):.2f})")
         ax.set_xlabel("d (input rows)")
         ax.set_ylabel("seconds")
         ax.set_title("OSSCAR greedy time versus layer width")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / "speed.png", dpi=120)
+        fig.savefig(out / "speed.png.tmp", dpi=120, format="png")
         plt.close(fig)
+        (out / "speed.png.tmp").replace(out / "speed.png")
     except ImportError:
         pass
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 __all__ = ["run", "synthetic", "time_instance", "growth_exponent"]
