@@ -407,6 +407,8 @@ def _bench_speed_args(p: argparse.ArgumentParser):
     p.add_argument("--local-search-max-d", type=int, default=None,
                    help="skip the local search above this width (default: always run it)")
     p.add_argument("--no-layer", action="store_true", help="only the synthetic widths (no SmolLM2 layer)")
+    p.add_argument("--low-memory", action="store_true", help="OSSCAR's low_memory mode (H off the device during the greedy)")
+    p.add_argument("--time-limit", type=float, default=None, help="seconds per timed solve (the local search stops there)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default: results/)")
 
     def run(args: argparse.Namespace) -> int:
@@ -414,7 +416,8 @@ def _bench_speed_args(p: argparse.ArgumentParser):
 
         sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else None
         speed.run(devices=args.device, sizes=sizes, repeats=args.repeats, out=args.out, dtype=args.dtype,
-                  local_search_max_d=args.local_search_max_d, layer=not args.no_layer)
+                  local_search_max_d=args.local_search_max_d, layer=not args.no_layer,
+                  low_memory=args.low_memory, time_limit=args.time_limit)
         return 0
 
     return run

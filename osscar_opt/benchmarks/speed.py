@@ -70,7 +70,7 @@ def _peak_rss_gb() -> float:
 
 
 def time_instance(inst: Instance, device: str, repeats: int, local_search: bool = True,
-                  full_warmup: bool = True, **params) -> dict:
+                  full_warmup: bool = True, time_limit: float | None = None, **params) -> dict:
     """Median timings of `repeats` solves after one warm-up (greedy only when
     `full_warmup` is False: the large widths, where kernels are warm already)."""
     dev = torch.device(device)
@@ -78,13 +78,16 @@ def time_instance(inst: Instance, device: str, repeats: int, local_search: bool 
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-    runs = [solve(inst, "osscar", device=device, local_search=local_search, **params) for _ in range(repeats)]
+    runs = [solve(inst, "osscar", device=device, local_search=local_search, time_limit=time_limit, **params)
+            for _ in range(repeats)]
     for r in runs:
         if r.status == Status.ERROR:
             raise RuntimeError(f"osscar failed on {inst.meta.get('id')} ({device}): {r.message}")
     row = {
         "instance": inst.meta.get("id"), "d": inst.d, "m": inst.m, "keep": inst.keep, "device": device,
         "dtype": params.get("dtype", "float64"), "local_search": local_search,
+        "low_memory": bool(params.get("low_memory", False)),
+        "ls_timed_out": any(r.info.get("timed_out", False) for r in runs),
         "greedy_seconds": statistics.median(r.info["greedy_seconds"] for r in runs),
         "total_seconds": statistics.median(r.seconds for r in runs),
         "err": runs[0].err, "greedy_err": None, "repeats": repeats,
@@ -107,7 +110,7 @@ def time_instance(inst: Instance, device: str, repeats: int, local_search: bool 
 
 def run(devices: Sequence[str] | None = None, sizes: Sequence[int] | None = None, repeats: int = 3,
         out: str | Path | None = None, local_search_max_d: int | None = None, dtype: str = "float64",
-        layer: bool = True) -> list[dict]:
+        layer: bool = True, low_memory: bool = False, time_limit: float | None = None) -> list[dict]:
     """Time OSSCAR on the SmolLM2 layer and the synthetic widths; each row is
     written as soon as it is measured (merged into out/speed.json with the
     rows of other devices, dtypes or machines measured earlier)."""
@@ -131,12 +134,13 @@ def run(devices: Sequence[str] | None = None, sizes: Sequence[int] | None = None
         smol.meta["id"] = "smollm2-l10-down"
     for device in devices:
         if layer:
-            record(time_instance(smol, device, repeats, dtype=dtype))
+            record(time_instance(smol, device, repeats, dtype=dtype, low_memory=low_memory, time_limit=time_limit))
         for d in sizes or ((1024, 2048, 4096, 10240, 20480, 28672) if device.startswith("cuda") else (1024, 2048, 4096)):
             inst = synthetic(d, device=device)
             big = d > 8192
             ls = local_search_max_d is None or d <= local_search_max_d
-            record(time_instance(inst, device, 1 if big else repeats, local_search=ls, full_warmup=not big, dtype=dtype))
+            record(time_instance(inst, device, 1 if big else repeats, local_search=ls, full_warmup=not big, dtype=dtype,
+                                 low_memory=low_memory, time_limit=time_limit))
             del inst
             gc.collect()
             if device.startswith("cuda"):
@@ -146,7 +150,7 @@ def run(devices: Sequence[str] | None = None, sizes: Sequence[int] | None = None
 
 def _key(row: dict) -> tuple:
     return (row["instance"], row["device"].split(":")[0], row.get("dtype", "float64"),
-            row.get("machine_short", ""))
+            row.get("machine_short", ""), row.get("low_memory", False))
 
 
 def _print(row: dict) -> None:
@@ -188,7 +192,7 @@ def _write(rows: list[dict], out: Path) -> None:
     lines = [
         "# OSSCAR speed and scale",
         "",
-        "Command: `osscar-opt bench-speed` (options: --device, --sizes, --dtype, --local-search-max-d).",
+        "Command: `osscar-opt bench-speed` (options: --device, --sizes, --dtype, --low-memory, --time-limit, --local-search-max-d).",
         "Median of timed solves after a warm-up (one timed solve for d > 8192, after a greedy-only warm-up);",
         "set-up (device transfer, permutation) excluded, every factorization included. err from the fp64",
         "evaluator. Published: the OSSCAR code's figures (DESIGN.md section 5). Machines:",
@@ -200,17 +204,21 @@ def _write(rows: list[dict], out: Path) -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     fp64 = {(r["instance"], r["device"].split(":")[0], r["machine_short"]): r.get("keep_sha1")
-            for r in rows if r.get("dtype", "float64") == "float64"}
+            for r in rows if r.get("dtype", "float64") == "float64" and not r.get("low_memory")}
     rows = sorted(rows, key=lambda r: (r["machine_short"], r["device"], r.get("dtype", "float64"),
                                        r["instance"] != "smollm2-l10-down", r["d"]))
     for r in rows:
         ref = fp64.get((r["instance"], r["device"].split(":")[0], r["machine_short"]))
-        same = "-" if r.get("dtype", "float64") == "float64" or not ref or "keep_sha1" not in r else (
+        same = "-" if r.get("dtype", "float64") == "float64" and not r.get("low_memory") or not ref \
+            or "keep_sha1" not in r else (
             "yes" if ref == r["keep_sha1"] else "no")
         pub = PUBLISHED.get((r["instance"], r["device"].split(":")[0]), {})
         total = f"{r['total_seconds']:.3f}" if r.get("local_search", True) else "(no LS)"
+        if r.get("ls_timed_out"):
+            total += " (LS stopped at the time limit)"
+        dtype = r.get("dtype", "float64") + (", low-memory" if r.get("low_memory") else "")
         lines.append(
-            f"| {r['instance']} | {r['d']} | {r['m']} | {r['machine_short']} | {r['device']} | {r.get('dtype', 'float64')} "
+            f"| {r['instance']} | {r['d']} | {r['m']} | {r['machine_short']} | {r['device']} | {dtype} "
             f"| {r['greedy_seconds']:.3f} | {r['greedy_err']:.6f} | {total} | {r['err']:.6f} | {r['single_swaps']} "
             f"| {same} | {pub.get('greedy', '-')} | {pub.get('total', '-')} | {pub.get('err', '-')} | {r['peak_cpu_rss_gb']:.1f} "
             f"| {r.get('peak_cuda_gb', float('nan')):.1f} |")
