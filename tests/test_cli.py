@@ -58,3 +58,26 @@ def test_console_script_runs(inst_file):
         capture_output=True, text=True, check=True,
     )
     assert len(json.loads(result.stdout)["keep"]) == 2
+
+
+def test_bench_speed_merges_its_rows_with_other_machines(tmp_path, capsys):
+    """Rows measured elsewhere (another machine, device or dtype) survive a rerun;
+    the rows of this run replace their own earlier versions."""
+    import json
+
+    other = {"instance": "synthetic-d64", "d": 64, "m": 16, "keep": 32, "device": "cuda:0", "dtype": "float64",
+             "greedy_seconds": 0.001, "total_seconds": 0.002, "err": 0.01, "greedy_err": 0.011, "repeats": 3,
+             "single_swaps": 2, "multi_swaps": 0, "peak_cpu_rss_gb": 1.0, "peak_cuda_gb": 0.1,
+             "machine": "elsewhere, GPU X", "machine_short": "X"}
+    (tmp_path / "speed.json").write_text(json.dumps({"rows": [other]}))
+    args = ["bench-speed", "--device", "cpu", "--sizes", "64,96", "--no-layer", "--repeats", "1", "--out", str(tmp_path)]
+    assert main(args) == 0
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
+    here = next(r["machine_short"] for r in rows if r["machine_short"] != "X")
+    assert sorted((r["instance"], r["machine_short"]) for r in rows) == sorted(
+        [("synthetic-d64", "X"), ("synthetic-d64", here), ("synthetic-d96", here)])
+    md = (tmp_path / "speed.md").read_text()
+    assert "elsewhere, GPU X" in md and "| synthetic-d96 | 96 | 24 |" in md
+    assert (tmp_path / "speed.png").stat().st_size > 0
+    assert not list(tmp_path.glob("*.tmp"))

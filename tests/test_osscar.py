@@ -112,6 +112,17 @@ def test_float32_picks_a_support_as_good_as_float64(rng):
     assert s32.err <= s64.err * 1.001
 
 
+def test_low_memory_mode_chooses_the_same_support(rng):
+    """H leaves the device during the greedy and returns for the local search."""
+    for b, p in ((1, 120), (3, 30)):
+        inst = random_instance(rng, p=p, group_size=b, keep=p // 2, m=6, n=2000)
+        plain = oo.solve(inst, "osscar", device="cpu")
+        low = oo.solve(inst, "osscar", device="cpu", low_memory=True)
+        assert low.keep.tolist() == plain.keep.tolist()
+        assert low.err == plain.err
+        assert low.info["single_swaps"] == plain.info["single_swaps"]
+
+
 def test_time_limit_returns_a_feasible_support(rng):
     inst = random_instance(rng, p=300, keep=150, m=20, n=1000)
     sol = oo.solve(inst, "osscar", time_limit=1e-6)
