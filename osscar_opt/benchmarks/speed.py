@@ -8,12 +8,20 @@ Instances (DESIGN.md section 5):
         W_hat (d x m) standard Gaussian,
     drawn with torch's generator seeded by `seed + d` (on the device).
 
-For each instance: one untimed warm-up solve, then `repeats` timed solves;
-the greedy and the local search are timed separately (both inside the timed
-`run`, set-up excluded), the median is reported with the peak memory (CPU
-RSS of the process; CUDA max allocated) and the err from the fp64 evaluator.
-Writes results/speed.md, results/speed.json and results/speed.png (time
-versus d with the fitted growth exponent).
+Widths: d = 1024, 2048, 4096 on the CPU; up to 10240, 20480, 28672 (the
+OPT-2.7B, 13B and 30B fc2 shapes) on CUDA.
+
+For each instance: one untimed warm-up solve (greedy only above d = 8192),
+then `repeats` timed solves (one above d = 8192); the greedy and the local
+search are timed separately (both inside the timed `run`, set-up excluded),
+the median is reported with the peak memory (CPU RSS of the process; CUDA
+max allocated, reset after the warm-up) and the err from the fp64 evaluator
+(on the GPU for CUDA runs). Each row records its machine, dtype and mode and
+is written as soon as it is measured, merged with the rows of other
+machines, devices or dtypes already in speed.json, so CPU and GPU figures
+measured on different machines share one table. Writes results/speed.md,
+results/speed.json and results/speed.png (greedy time versus d with the
+fitted growth exponent).
 """
 
 from __future__ import annotations
@@ -167,6 +175,13 @@ def growth_exponent(ds: Sequence[int], secs: Sequence[float]) -> float:
     return float(np.polyfit(np.log(ds), np.log(secs), 1)[0])
 
 
+def _fit_rows(rows: list[dict]) -> list[dict]:
+    """The rows the growth exponent is fitted on: d >= 4096 when there are two
+    such (small widths on a GPU are launch-bound and flat), else all."""
+    large = [r for r in rows if r["d"] >= 4096]
+    return large if len(large) >= 2 else rows
+
+
 def _merged(rows: list[dict], out: Path) -> list[dict]:
     """`rows` plus the rows of out/speed.json that they do not replace."""
     path = out / "speed.json"
@@ -230,7 +245,7 @@ def _write(rows: list[dict], out: Path) -> None:
         syn = [r for r in rows if (r["machine_short"], r["device"], r.get("dtype", "float64")) == key
                and r["instance"] != "smollm2-l10-down"]
         if len(syn) >= 2:
-            syn.sort(key=lambda r: r["d"])
+            syn = _fit_rows(sorted(syn, key=lambda r: r["d"]))
             k = growth_exponent([r["d"] for r in syn], [r["greedy_seconds"] for r in syn])
             lines.append(f"Greedy time on {key[0]} ({key[1]}, {key[2]}) grows as d^{k:.2f} over d = "
                          f"{syn[0]['d']}..{syn[-1]['d']}.")
@@ -243,19 +258,26 @@ def _write(rows: list[dict], out: Path) -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        for key in sorted({(r["machine_short"], r["device"], r.get("dtype", "float64")) for r in rows}):
-            syn = sorted((r for r in rows if (r["machine_short"], r["device"], r.get("dtype", "float64")) == key
+        for key in sorted({(r["machine_short"], r["device"], r.get("dtype", "float64"), r.get("low_memory", False))
+                           for r in rows}):
+            syn = sorted((r for r in rows if (r["machine_short"], r["device"], r.get("dtype", "float64"),
+                                              r.get("low_memory", False)) == key
                           and r["instance"] != "smollm2-l10-down"), key=lambda r: r["d"])
             if not syn:
                 continue
             ds = [r["d"] for r in syn]
             secs = [r["greedy_seconds"] for r in syn]
-            ax.loglog(ds, secs, "o-", label=f"{key[0]} {key[2]} greedy (d^{growth_exponent(ds, secs):.2f})")
+            fit = _fit_rows(syn)
+            label = f"{key[0]} {key[2]}" + (", low-memory" if syn[0].get("low_memory") else "") + " greedy"
+            if len(fit) >= 2:
+                label += f" (d^{growth_exponent([r['d'] for r in fit], [r['greedy_seconds'] for r in fit]):.2f}" \
+                         f" over {fit[0]['d']}..{fit[-1]['d']})"
+            ax.loglog(ds, secs, "o-", label=label)
         ax.set_xlabel("d (input rows)")
         ax.set_ylabel("seconds")
         ax.set_title("OSSCAR greedy time versus layer width")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="lower right")
         fig.tight_layout()
         fig.savefig(out / "speed.png.tmp", dpi=120, format="png")
         plt.close(fig)
