@@ -80,4 +80,4 @@ def test_bench_speed_merges_its_rows_with_other_machines(tmp_path, capsys):
     md = (tmp_path / "speed.md").read_text()
     assert "elsewhere, GPU X" in md and "| synthetic-d96 | 96 | 24 |" in md
     assert (tmp_path / "speed.png").stat().st_size > 0
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not [f for f in tmp_path.iterdir() if f.name.endswith(".tmp")]  # no temporary left

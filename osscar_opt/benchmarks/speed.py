@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from ..instance import Instance
+from ..io import atomic_write, atomic_write_json
 from ..registry import Status, solve
 from . import RESULTS, machine, machine_line
 
@@ -156,14 +157,18 @@ def run(devices: Sequence[str] | None = None, sizes: Sequence[int] | None = None
     return rows
 
 
+def _series(row: dict) -> tuple:
+    """Rows measured the same way on the same machine: one line of the plot."""
+    return (row["machine_short"], row["device"], row["dtype"], row["low_memory"])
+
+
 def _key(row: dict) -> tuple:
-    return (row["instance"], row["device"].split(":")[0], row.get("dtype", "float64"),
-            row.get("machine_short", ""), row.get("low_memory", False))
+    return (row["instance"], *_series(row))
 
 
 def _print(row: dict) -> None:
     extra = f", peak CUDA {row['peak_cuda_gb']:.1f} GB" if "peak_cuda_gb" in row else ""
-    print(f"{row['instance']:<18} d={row['d']:<6} {row['device']:<5} {row.get('dtype', 'float64')} "
+    print(f"{row['instance']:<18} d={row['d']:<6} {row['device']:<5} {row['dtype']} "
           f"greedy {row['greedy_seconds']:.3f} s (err {row['greedy_err']:.6f})  greedy+LS {row['total_seconds']:.3f} s "
           f"(err {row['err']:.6f}, {row['single_swaps']} swaps), peak RSS {row['peak_cpu_rss_gb']:.1f} GB{extra}", flush=True)
 
@@ -196,6 +201,9 @@ def _merged(rows: list[dict], out: Path) -> list[dict]:
                     r["machine_short"] = f"{saved['machine']['cores']}-core CPU"
         except (ValueError, KeyError, TypeError):
             old = []
+    for r in old + rows:  # rows from before dtype and mode were recorded
+        r.setdefault("dtype", "float64")
+        r.setdefault("low_memory", False)
     new = {_key(r) for r in rows}
     return [r for r in old if _key(r) not in new] + rows
 
@@ -221,36 +229,35 @@ def _write(rows: list[dict], out: Path) -> None:
         "| support = fp64's | published greedy s | published total s | published err | peak RSS GB | peak CUDA GB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    fp64 = {(r["instance"], r["device"].split(":")[0], r["machine_short"]): r.get("keep_sha1")
-            for r in rows if r.get("dtype", "float64") == "float64" and not r.get("low_memory")}
-    rows = sorted(rows, key=lambda r: (r["machine_short"], r["device"], r.get("dtype", "float64"),
-                                       r["instance"] != "smollm2-l10-down", r["d"]))
+    fp64 = {(r["instance"], r["machine_short"], r["device"]): r.get("keep_sha1")
+            for r in rows if r["dtype"] == "float64" and not r["low_memory"]}
+    rows = sorted(rows, key=lambda r: (*_series(r), r["instance"] != "smollm2-l10-down", r["d"]))
     for r in rows:
-        ref = fp64.get((r["instance"], r["device"].split(":")[0], r["machine_short"]))
-        same = "-" if r.get("dtype", "float64") == "float64" and not r.get("low_memory") or not ref \
-            or "keep_sha1" not in r else (
-            "yes" if ref == r["keep_sha1"] else "no")
+        ref = fp64.get((r["instance"], r["machine_short"], r["device"]))
+        plain = r["dtype"] == "float64" and not r["low_memory"]
+        same = "-" if plain or not ref or "keep_sha1" not in r else ("yes" if ref == r["keep_sha1"] else "no")
         pub = PUBLISHED.get((r["instance"], r["device"].split(":")[0]), {})
         total = f"{r['total_seconds']:.3f}" if r.get("local_search", True) else "(no LS)"
         if r.get("ls_timed_out"):
             total += " (LS stopped at the time limit)"
-        dtype = r.get("dtype", "float64") + (", low-memory" if r.get("low_memory") else "")
+        dtype = r["dtype"] + (", low-memory" if r["low_memory"] else "")
         lines.append(
             f"| {r['instance']} | {r['d']} | {r['m']} | {r['machine_short']} | {r['device']} | {dtype} "
             f"| {r['greedy_seconds']:.3f} | {r['greedy_err']:.6f} | {total} | {r['err']:.6f} | {r['single_swaps']} "
             f"| {same} | {pub.get('greedy', '-')} | {pub.get('total', '-')} | {pub.get('err', '-')} | {r['peak_cpu_rss_gb']:.1f} "
             f"| {r.get('peak_cuda_gb', float('nan')):.1f} |")
     lines.append("")
-    for key in sorted({(r["machine_short"], r["device"], r.get("dtype", "float64")) for r in rows}):
-        syn = [r for r in rows if (r["machine_short"], r["device"], r.get("dtype", "float64")) == key
-               and r["instance"] != "smollm2-l10-down"]
+    lines_of = {key: [r for r in rows if _series(r) == key and r["instance"] != "smollm2-l10-down"]
+                for key in sorted({_series(r) for r in rows})}  # rows already sorted by d
+    for key, syn in lines_of.items():
         if len(syn) >= 2:
-            syn = _fit_rows(sorted(syn, key=lambda r: r["d"]))
-            k = growth_exponent([r["d"] for r in syn], [r["greedy_seconds"] for r in syn])
-            lines.append(f"Greedy time on {key[0]} ({key[1]}, {key[2]}) grows as d^{k:.2f} over d = "
-                         f"{syn[0]['d']}..{syn[-1]['d']}.")
-    _atomic_write(out / "speed.md", "\n".join(lines) + "\n")
-    _atomic_write(out / "speed.json", json.dumps({"rows": rows}, indent=1) + "\n")
+            fit = _fit_rows(syn)
+            k = growth_exponent([r["d"] for r in fit], [r["greedy_seconds"] for r in fit])
+            mode = f"{key[2]}" + (", low-memory" if key[3] else "")
+            lines.append(f"Greedy time on {key[0]} ({key[1]}, {mode}) grows as d^{k:.2f} over d = "
+                         f"{fit[0]['d']}..{fit[-1]['d']}.")
+    atomic_write(out / "speed.md", lambda fh: fh.write("\n".join(lines) + "\n"))
+    atomic_write_json(out / "speed.json", {"rows": rows})
     try:
         import matplotlib
 
@@ -258,17 +265,13 @@ def _write(rows: list[dict], out: Path) -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        for key in sorted({(r["machine_short"], r["device"], r.get("dtype", "float64"), r.get("low_memory", False))
-                           for r in rows}):
-            syn = sorted((r for r in rows if (r["machine_short"], r["device"], r.get("dtype", "float64"),
-                                              r.get("low_memory", False)) == key
-                          and r["instance"] != "smollm2-l10-down"), key=lambda r: r["d"])
+        for key, syn in lines_of.items():
             if not syn:
                 continue
             ds = [r["d"] for r in syn]
             secs = [r["greedy_seconds"] for r in syn]
             fit = _fit_rows(syn)
-            label = f"{key[0]} {key[2]}" + (", low-memory" if syn[0].get("low_memory") else "") + " greedy"
+            label = f"{key[0]} {key[2]}" + (", low-memory" if key[3] else "") + " greedy"
             if len(fit) >= 2:
                 label += f" (d^{growth_exponent([r['d'] for r in fit], [r['greedy_seconds'] for r in fit]):.2f}" \
                          f" over {fit[0]['d']}..{fit[-1]['d']})"
@@ -279,17 +282,10 @@ def _write(rows: list[dict], out: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
         fig.tight_layout()
-        fig.savefig(out / "speed.png.tmp", dpi=120, format="png")
+        atomic_write(out / "speed.png", lambda fh: fig.savefig(fh, dpi=120, format="png"), binary=True)
         plt.close(fig)
-        (out / "speed.png.tmp").replace(out / "speed.png")
     except ImportError:
         pass
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 __all__ = ["run", "synthetic", "time_instance", "growth_exponent"]
