@@ -173,13 +173,18 @@ class LlamaAdapter(Adapter):
 
     heads      query heads: head_dim input rows of o_proj each, partitioned by
                KV group so that every KV group keeps the same number
+    query-heads  query heads chosen freely (no per-KV-group budget): where
+               KV groups keep different numbers of query heads, KV heads are
+               duplicated so the model stays valid GQA (kept heads per group
+               c_j, g = gcd(c_j): c_j / g copies of KV head j, g query heads
+               per copy); k_proj/v_proj may then grow
     kv-groups  whole KV groups (their query heads, k and v heads)
     neurons    FFN neurons: input rows of down_proj (gate/up rows produce them)
     """
 
     name = "llama"
     model_types = ("llama", "mistral", "qwen2")
-    structures = ("heads", "kv-groups", "neurons")
+    structures = ("heads", "query-heads", "kv-groups", "neurons")
     layer_paths = ("model.layers", "layers")
     body_paths = ("model",)
 
@@ -201,6 +206,8 @@ class LlamaAdapter(Adapter):
         if structure == "heads":
             parts = tuple(h // rep for h in range(n_heads))
             return Site(layer, structure, f"{prefix}.self_attn.o_proj", n_heads, hd, parts, extra)
+        if structure == "query-heads":
+            return Site(layer, structure, f"{prefix}.self_attn.o_proj", n_heads, hd, None, extra)
         return Site(layer, structure, f"{prefix}.self_attn.o_proj", n_kv, hd * rep, None, extra)
 
 

@@ -30,7 +30,8 @@ from .instance import DAMPING, check_damping
 from .registry import solve
 
 # structures pruned first inside a block (attention precedes the FFN)
-_ORDER = {"heads": 0, "kv-groups": 0, "neurons": 1, "channels": 1}
+_ORDER = {"heads": 0, "query-heads": 0, "kv-groups": 0, "neurons": 1, "channels": 1}
+_ATTENTION = ("heads", "query-heads", "kv-groups")  # each removes o_proj inputs: one per call
 
 
 class PruneError(OsscarError, ValueError):
@@ -221,6 +222,13 @@ def apply(
     sparsity: fraction of groups pruned, a float for every structure, or a
         mapping per structure ({"heads": 0.25, "neurons": 0.5}), per layer
         index, or per (layer, structure); missing entries are not pruned.
+        A mapping naming "query-heads" or "kv-groups" (Llama GQA) prunes that
+        instead of "heads" when `structures` is not given.
+    structures: the structures pruned (default: the architecture's, e.g.
+        heads and neurons). Llama "heads" keeps the same number of query
+        heads in every KV group (round(keep x heads per group) each);
+        "query-heads" keeps round(keep x heads) anywhere and duplicates KV
+        heads where the groups differ; "kv-groups" removes whole KV groups.
     solver: any registered solver name; solver_params go to it.
     sequential: each layer sees the already-pruned upstream (default), else
         every layer is pruned on the dense model's activations.
@@ -232,11 +240,19 @@ def apply(
     _check_sparsity(sparsity)
     damping = check_damping(damping)
     adapter = adapter_for(model)
-    structures = tuple(structures or adapter.default_structures)
+    if structures is None:
+        structures = adapter.default_structures
+        if isinstance(sparsity, Mapping):  # {"query-heads": s} or {"kv-groups": s} stands in for "heads"
+            named = [k for k in sparsity if k in _ATTENTION and k != "heads" and k in adapter.structures]
+            if named:
+                structures = tuple(s for s in structures if s != "heads") + tuple(named)
+    structures = tuple(structures)
     for s in structures:
         adapter.check_structure(s)
-    if "heads" in structures and "kv-groups" in structures:
-        raise PruneError("prune either 'heads' or 'kv-groups' in one call, not both: both remove o_proj inputs")
+    both = [s for s in _ATTENTION if s in structures]
+    if len(both) > 1:
+        raise PruneError(f"prune one of {', '.join(repr(s) for s in both)} in one call, not several: "
+                         "each removes o_proj inputs")
     structures = tuple(sorted(structures, key=lambda s: _ORDER.get(s, 1)))
     layer_ids = list(range(adapter.n_layers)) if layers is None else [int(x) for x in layers]
     for layer in layer_ids:

@@ -296,7 +296,8 @@ def _prune_args(p: argparse.ArgumentParser):
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of groups pruned in every structure")
     p.add_argument("--heads", type=float, default=None, help="sparsity of attention heads (overrides --sparsity)")
     p.add_argument("--neurons", type=float, default=None, help="sparsity of FFN neurons (overrides --sparsity)")
-    p.add_argument("--structures", default=None, help="comma-separated structures (default: heads,neurons)")
+    p.add_argument("--structures", default=None, help="comma-separated structures (default: heads,neurons; Llama also "
+                   "query-heads: exact head count, KV heads duplicated where needed; kv-groups)")
     p.add_argument("--solver", default="osscar")
     p.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE", help="solver parameter")
     p.add_argument("--calib", default="pydoc", help="calibration text: pydoc, wikitext2, c4, ptb or a .txt/.jsonl file")
@@ -438,6 +439,9 @@ def _bench_prune_args(p: argparse.ArgumentParser):
     p.add_argument("--calib-seeds", default=None,
                    help="comma-separated seeds: repeat every run with calibration windows drawn at random positions "
                         "(one draw per seed; the report adds mean and spread)")
+    p.add_argument("--structures", default=None,
+                   help="comma-separated structures instead of the default (e.g. query-heads,neurons: GQA query "
+                        "heads kept freely, KV heads duplicated where needed)")
 
     def run(args: argparse.Namespace) -> int:
         from .benchmarks import prune
@@ -448,7 +452,8 @@ def _bench_prune_args(p: argparse.ArgumentParser):
         except ValueError:
             raise OsscarError(f"--calib-seeds takes comma-separated integers like 0,1,2, got {args.calib_seeds!r}")
         prune.run(args.model, solvers, [float(x) for x in args.sparsities.split(",")], args.nsamples,
-                  args.seq_len, args.eval_windows, args.device, args.out, damping=args.damping, calib_seeds=seeds)
+                  args.seq_len, args.eval_windows, args.device, args.out, damping=args.damping, calib_seeds=seeds,
+                  structures=args.structures.split(",") if args.structures else None)
         return 0
 
     return run

@@ -13,9 +13,10 @@ def _sparsity(args: argparse.Namespace, value: float) -> Any:
     if args.heads is None and args.neurons is None:
         return value
     out = {"default": value}
-    if args.heads is not None:
-        out["heads"] = args.heads
-        out["kv-groups"] = args.heads
+    if args.heads is not None:  # for the attention structure pruned (heads, query-heads or kv-groups)
+        chosen = args.structures.split(",") if args.structures else ["heads"]
+        for name in [s for s in chosen if s in ("heads", "query-heads", "kv-groups")] or ["heads"]:
+            out[name] = args.heads
     if args.neurons is not None:
         out["neurons"] = args.neurons
     return out

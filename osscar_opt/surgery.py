@@ -77,8 +77,9 @@ class SurgeryError(OsscarError, ValueError):
 class ModulePruner:
     """Keeps a subset of one module's output or input channels, in place.
 
-    `index` is a sorted, unique LongTensor of the channels kept, in the
-    module's own units (features for Linear/Conv1D, channels for Conv2d).
+    `index` is a sorted LongTensor of the channels kept, in the module's own
+    units (features for Linear/Conv1D, channels for Conv2d); unique, except
+    that Llama `query-heads` repeats the k/v outputs of a duplicated KV head.
     Parameters are replaced by new ones (old gradients are dropped).
     """
 
@@ -251,6 +252,7 @@ class Surgeon:
 
     name: ClassVar[str] = ""
     shrink_keys: ClassVar[tuple[tuple[str, str], ...]] = ()  # (structure, size key) for the default shrink_to
+    growable: ClassVar[tuple[str, ...]] = ()  # size keys a pruned layer may have above the standard ones
 
     def plan(self, model: nn.Module, adapter: Adapter, site: Site, keep: np.ndarray) -> Plan:
         raise NotImplementedError
@@ -275,12 +277,24 @@ class Surgeon:
                 _remove(model, adapter, adapter.site(structure, layer), np.arange(target), None)
 
 
+def kv_copies(keep: np.ndarray, rep: int) -> tuple[np.ndarray, int]:
+    """KV heads after keeping query heads `keep` (sorted) of a GQA layer with
+    `rep` query heads per KV head: the KV head of each copy, and the query
+    heads per copy. KV group j keeps c_j heads; with g = gcd of the nonzero
+    c_j, it gets c_j / g copies of its KV head, each serving g consecutive
+    query heads (equal c_j: one copy each, nothing duplicated)."""
+    counts = np.bincount(np.asarray(keep) // rep)
+    g = int(np.gcd.reduce(counts[counts > 0]))
+    return np.repeat(np.arange(counts.size), counts // g), g
+
+
 class LlamaSurgeon(Surgeon):
     """Llama/Mistral/Qwen2: heads (q_proj rows, GQA-balanced), kv-groups
     (q rows of the group's query heads + k/v rows of its kv head), neurons
     (gate_proj/up_proj rows, down_proj columns)."""
 
     name = "llama"
+    growable = ("kv_heads",)  # query-heads duplicates KV heads
 
     def plan(self, model, adapter, site, keep):
         prefix = adapter.block_name(site.layer)
@@ -303,6 +317,18 @@ class LlamaSurgeon(Surgeon):
                                               _Op(site.consumer, "inputs", rows)])
             _set_attr_if_present(plan, model, attn_path, ("num_key_value_groups",), keep.size // n_kv)
             _set_attr_if_present(plan, model, attn_path, ("num_heads",), keep.size)
+            return plan
+        if site.structure == "query-heads":
+            kv_of_copy, per_copy = kv_copies(keep, rep)
+            rows = _rows(keep, hd)  # sorted keep: the query heads of one KV group are consecutive
+            kv_rows = _rows(kv_of_copy, hd)
+            plan = Plan(site.consumer, rows, [_Op(f"{attn_path}.q_proj", "outputs", rows),
+                                              _Op(f"{attn_path}.k_proj", "outputs", kv_rows),
+                                              _Op(f"{attn_path}.v_proj", "outputs", kv_rows),
+                                              _Op(site.consumer, "inputs", rows)])
+            _set_attr_if_present(plan, model, attn_path, ("num_key_value_groups",), per_copy)
+            _set_attr_if_present(plan, model, attn_path, ("num_heads",), keep.size)
+            _set_attr_if_present(plan, model, attn_path, ("num_key_value_heads",), kv_of_copy.size)
             return plan
         # kv-groups: group g = kv head g and query heads g*rep .. g*rep+rep-1
         q_rows = _rows(keep, hd * rep)
@@ -339,6 +365,23 @@ class LlamaSurgeon(Surgeon):
 
     def shrink_to(self, model, adapter, layer, sizes):
         cur = self.layer_sizes(model, adapter, layer)
+        if sizes["kv_heads"] > cur["kv_heads"]:
+            # duplicated KV heads (query-heads): only the shapes matter, the weights are loaded next
+            attn_path = f"{adapter.block_name(layer)}.self_attn"
+            attn = model.get_submodule(attn_path)
+            hd = int(attn.head_dim)
+            q_rows = _rows(np.arange(sizes["heads"]) % cur["heads"], hd)
+            kv_rows = _rows(np.arange(sizes["kv_heads"]) % cur["kv_heads"], hd)
+            plan = Plan(f"{attn_path}.o_proj", q_rows, [_Op(f"{attn_path}.q_proj", "outputs", q_rows),
+                                                        _Op(f"{attn_path}.k_proj", "outputs", kv_rows),
+                                                        _Op(f"{attn_path}.v_proj", "outputs", kv_rows),
+                                                        _Op(f"{attn_path}.o_proj", "inputs", q_rows)])
+            _set_attr_if_present(plan, model, attn_path, ("num_key_value_groups",),
+                                 max(1, sizes["heads"] // sizes["kv_heads"]))
+            _set_attr_if_present(plan, model, attn_path, ("num_heads",), sizes["heads"])
+            _set_attr_if_present(plan, model, attn_path, ("num_key_value_heads",), sizes["kv_heads"])
+            _execute(model, plan, None)
+            cur = self.layer_sizes(model, adapter, layer)
         if sizes["kv_heads"] < cur["kv_heads"]:
             _remove(model, adapter, adapter.site("kv-groups", layer), np.arange(sizes["kv_heads"]), None)
             cur = self.layer_sizes(model, adapter, layer)
@@ -786,7 +829,8 @@ def _shrink(model: nn.Module, sizes: list[dict], source: str) -> None:
                            "pass a model of the same architecture")
     for layer, target in enumerate(sizes):
         current = surgeon.layer_sizes(model, adapter, layer)
-        if set(target) != set(current) or any(int(target[k]) > current[k] for k in target):
+        if set(target) != set(current) or any(int(target[k]) > current[k] for k in target
+                                              if k not in surgeon.growable):
             raise SurgeryError(f"{source}: layer {layer} records sizes {target} but the freshly built model has "
                                f"{current}: it must be at least as large in every layer")
         surgeon.shrink_to(model, adapter, layer, {k: int(v) for k, v in target.items()})

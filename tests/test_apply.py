@@ -67,6 +67,28 @@ def test_apply_removes_groups_physically_and_matches_the_refit_dense_model(arch,
     np.testing.assert_allclose(_out(again, x).numpy(), _out(model, x).numpy(), atol=1e-6)
 
 
+def test_apply_query_heads_keeps_the_exact_head_count_of_a_gqa_model(tmp_path):
+    """9 query heads in 3 KV groups at 50%: 'heads' must keep 2 per group
+    (6), 'query-heads' keeps round(4.5) = 4 anywhere, duplicating KV heads
+    where the groups differ; the model equals its refit dense reference
+    and reloads."""
+    dense = tiny_llama(heads=9, kv_heads=3, hidden=144)
+    model = copy.deepcopy(dense)
+    tokens = random_tokens(n=8, seq_len=24)
+    report = apply(model, tokens, {"query-heads": 0.5}, progress=False)
+    assert [s.kept for s in report.sites] == [4, 4]
+    for site in report.sites:
+        counts = np.bincount(np.asarray(site.keep) // 3, minlength=3)
+        g = int(np.gcd.reduce(counts[counts > 0]))
+        attn = model.model.layers[site.layer].self_attn
+        assert attn.k_proj.out_features == 16 * 4 // g and attn.num_key_value_groups == g
+    x = random_tokens(n=2, seq_len=24, seed=5)
+    reference = _refit_reference(dense, model, report)
+    np.testing.assert_allclose(_out(model, x).numpy(), _out(reference, x).numpy(), atol=2e-5, rtol=1e-4)
+    save_pruned(model, None, tmp_path / "m")
+    np.testing.assert_allclose(_out(load_pruned(tmp_path / "m"), x).numpy(), _out(model, x).numpy(), atol=1e-6)
+
+
 def test_sequential_sees_the_pruned_upstream():
     """Layer 1's instance differs between sequential and dense activations."""
     tokens = random_tokens(n=8, seq_len=24)
@@ -105,7 +127,8 @@ def test_bad_inputs_leave_the_model_untouched():
         (dict(sparsity=1.0), PruneError, r"\[0, 1\)"),
         (dict(sparsity=-0.1), PruneError, r"\[0, 1\)"),
         (dict(sparsity=0.5, structures=["channels"]), UnsupportedModelError, "no structure 'channels'"),
-        (dict(sparsity=0.5, structures=["heads", "kv-groups"]), PruneError, "either 'heads' or 'kv-groups'"),
+        (dict(sparsity=0.5, structures=["heads", "kv-groups"]), PruneError, "one of 'heads', 'kv-groups'"),
+        (dict(sparsity=0.5, structures=["query-heads", "heads"]), PruneError, "one of 'heads', 'query-heads'"),
         (dict(sparsity=0.5, layers=[7]), UnsupportedModelError, "out of range"),
         (dict(sparsity=0.5, damping=-0.01), InstanceError, "damping must be a finite number >= 0"),
         (dict(sparsity=0.5, damping=float("nan")), InstanceError, "damping must be a finite number >= 0"),

@@ -427,3 +427,43 @@ def test_trained_digits_cnn_shrinks_and_still_classifies():
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     acc = (logits.argmax(1) == labels).float().mean().item()
     assert 0.0 <= acc <= 1.0 and acc > 0.1  # better than chance after removing half the channels
+
+
+def test_llama_query_heads_duplicate_kv_heads_and_reload(tmp_path):
+    """Query heads kept freely: unequal heads per KV group get duplicated KV
+    heads (gcd rule), the outputs equal the dense model with those heads'
+    o_proj inputs zeroed, and load_pruned rebuilds the grown k/v shapes."""
+    model = tiny_llama(heads=6, kv_heads=2, hidden=96)  # 3 query heads per KV group, head_dim 16
+    dense = copy.deepcopy(model)
+    adapter = adapter_for(model)
+    site = adapter.site("query-heads", 0)
+    assert site.partition is None and site.n_groups == 6
+    kept = {0: [0, 1, 3], 1: [1, 2, 4, 5]}  # counts (2, 1) -> 3 KV copies; (2, 2) -> gcd 2, 2 KV heads
+    for layer, keep in kept.items():
+        remove_groups(model, adapter.site("query-heads", layer), keep)
+        zero_inputs(dense.model.layers[layer].self_attn.o_proj, np.setdiff1d(np.arange(6), keep), 16)
+    attn0, attn1 = model.model.layers[0].self_attn, model.model.layers[1].self_attn
+    assert (attn0.q_proj.out_features, attn0.k_proj.out_features, attn0.v_proj.out_features) == (48, 48, 48)
+    assert (attn1.q_proj.out_features, attn1.k_proj.out_features) == (64, 32)
+    assert (attn0.num_key_value_groups, attn1.num_key_value_groups) == (1, 2)
+    # the duplicated KV head is an exact copy of KV head 0
+    torch.testing.assert_close(attn0.k_proj.weight[:16], attn0.k_proj.weight[16:32], rtol=0, atol=0)
+    x = inputs("llama")
+    torch.testing.assert_close(outputs(model, x), outputs(dense, x), rtol=1e-5, atol=1e-5)
+    assert [(s["heads"], s["kv_heads"]) for s in model.config.osscar_layer_sizes] == [(3, 3), (4, 2)]
+    loaded = load_pruned(save_pruned(model, None, tmp_path / "pruned"))
+    torch.testing.assert_close(outputs(loaded, x), outputs(model, x), rtol=0, atol=0)
+
+
+def test_llama_query_heads_uniform_layers_reload_with_the_standard_config(tmp_path):
+    import transformers
+
+    model = tiny_llama(heads=6, kv_heads=2, hidden=96)
+    adapter = adapter_for(model)
+    for layer in range(adapter.n_layers):
+        remove_groups(model, adapter.site("query-heads", layer), [0, 2, 4])  # counts (2, 1): 3 KV heads
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (3, 3)
+    x = inputs("llama")
+    path = save_pruned(model, None, tmp_path / "pruned")
+    plain = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    torch.testing.assert_close(outputs(plain, x), outputs(model, x), rtol=0, atol=0)

@@ -38,6 +38,8 @@ def _label(row: dict, seed: bool = True) -> str:
     calibration seed when the windows were drawn at random (seed=False leaves it out)."""
     damping = row.get("damping", DAMPING)
     extra = [] if damping == DAMPING else [f"damping {damping:g}"]
+    if row.get("structures"):
+        extra.insert(0, row["structures"])
     if seed and row.get("calib_seed") is not None:
         extra.append(f"calib seed {row['calib_seed']}")
     return row["solver"] + (f" ({', '.join(extra)})" if extra else "")
@@ -58,7 +60,12 @@ def _rows(path: Path) -> list[dict]:
 def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVERS,
         sparsities: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6), nsamples: int = 32, seq_len: int = 512,
         eval_windows: int = 40, device: str | None = None, out: str | Path | None = None,
-        speed_at: float | None = 0.5, damping: float = DAMPING, calib_seeds: Sequence[int | None] = (None,)) -> list[dict]:
+        speed_at: float | None = 0.5, damping: float = DAMPING, calib_seeds: Sequence[int | None] = (None,),
+        structures: Sequence[str] | None = None) -> list[dict]:
+    """One pruning per (seed, solver, sparsity), appended to prune_<model>.jsonl
+    as it finishes (a rerun skips those done), then the tables and plot.
+    structures: pruned instead of the architecture's default (rows labelled
+    with them, e.g. "osscar (query-heads,neurons)")."""
     import torch
 
     from .. import data, models
@@ -84,16 +91,19 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
 
     evaluation = data.windows(tok, "pydoc", "evaluation", 1, seq) if kind == "causal-lm" else None
     for seed, solver, s in itertools.product(calib_seeds, solvers, sparsities):
-        label = _label({"solver": solver, "damping": damping, "calib_seed": seed})
+        tag = ",".join(structures) if structures else None
+        label = _label({"solver": solver, "damping": damping, "calib_seed": seed, "structures": tag})
         if (label, s) in done:
             continue
         cal = calibration_for(seed)
         model, _ = models.load(model_name, dtype=torch.float32, device=device)
         t = time.perf_counter()
-        report = apply(model, cal, s, solver=solver, device=device, progress=False, damping=damping)
+        report = apply(model, cal, s, solver=solver, device=device, progress=False, damping=damping,
+                       structures=structures)
         seconds = time.perf_counter() - t
         res = evaluate_model(model, tok, kind=kind, n_windows=eval_windows, seq_len=seq, reference=reference)
-        row = {"solver": solver, "sparsity": s, "damping": damping, "calib_seed": seed, "parameters": res["parameters"],
+        row = {"solver": solver, "sparsity": s, "damping": damping, "calib_seed": seed, "structures": tag,
+               "parameters": res["parameters"],
                "prune_seconds": seconds, "solve_seconds": report.solve_seconds, "mean_err": report.mean_err,
                "perplexity": res.get("perplexity"), "fidelity": res.get("fidelity")}
         if speed_at is not None and abs(s - speed_at) < 1e-9 and solver == solvers[0] and kind == "causal-lm" \
