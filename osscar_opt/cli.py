@@ -434,8 +434,13 @@ def _bench_prune_args(p: argparse.ArgumentParser):
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--device", default=None)
     p.add_argument("--out", type=Path, default=None, help="results folder (default: results/)")
-    p.add_argument("--damping", type=float, default=DAMPING,
-                   help=f"ridge of the Gram matrices, fraction of the mean diagonal (rows other than {DAMPING} are labelled)")
+    p.add_argument("--damping", "--dampings", dest="damping", default=str(DAMPING),
+                   help=f"ridge of the Gram matrices, fraction of the mean diagonal; comma-separated for several "
+                        f"(rows other than {DAMPING} are labelled)")
+    p.add_argument("--no-speed", action="store_true", help="skip the latency comparison at 50%%")
+    p.add_argument("--validation-windows", type=int, default=0,
+                   help="also measure perplexity on this many calibration-half windows after the calibration ones; "
+                        "the report then picks the damping by them")
     p.add_argument("--calib-seeds", default=None,
                    help="comma-separated seeds: repeat every run with calibration windows drawn at random positions "
                         "(one draw per seed; the report adds mean and spread)")
@@ -451,8 +456,13 @@ def _bench_prune_args(p: argparse.ArgumentParser):
             seeds = [int(x) for x in args.calib_seeds.split(",")] if args.calib_seeds else [None]
         except ValueError:
             raise OsscarError(f"--calib-seeds takes comma-separated integers like 0,1,2, got {args.calib_seeds!r}")
+        try:
+            dampings = [float(x) for x in str(args.damping).split(",")]
+        except ValueError:
+            raise OsscarError(f"--damping takes numbers like 0.01 or 0.002,0.01, got {args.damping!r}")
         prune.run(args.model, solvers, [float(x) for x in args.sparsities.split(",")], args.nsamples,
-                  args.seq_len, args.eval_windows, args.device, args.out, damping=args.damping, calib_seeds=seeds,
+                  args.seq_len, args.eval_windows, args.device, args.out, damping=dampings, calib_seeds=seeds,
+                  validation_windows=args.validation_windows, speed_at=None if args.no_speed else 0.5,
                   structures=args.structures.split(",") if args.structures else None)
         return 0
 

@@ -112,3 +112,22 @@ def test_bench_prune_reports_seeded_runs_apart_with_mean_and_spread(tmp_path):
     mean, sd = np.mean(list(values.values())), np.std(list(values.values()), ddof=1)
     assert f"20.50 / 21.50 / 20.00; {mean:.2f} +- {sd:.2f}" in seeds_table
     assert prune._label({"solver": "obs-greedy", "damping": 0.002, "calib_seed": 1}) == "obs-greedy (damping 0.002, calib seed 1)"
+
+
+def test_bench_prune_picks_the_damping_by_validation_perplexity_only(tmp_path):
+    """The chosen damping is the one with the lowest validation perplexity,
+    even where another damping has the lower evaluation perplexity."""
+    from osscar_opt.benchmarks import prune
+
+    rows = [{"solver": "dense", "sparsity": 0.0, "perplexity": 13.0}]
+    runs = {0.002: (20.0, 19.1), 0.005: (19.6, 19.4), 0.01: (19.9, 19.0)}  # damping: (validation, evaluation)
+    for damping, (val, ev) in runs.items():
+        rows.append({"solver": "osscar", "sparsity": 0.3, "damping": damping, "calib_seed": None,
+                     "structures": "query-heads,neurons", "perplexity": ev, "validation_perplexity": val,
+                     "validation_windows": 40})
+    prune._write("smollm2-135m", "causal-lm", rows, tmp_path)
+    text = (tmp_path / "prune_smollm2-135m.md").read_text()
+    section = text.split("Damping chosen on 40 validation windows")[1]
+    line = next(x for x in section.splitlines() if x.startswith("| osscar (query-heads,neurons) | 30% |"))
+    assert line.endswith("| 0.005 | 19.40 |") and "**0.005: 19.60 / 19.40**" in line
+    assert prune._label(rows[1]) == "osscar (query-heads,neurons, damping 0.002)"

@@ -8,6 +8,14 @@ evaluation half: perplexity for SmolLM2 (DESIGN.md: 32 x 512 calibration and
 embeddings to the dense model for MiniLM. Rows are appended to
 results/prune_<model>.jsonl as they finish (a rerun skips finished pairs);
 results/prune_<model>.md and .png hold the table and the plot.
+
+Damping is a hyperparameter of the problem (the ridge of the Gram
+matrices). `--dampings a,b,c --validation-windows N` prunes once per
+damping and also measures perplexity on N validation windows of the
+calibration half, the ones right after the calibration windows (disjoint
+from them and from the evaluation half); the report then picks, per solver
+and sparsity, the damping with the lowest validation perplexity and quotes
+its evaluation perplexity, so the choice never looks at the evaluation half.
 """
 
 from __future__ import annotations
@@ -60,17 +68,23 @@ def _rows(path: Path) -> list[dict]:
 def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVERS,
         sparsities: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6), nsamples: int = 32, seq_len: int = 512,
         eval_windows: int = 40, device: str | None = None, out: str | Path | None = None,
-        speed_at: float | None = 0.5, damping: float = DAMPING, calib_seeds: Sequence[int | None] = (None,),
-        structures: Sequence[str] | None = None) -> list[dict]:
-    """One pruning per (seed, solver, sparsity), appended to prune_<model>.jsonl
-    as it finishes (a rerun skips those done), then the tables and plot.
+        speed_at: float | None = 0.5, damping: float | Sequence[float] = DAMPING,
+        calib_seeds: Sequence[int | None] = (None,), structures: Sequence[str] | None = None,
+        validation_windows: int = 0) -> list[dict]:
+    """One pruning per (seed, damping, solver, sparsity), appended to
+    prune_<model>.jsonl as it finishes (a rerun skips those done), then the
+    tables and plot.
+    damping: one value or several (rows other than the default are labelled).
     structures: pruned instead of the architecture's default (rows labelled
-    with them, e.g. "osscar (query-heads,neurons)")."""
+    with them, e.g. "osscar (query-heads,neurons)").
+    validation_windows: also measure perplexity on that many calibration-half
+    windows after the calibration ones (causal LMs, consecutive calibration
+    only), for choosing the damping without the evaluation half."""
     import torch
 
     from .. import data, models
     from ..apply import apply
-    from ..evaluation import compare_latency, evaluate_model
+    from ..evaluation import compare_latency, evaluate_model, perplexity
 
     out = Path(out) if out else RESULTS
     out.mkdir(parents=True, exist_ok=True)
@@ -90,10 +104,16 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
         return data.calibration(tok, "pydoc", nsamples, seq, seed=seed)
 
     evaluation = data.windows(tok, "pydoc", "evaluation", 1, seq) if kind == "causal-lm" else None
-    for seed, solver, s in itertools.product(calib_seeds, solvers, sparsities):
+    validation = None
+    if validation_windows and kind == "causal-lm":
+        held = data.windows(tok, "pydoc", "calibration", nsamples + validation_windows, seq)
+        validation = held[nsamples:]  # after the calibration windows: disjoint from them
+    dampings = [float(damping)] if isinstance(damping, (int, float)) else [float(x) for x in damping]
+    for seed, damping, solver, s in itertools.product(calib_seeds, dampings, solvers, sparsities):
         tag = ",".join(structures) if structures else None
         label = _label({"solver": solver, "damping": damping, "calib_seed": seed, "structures": tag})
-        if (label, s) in done:
+        if (label, s) in done and (validation is None or seed is not None or any(
+                _label(r) == label and r["sparsity"] == s and r.get("validation_perplexity") for r in _rows(log))):
             continue
         cal = calibration_for(seed)
         model, _ = models.load(model_name, dtype=torch.float32, device=device)
@@ -106,6 +126,9 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
                "parameters": res["parameters"],
                "prune_seconds": seconds, "solve_seconds": report.solve_seconds, "mean_err": report.mean_err,
                "perplexity": res.get("perplexity"), "fidelity": res.get("fidelity")}
+        if validation is not None and seed is None:
+            row["validation_perplexity"] = perplexity(model, validation)
+            row["validation_windows"] = int(validation.shape[0])
         if speed_at is not None and abs(s - speed_at) < 1e-9 and solver == solvers[0] and kind == "causal-lm" \
                 and seed is None:
             row["speed_dense"], row["speed_pruned"] = compare_latency(dense_model, model, evaluation)
@@ -143,6 +166,31 @@ def _seed_table(rows: list[dict], metric: str) -> list[str]:
     return lines
 
 
+def _damping_table(rows: list[dict], metric: str) -> list[str]:
+    """Per solver and sparsity, the damping with the lowest validation
+    perplexity (calibration-half windows) and its evaluation perplexity."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((_label({**r, "damping": DAMPING}), r["sparsity"]), []).append(r)
+    n_val = max(r.get("validation_windows", 0) for r in rows)
+    lines = ["", f"Damping chosen on {n_val} validation windows of the calibration half (after the calibration "
+             "windows, never the evaluation half): validation / evaluation perplexity per damping tried, the "
+             "chosen one in bold.", "",
+             "| solver | sparsity | dampings tried: validation / evaluation | chosen | evaluation at the chosen |",
+             "|---|---|---|---|---|"]
+    for (label, sp), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        latest = {r.get("damping", DAMPING): r for r in rs}  # a rerun's row replaces the earlier one
+        ordered = sorted(latest.values(), key=lambda r: r.get("damping", DAMPING))
+        chosen = min(ordered, key=lambda r: r["validation_perplexity"])
+        cells = []
+        for r in ordered:
+            text = f"{r.get('damping', DAMPING):g}: {r['validation_perplexity']:.2f} / {r[metric]:.2f}"
+            cells.append(f"**{text}**" if r is chosen else text)
+        lines.append(f"| {label} | {sp:.0%} | {'; '.join(cells)} | {chosen.get('damping', DAMPING):g} | "
+                     f"{chosen[metric]:.2f} |")
+    return lines
+
+
 def _write(model_name: str, kind: str, rows: list[dict], out: Path) -> None:
     metric = "perplexity" if kind == "causal-lm" else "fidelity"
     dense = next((r for r in rows if r["solver"] == "dense"), None)
@@ -175,6 +223,14 @@ def _write(model_name: str, kind: str, rows: list[dict], out: Path) -> None:
     pub = PUBLISHED.get(model_name)
     if pub:
         lines += ["", "Published OSSCAR code: " + ", ".join(f"{p:.2f} at {s:.0%}" for s, p in pub.items()) + "."]
+        if model_name == "smollm2-135m":
+            lines += ["", "Head counts: SmolLM2 has 9 query heads in 3 KV groups. `heads` keeps the same number in "
+                      "every group (round(3 x keep) each): 6 of 9 at 20-50%, 3 at 60%. The published code keeps "
+                      "floor(9 x keep) anywhere: 6 at 30%, 4 at 50%. Rows labelled `query-heads,neurons` keep "
+                      "round(9 x keep) anywhere (4 at 50%, KV heads duplicated where groups differ), the "
+                      "published head count."]
+    if any(r.get("validation_perplexity") for r in rows):
+        lines += _damping_table([r for r in rows if r.get("validation_perplexity")], metric)
     if seeded:
         lines += _seed_table(seeded, metric)
     for r in rows:
