@@ -624,18 +624,16 @@ def _fix_by_bound(relax: NodeRelaxation, out: dict, prune_at: float, fixed_in: n
             continue
         order = mem[np.argsort(-q[mem], kind="stable")]
         q_last_in, q_first_out = q[order[k - 1]], q[order[k]]
-        for pos, g_local in enumerate(order):
-            g = relax.free_groups[g_local]
-            if pos < k:  # selected: forcing it out swaps in q_[k+1]
-                child = lb - 0.5 * (q_first_out - q[g_local])
-                if child >= prune_at:
-                    fixed_in[g] = True
-                    count += 1
-                    child_min = min(child_min, child)
-            else:  # not selected: forcing it in swaps out q_[k]
-                child = lb - 0.5 * (q[g_local] - q_last_in)
-                if child >= prune_at:
-                    fixed_out[g] = True
-                    count += 1
-                    child_min = min(child_min, child)
+        # selected groups: forcing one out swaps in q_[k+1]; the others: forcing one in swaps out q_[k]
+        child = np.empty(order.size)
+        child[:k] = lb - 0.5 * (q_first_out - q[order[:k]])
+        child[k:] = lb - 0.5 * (q[order[k:]] - q_last_in)
+        hit = child >= prune_at
+        if not hit.any():
+            continue
+        groups = relax.free_groups[order]
+        fixed_in[groups[:k][hit[:k]]] = True
+        fixed_out[groups[k:][hit[k:]]] = True
+        count += int(hit.sum())
+        child_min = min(child_min, float(child[hit].min()))
     return count, child_min
