@@ -81,3 +81,15 @@ def test_bench_speed_merges_its_rows_with_other_machines(tmp_path, capsys):
     assert "elsewhere, GPU X" in md and "| synthetic-d96 | 96 | 24 |" in md
     assert (tmp_path / "speed.png").stat().st_size > 0
     assert not [f for f in tmp_path.iterdir() if f.name.endswith(".tmp")]  # no temporary left
+
+
+def test_prune_heads_flag_goes_to_the_attention_structure_chosen():
+    import argparse
+
+    from osscar_opt.prune_cli import _sparsity
+
+    chosen = argparse.Namespace(heads=0.25, neurons=None, structures="query-heads,neurons")
+    assert _sparsity(chosen, 0.5) == {"default": 0.5, "query-heads": 0.25}
+    default = argparse.Namespace(heads=0.25, neurons=0.5, structures=None)
+    assert _sparsity(default, 0.3) == {"default": 0.3, "heads": 0.25, "neurons": 0.5}
+    assert _sparsity(argparse.Namespace(heads=None, neurons=None, structures=None), 0.3) == 0.3
