@@ -248,10 +248,10 @@ def _write(model_name: str, kind: str, rows: list[dict], out: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        for v in solvers:
+        fig, ax = plt.subplots(figsize=(8.5, 4.2))
+        for v in solvers:  # sweeps only: runs at one or two sparsities stay in the tables
             pts = [(s, table[(v, s)][metric]) for s in sparsities if (v, s) in table and table[(v, s)][metric]]
-            if pts:
+            if len(pts) >= 3:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=v)
         if dense and dense.get(metric):
             ax.axhline(dense[metric], color="k", ls=":", label="dense")
@@ -263,7 +263,7 @@ def _write(model_name: str, kind: str, rows: list[dict], out: Path) -> None:
         ax.set_ylabel(metric)
         ax.set_title(model_name)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         fig.savefig(out / f"prune_{model_name}.png", dpi=120)
         plt.close(fig)
