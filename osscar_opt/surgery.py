@@ -11,7 +11,13 @@ W, d x m, zero outside the kept rows), `remove_groups` shrinks the model:
   producing conv and the BatchNorm in between), since nothing reads them any
   more;
 - the attention module's head-count attributes are updated so that forward
-  reshapes to the new number of heads.
+  reshapes to the new number of heads;
+- Llama `query-heads` (query heads kept freely): where KV groups keep
+  different numbers c_j of query heads, k_proj/v_proj outputs are repeated
+  so that KV head j appears c_j / g times (g = gcd of the c_j) and every
+  copy serves g consecutive query heads: a valid GQA layer with
+  num_key_value_heads = sum c_j / g, which may exceed the original count
+  (`load_pruned` grows those layers to match).
 
 The pruned model computes exactly what the dense model computes with the
 removed groups' consumer input rows zeroed (and with the consumer weight
