@@ -226,7 +226,8 @@ def _write(model_name: str, kind: str, rows: list[dict], out: Path) -> None:
         if model_name == "smollm2-135m":
             lines += ["", "Head counts: SmolLM2 has 9 query heads in 3 KV groups. `heads` keeps the same number in "
                       "every group (round(3 x keep) each): 6 of 9 at 20-50%, 3 at 60%. The published code keeps "
-                      "floor(9 x keep) anywhere: 6 at 30%, 4 at 50%. Rows labelled `query-heads,neurons` keep "
+                      "9 x keep heads anywhere, rounded down (its reference o_proj instance keeps 4 of 9 at 50%): "
+                      "6 at 30%, 4 at 50%. Rows labelled `query-heads,neurons` keep "
                       "round(9 x keep) anywhere (4 at 50%, KV heads duplicated where groups differ), the "
                       "published head count."]
     if any(r.get("validation_perplexity") for r in rows):
