@@ -31,7 +31,7 @@ from .registry import solve
 
 # structures pruned first inside a block (attention precedes the FFN)
 _ORDER = {"heads": 0, "query-heads": 0, "kv-groups": 0, "neurons": 1, "channels": 1}
-_ATTENTION = ("heads", "query-heads", "kv-groups")  # each removes o_proj inputs: one per call
+ATTENTION_STRUCTURES = ("heads", "query-heads", "kv-groups")  # each removes o_proj inputs: one per call
 
 
 class PruneError(OsscarError, ValueError):
@@ -243,13 +243,13 @@ def apply(
     if structures is None:
         structures = adapter.default_structures
         if isinstance(sparsity, Mapping):  # {"query-heads": s} or {"kv-groups": s} stands in for "heads"
-            named = [k for k in sparsity if k in _ATTENTION and k != "heads" and k in adapter.structures]
+            named = [k for k in sparsity if k in ATTENTION_STRUCTURES and k != "heads" and k in adapter.structures]
             if named:
                 structures = tuple(s for s in structures if s != "heads") + tuple(named)
     structures = tuple(structures)
     for s in structures:
         adapter.check_structure(s)
-    both = [s for s in _ATTENTION if s in structures]
+    both = [s for s in ATTENTION_STRUCTURES if s in structures]
     if len(both) > 1:
         raise PruneError(f"prune one of {', '.join(repr(s) for s in both)} in one call, not several: "
                          "each removes o_proj inputs")

@@ -14,8 +14,10 @@ def _sparsity(args: argparse.Namespace, value: float) -> Any:
         return value
     out = {"default": value}
     if args.heads is not None:  # for the attention structure pruned (heads, query-heads or kv-groups)
+        from .apply import ATTENTION_STRUCTURES
+
         chosen = args.structures.split(",") if args.structures else ["heads"]
-        for name in [s for s in chosen if s in ("heads", "query-heads", "kv-groups")] or ["heads"]:
+        for name in [s for s in chosen if s in ATTENTION_STRUCTURES] or ["heads"]:
             out[name] = args.heads
     if args.neurons is not None:
         out["neurons"] = args.neurons

@@ -283,15 +283,30 @@ class Surgeon:
                 _remove(model, adapter, adapter.site(structure, layer), np.arange(target), None)
 
 
-def kv_copies(keep: np.ndarray, rep: int) -> tuple[np.ndarray, int]:
-    """KV heads after keeping query heads `keep` (sorted) of a GQA layer with
-    `rep` query heads per KV head: the KV head of each copy, and the query
-    heads per copy. KV group j keeps c_j heads; with g = gcd of the nonzero
-    c_j, it gets c_j / g copies of its KV head, each serving g consecutive
-    query heads (equal c_j: one copy each, nothing duplicated)."""
+def kv_copies(keep: np.ndarray, rep: int) -> np.ndarray:
+    """The KV head of each KV copy after keeping query heads `keep` (sorted)
+    of a GQA layer with `rep` query heads per KV head. KV group j keeps c_j
+    heads; with g = gcd of the nonzero c_j, it gets c_j / g copies of its KV
+    head, each serving g consecutive query heads (equal c_j: one copy each,
+    nothing duplicated)."""
     counts = np.bincount(np.asarray(keep) // rep)
     g = int(np.gcd.reduce(counts[counts > 0]))
-    return np.repeat(np.arange(counts.size), counts // g), g
+    return np.repeat(np.arange(counts.size), counts // g)
+
+
+def _attention_plan(model: nn.Module, attn_path: str, q_heads: np.ndarray, kv_heads: np.ndarray, hd: int) -> Plan:
+    """Keep query heads `q_heads` (q_proj outputs, o_proj inputs) and KV heads
+    `kv_heads` (k_proj/v_proj outputs, repeats allowed) of a Llama attention;
+    every KV head serves len(q_heads) / len(kv_heads) consecutive query heads."""
+    q_rows, kv_rows = _rows(q_heads, hd), _rows(kv_heads, hd)
+    plan = Plan(f"{attn_path}.o_proj", q_rows, [_Op(f"{attn_path}.q_proj", "outputs", q_rows),
+                                                _Op(f"{attn_path}.k_proj", "outputs", kv_rows),
+                                                _Op(f"{attn_path}.v_proj", "outputs", kv_rows),
+                                                _Op(f"{attn_path}.o_proj", "inputs", q_rows)])
+    _set_attr_if_present(plan, model, attn_path, ("num_key_value_groups",), len(q_heads) // len(kv_heads))
+    _set_attr_if_present(plan, model, attn_path, ("num_heads",), len(q_heads))
+    _set_attr_if_present(plan, model, attn_path, ("num_key_value_heads",), len(kv_heads))
+    return plan
 
 
 class LlamaSurgeon(Surgeon):
@@ -325,27 +340,11 @@ class LlamaSurgeon(Surgeon):
             _set_attr_if_present(plan, model, attn_path, ("num_heads",), keep.size)
             return plan
         if site.structure == "query-heads":
-            kv_of_copy, per_copy = kv_copies(keep, rep)
-            rows = _rows(keep, hd)  # sorted keep: the query heads of one KV group are consecutive
-            kv_rows = _rows(kv_of_copy, hd)
-            plan = Plan(site.consumer, rows, [_Op(f"{attn_path}.q_proj", "outputs", rows),
-                                              _Op(f"{attn_path}.k_proj", "outputs", kv_rows),
-                                              _Op(f"{attn_path}.v_proj", "outputs", kv_rows),
-                                              _Op(site.consumer, "inputs", rows)])
-            _set_attr_if_present(plan, model, attn_path, ("num_key_value_groups",), per_copy)
-            _set_attr_if_present(plan, model, attn_path, ("num_heads",), keep.size)
-            _set_attr_if_present(plan, model, attn_path, ("num_key_value_heads",), kv_of_copy.size)
-            return plan
+            kv_of_copy = kv_copies(keep, rep)
+            # sorted keep: the query heads of one KV group are consecutive, like the copies of its KV head
+            return _attention_plan(model, attn_path, keep, kv_of_copy, hd)
         # kv-groups: group g = kv head g and query heads g*rep .. g*rep+rep-1
-        q_rows = _rows(keep, hd * rep)
-        kv_rows = _rows(keep, hd)
-        plan = Plan(site.consumer, q_rows, [_Op(f"{attn_path}.q_proj", "outputs", q_rows),
-                                            _Op(f"{attn_path}.k_proj", "outputs", kv_rows),
-                                            _Op(f"{attn_path}.v_proj", "outputs", kv_rows),
-                                            _Op(site.consumer, "inputs", q_rows)])
-        _set_attr_if_present(plan, model, attn_path, ("num_heads",), keep.size * rep)
-        _set_attr_if_present(plan, model, attn_path, ("num_key_value_heads",), keep.size)
-        return plan
+        return _attention_plan(model, attn_path, (keep[:, None] * rep + np.arange(rep)).ravel(), keep, hd)
 
     def layer_sizes(self, model, adapter, layer):
         block = adapter.block(layer)
@@ -374,18 +373,9 @@ class LlamaSurgeon(Surgeon):
         if sizes["kv_heads"] > cur["kv_heads"]:
             # duplicated KV heads (query-heads): only the shapes matter, the weights are loaded next
             attn_path = f"{adapter.block_name(layer)}.self_attn"
-            attn = model.get_submodule(attn_path)
-            hd = int(attn.head_dim)
-            q_rows = _rows(np.arange(sizes["heads"]) % cur["heads"], hd)
-            kv_rows = _rows(np.arange(sizes["kv_heads"]) % cur["kv_heads"], hd)
-            plan = Plan(f"{attn_path}.o_proj", q_rows, [_Op(f"{attn_path}.q_proj", "outputs", q_rows),
-                                                        _Op(f"{attn_path}.k_proj", "outputs", kv_rows),
-                                                        _Op(f"{attn_path}.v_proj", "outputs", kv_rows),
-                                                        _Op(f"{attn_path}.o_proj", "inputs", q_rows)])
-            _set_attr_if_present(plan, model, attn_path, ("num_key_value_groups",),
-                                 max(1, sizes["heads"] // sizes["kv_heads"]))
-            _set_attr_if_present(plan, model, attn_path, ("num_heads",), sizes["heads"])
-            _set_attr_if_present(plan, model, attn_path, ("num_key_value_heads",), sizes["kv_heads"])
+            plan = _attention_plan(model, attn_path, np.arange(sizes["heads"]) % cur["heads"],
+                                   np.arange(sizes["kv_heads"]) % cur["kv_heads"],
+                                   int(model.get_submodule(attn_path).head_dim))
             _execute(model, plan, None)
             cur = self.layer_sizes(model, adapter, layer)
         if sizes["kv_heads"] < cur["kv_heads"]:

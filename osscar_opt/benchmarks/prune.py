@@ -90,6 +90,7 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
     out.mkdir(parents=True, exist_ok=True)
     log = out / f"prune_{model_name}.jsonl"
     done = {(_label(r), r["sparsity"]) for r in _rows(log) if r.get("solver")}
+    validated = {(_label(r), r["sparsity"]) for r in _rows(log) if r.get("validation_perplexity")}
     kind = models.EMBEDDED[model_name].kind if model_name in models.EMBEDDED else "causal-lm"
     dense_model, tok = models.load(model_name, dtype=torch.float32, device=device)
     seq = min(seq_len, getattr(dense_model.config, "max_position_embeddings", seq_len))
@@ -112,8 +113,7 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
     for seed, damping, solver, s in itertools.product(calib_seeds, dampings, solvers, sparsities):
         tag = ",".join(structures) if structures else None
         label = _label({"solver": solver, "damping": damping, "calib_seed": seed, "structures": tag})
-        if (label, s) in done and (validation is None or seed is not None or any(
-                _label(r) == label and r["sparsity"] == s and r.get("validation_perplexity") for r in _rows(log))):
+        if (label, s) in (done if validation is None or seed is not None else validated):
             continue
         cal = calibration_for(seed)
         model, _ = models.load(model_name, dtype=torch.float32, device=device)
