@@ -517,7 +517,11 @@ class _Parallel:
         except cf.process.BrokenProcessPool as exc:
             raise SolverError(f"a bnb worker process died ({exc}): run with workers=1") from None
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+            # the workers hold nothing the search needs now: stop them, then wait for the pool's
+            # manager thread (shutdown(wait=False) leaves it racing the interpreter's exit hooks)
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _share(self, pool, heap: list, W: int) -> list:
         import concurrent.futures as cf

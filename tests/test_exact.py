@@ -296,3 +296,19 @@ def test_bnb_workers_on_a_real_crop_match_the_serial_proof():
     assert serial.status == parallel.status == oo.Status.OPTIMAL
     assert parallel.objective == pytest.approx(serial.objective, rel=1e-12)
     assert parallel.bound >= serial.objective - 1e-9 * abs(inst.full_objective)
+
+
+def test_bnb_with_workers_exits_cleanly_from_the_command_line():
+    """The CLI process ends without tracebacks from the worker pool, both when
+    the search ends before the workers have started and at the time limit."""
+    import subprocess
+    import sys
+
+    for name, limit in (("smollm2-l10-neurons-crop30-k15", "30"), ("minilm-l5-neurons-crop60-k30", "3")):
+        crop = Path(__file__).resolve().parents[1] / f"instances/t1/{name}.npz"
+        proc = subprocess.run([sys.executable, "-m", "osscar_opt.cli", "solve", str(crop), "--solver", "bnb",
+                               "--device", "cpu", "--time-limit", limit, "-p", "workers=2"],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr and "Error" not in proc.stderr, proc.stderr
+        assert "status" in proc.stdout
