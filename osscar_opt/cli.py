@@ -439,8 +439,9 @@ def _bench_prune_args(p: argparse.ArgumentParser):
                         f"(rows other than {DAMPING} are labelled)")
     p.add_argument("--no-speed", action="store_true", help="skip the latency comparison at 50%%")
     p.add_argument("--validation-windows", type=int, default=0,
-                   help="also measure perplexity on this many calibration-half windows after the calibration ones; "
-                        "the report then picks the damping by them")
+                   help="also measure quality on this many calibration-half windows (causal LMs: perplexity) or "
+                        "paragraphs (encoders: fidelity) after the calibration ones; the report then picks the "
+                        "damping by them")
     p.add_argument("--calib-seeds", default=None,
                    help="comma-separated seeds: repeat every run with calibration windows drawn at random positions "
                         "(one draw per seed; the report adds mean and spread)")

@@ -131,3 +131,20 @@ def test_bench_prune_picks_the_damping_by_validation_perplexity_only(tmp_path):
     line = next(x for x in section.splitlines() if x.startswith("| osscar (query-heads,neurons) | 30% |"))
     assert line.endswith("| 0.005 | 19.40 |") and "**0.005: 19.60 / 19.40**" in line
     assert prune._label(rows[1]) == "osscar (query-heads,neurons, damping 0.002)"
+
+
+def test_bench_prune_picks_the_damping_by_validation_fidelity_for_encoders(tmp_path):
+    """Encoders: the damping with the highest validation fidelity is chosen,
+    even where another damping has the higher evaluation fidelity."""
+    from osscar_opt.benchmarks import prune
+
+    rows = [{"solver": "dense", "sparsity": 0.0, "fidelity": 1.0}]
+    runs = {0.002: (0.9410, 0.9420), 0.005: (0.9430, 0.9390), 0.01: (0.9400, 0.9400)}  # (validation, evaluation)
+    for damping, (val, ev) in runs.items():
+        rows.append({"solver": "osscar", "sparsity": 0.3, "damping": damping, "calib_seed": None,
+                     "fidelity": ev, "validation_fidelity": val, "validation_windows": 200})
+    prune._write("minilm-l6", "encoder", rows, tmp_path)
+    text = (tmp_path / "prune_minilm-l6.md").read_text()
+    section = text.split("Damping chosen on 200 validation paragraphs")[1]
+    line = next(x for x in section.splitlines() if x.startswith("| osscar | 30% |"))
+    assert line.endswith("| 0.005 | 0.9390 |") and "**0.005: 0.9430 / 0.9390**" in line

@@ -11,11 +11,13 @@ results/prune_<model>.md and .png hold the table and the plot.
 
 Damping is a hyperparameter of the problem (the ridge of the Gram
 matrices). `--dampings a,b,c --validation-windows N` prunes once per
-damping and also measures perplexity on N validation windows of the
-calibration half, the ones right after the calibration windows (disjoint
-from them and from the evaluation half); the report then picks, per solver
-and sparsity, the damping with the lowest validation perplexity and quotes
-its evaluation perplexity, so the choice never looks at the evaluation half.
+damping and also measures quality on N validation windows (causal LMs:
+perplexity) or N validation paragraphs (encoders: embedding fidelity to the
+dense model) of the calibration half, the ones right after those the
+calibration uses (disjoint from them and from the evaluation half); the
+report then picks, per solver and sparsity, the damping with the best
+validation figure and quotes its evaluation figure, so the choice never
+looks at the evaluation half.
 """
 
 from __future__ import annotations
@@ -77,21 +79,23 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
     damping: one value or several (rows other than the default are labelled).
     structures: pruned instead of the architecture's default (rows labelled
     with them, e.g. "osscar (query-heads,neurons)").
-    validation_windows: also measure perplexity on that many calibration-half
-    windows after the calibration ones (causal LMs, consecutive calibration
-    only), for choosing the damping without the evaluation half."""
+    validation_windows: also measure quality on that many calibration-half
+    windows (causal LMs: perplexity) or paragraphs (encoders: fidelity) after
+    those the calibration uses (consecutive calibration only), for choosing
+    the damping without the evaluation half."""
     import torch
 
     from .. import data, models
     from ..apply import apply
-    from ..evaluation import compare_latency, evaluate_model, perplexity
+    from ..evaluation import compare_latency, embedding_fidelity, evaluate_model, perplexity, sentence_embeddings
 
     out = Path(out) if out else RESULTS
     out.mkdir(parents=True, exist_ok=True)
     log = out / f"prune_{model_name}.jsonl"
     done = {(_label(r), r["sparsity"]) for r in _rows(log) if r.get("solver")}
-    validated = {(_label(r), r["sparsity"]) for r in _rows(log) if r.get("validation_perplexity")}
     kind = models.EMBEDDED[model_name].kind if model_name in models.EMBEDDED else "causal-lm"
+    vkey = "validation_perplexity" if kind == "causal-lm" else "validation_fidelity"
+    validated = {(_label(r), r["sparsity"]) for r in _rows(log) if r.get(vkey) is not None}
     dense_model, tok = models.load(model_name, dtype=torch.float32, device=device)
     seq = min(seq_len, getattr(dense_model.config, "max_position_embeddings", seq_len))
     dense = evaluate_model(dense_model, tok, kind=kind, n_windows=eval_windows, seq_len=seq)
@@ -105,10 +109,16 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
         return data.calibration(tok, "pydoc", nsamples, seq, seed=seed)
 
     evaluation = data.windows(tok, "pydoc", "evaluation", 1, seq) if kind == "causal-lm" else None
-    validation = None
+    validation = None  # after the calibration windows / paragraphs: disjoint from them
     if validation_windows and kind == "causal-lm":
-        held = data.windows(tok, "pydoc", "calibration", nsamples + validation_windows, seq)
-        validation = held[nsamples:]  # after the calibration windows: disjoint from them
+        validation = data.windows(tok, "pydoc", "calibration", nsamples + validation_windows, seq)[nsamples:]
+    elif validation_windows and kind == "encoder":
+        n_cal = nsamples * 8
+        validation = data.paragraph_texts("pydoc", "calibration")[n_cal : n_cal + validation_windows]
+        if not validation:
+            raise data.DataError(f"the pydoc calibration half has no paragraph after the {n_cal} calibration ones: "
+                                 "use a smaller --nsamples")
+        validation_reference = sentence_embeddings(dense_model, tok, validation)
     dampings = [float(damping)] if isinstance(damping, (int, float)) else [float(x) for x in damping]
     for seed, damping, solver, s in itertools.product(calib_seeds, dampings, solvers, sparsities):
         tag = ",".join(structures) if structures else None
@@ -127,8 +137,11 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
                "prune_seconds": seconds, "solve_seconds": report.solve_seconds, "mean_err": report.mean_err,
                "perplexity": res.get("perplexity"), "fidelity": res.get("fidelity")}
         if validation is not None and seed is None:
-            row["validation_perplexity"] = perplexity(model, validation)
-            row["validation_windows"] = int(validation.shape[0])
+            if kind == "causal-lm":
+                row[vkey] = perplexity(model, validation)
+            else:
+                row[vkey] = embedding_fidelity(validation_reference, sentence_embeddings(model, tok, validation))
+            row["validation_windows"] = len(validation)
         if speed_at is not None and abs(s - speed_at) < 1e-9 and solver == solvers[0] and kind == "causal-lm" \
                 and seed is None:
             row["speed_dense"], row["speed_pruned"] = compare_latency(dense_model, model, evaluation)
@@ -167,27 +180,30 @@ def _seed_table(rows: list[dict], metric: str) -> list[str]:
 
 
 def _damping_table(rows: list[dict], metric: str) -> list[str]:
-    """Per solver and sparsity, the damping with the lowest validation
-    perplexity (calibration-half windows) and its evaluation perplexity."""
+    """Per solver and sparsity, the damping with the best validation figure
+    (calibration-half windows or paragraphs) and its evaluation figure."""
+    vkey, unit = f"validation_{metric}", "windows" if metric == "perplexity" else "paragraphs"
+    pick = min if metric == "perplexity" else max
+    fmt = "{:.2f}" if metric == "perplexity" else "{:.4f}"
     groups: dict[tuple[str, float], list[dict]] = {}
     for r in rows:
         groups.setdefault((_label({**r, "damping": DAMPING}), r["sparsity"]), []).append(r)
     n_val = max(r.get("validation_windows", 0) for r in rows)
-    lines = ["", f"Damping chosen on {n_val} validation windows of the calibration half (after the calibration "
-             "windows, never the evaluation half): validation / evaluation perplexity per damping tried, the "
+    lines = ["", f"Damping chosen on {n_val} validation {unit} of the calibration half (after the calibration "
+             f"{unit}, never the evaluation half): validation / evaluation {metric} per damping tried, the "
              "chosen one in bold.", "",
              "| solver | sparsity | dampings tried: validation / evaluation | chosen | evaluation at the chosen |",
              "|---|---|---|---|---|"]
     for (label, sp), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         latest = {r.get("damping", DAMPING): r for r in rs}  # a rerun's row replaces the earlier one
         ordered = sorted(latest.values(), key=lambda r: r.get("damping", DAMPING))
-        chosen = min(ordered, key=lambda r: r["validation_perplexity"])
+        chosen = pick(ordered, key=lambda r: r[vkey])
         cells = []
         for r in ordered:
-            text = f"{r.get('damping', DAMPING):g}: {r['validation_perplexity']:.2f} / {r[metric]:.2f}"
+            text = f"{r.get('damping', DAMPING):g}: {fmt.format(r[vkey])} / {fmt.format(r[metric])}"
             cells.append(f"**{text}**" if r is chosen else text)
         lines.append(f"| {label} | {sp:.0%} | {'; '.join(cells)} | {chosen.get('damping', DAMPING):g} | "
-                     f"{chosen[metric]:.2f} |")
+                     f"{fmt.format(chosen[metric])} |")
     return lines
 
 
@@ -230,8 +246,9 @@ def _write(model_name: str, kind: str, rows: list[dict], out: Path) -> None:
                       "6 at 30%, 4 at 50%. Rows labelled `query-heads,neurons` keep "
                       "round(9 x keep) anywhere (4 at 50%, KV heads duplicated where groups differ), the "
                       "published head count."]
-    if any(r.get("validation_perplexity") for r in rows):
-        lines += _damping_table([r for r in rows if r.get("validation_perplexity")], metric)
+    validated = [r for r in rows if r.get(f"validation_{metric}") is not None]
+    if validated:
+        lines += _damping_table(validated, metric)
     if seeded:
         lines += _seed_table(seeded, metric)
     for r in rows:
