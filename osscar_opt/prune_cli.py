@@ -138,16 +138,19 @@ def prune_command(args: argparse.Namespace) -> int:
         report = last["report"].to_dict()
         write_json_atomic(out / "report.json", {"summary": rows, "last_report": report,
                                                 "dense": {k: v for k, v in dense.items() if k != "embeddings"}})
+        cal = report["calibration"]
+        unit = "paragraphs" if cal.get("kind") == "paragraphs" else "windows"
         md = [f"# osscar-opt prune: {args.model}", "",
-              f"solver `{args.solver}`, calibration {args.calib} {args.nsamples} x {args.seq_len} tokens, "
-              f"{'dense' if args.dense_activations else 'sequential'} activations", ""]
+              f"solver `{args.solver}`, calibration {cal['source']} {cal['windows']} {unit} x {cal['seq_len']} "
+              f"tokens ({cal['tokens']:,} real tokens), {'dense' if args.dense_activations else 'sequential'} "
+              "activations", ""]
         head = "| sparsity | parameters | " + ("perplexity | " if "ppl_pruned" in rows[0] else "fidelity | ") + \
             "prefill speed-up | prune s |"
         md += [head, "|---|---|---|---|---|"]
         for r in rows:
             q = f"{r['ppl_pruned']:.2f}" if "ppl_pruned" in r else f"{r.get('fidelity', float('nan')):.4f}"
-            md.append(f"| {r['sparsity']:.2f} | {r['params_pruned']:,} | {q} | {r.get('prefill_speedup', float('nan')):.2f}x "
-                      f"| {r['prune_seconds']:.0f} |")
+            speed = f"{r['prefill_speedup']:.2f}x" if "prefill_speedup" in r else "- (not measured)"
+            md.append(f"| {r['sparsity']:.2f} | {r['params_pruned']:,} | {q} | {speed} | {r['prune_seconds']:.0f} |")
         md += ["", last["report"].to_markdown()]
         (out / "report.md").write_text("\n".join(md) + "\n")
         print(f"wrote {out}/report.json and {out}/report.md" + ("" if args.sweep else f" and the model in {out}/model"))

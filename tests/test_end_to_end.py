@@ -115,7 +115,10 @@ def test_prune_command_on_minilm_writes_a_reloadable_smaller_model(tmp_path, cap
     assert row["params_pruned"] < row["params_dense"]
     assert 0.8 < row["fidelity"] <= 1.0
     assert row["prefill_speedup"] > 0
-    assert (out / "report.md").read_text().startswith("# osscar-opt prune: minilm-l6")
+    text = (out / "report.md").read_text()
+    assert text.startswith("# osscar-opt prune: minilm-l6")
+    assert "calibration pydoc 32 paragraphs x 128 tokens" in text  # nsamples x 8 paragraphs, not windows
+    assert f"| {row['prefill_speedup']:.2f}x |" in text
     model = load_pruned(out / "model")
     assert model.config.intermediate_size == round(0.75 * 1536)
     dense, tok = models.load("minilm-l6")
