@@ -231,6 +231,16 @@ def paragraph_texts(source: str = "pydoc", split: str = "calibration", n: int | 
     return paras if n is None else paras[:n]
 
 
+PARAGRAPHS_PER_SAMPLE = 8  # an encoder calibration "sample": 8 paragraphs of at most 128 tokens
+
+
+def encoder_calibration(tokenizer: Any, source: str = "pydoc", nsamples: int = 32, seq_len: int = 128,
+                        seed: int | None = None) -> Calibration:
+    """The encoder counterpart of `calibration`: nsamples x PARAGRAPHS_PER_SAMPLE
+    paragraphs of the calibration split, at most min(seq_len, 128) tokens each."""
+    return paragraphs(tokenizer, source, n=nsamples * PARAGRAPHS_PER_SAMPLE, max_length=min(seq_len, 128), seed=seed)
+
+
 def paragraphs(tokenizer: Any, source: str = "pydoc", n: int = 256, max_length: int = 128,
                split: str = "calibration", seed: int | None = None) -> Calibration:
     """Calibration for encoders: paragraphs of the split tokenized like sentence

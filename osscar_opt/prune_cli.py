@@ -52,7 +52,7 @@ def prune_once(args: argparse.Namespace, sparsity: float, dense: dict | None = N
         dense = measure(model, tok, kind, args, speed=False)
     seq_len = min(args.seq_len, getattr(model.config, "max_position_embeddings", args.seq_len))
     if kind == "encoder":  # sentence-like inputs, padded tokens masked out of the Gram matrices
-        cal = data.paragraphs(tok, args.calib, n=args.nsamples * 8, max_length=min(seq_len, 128))
+        cal = data.encoder_calibration(tok, args.calib, args.nsamples, seq_len)
     else:
         cal = data.calibration(tok, args.calib, args.nsamples, seq_len, seed=args.calib_seed)
     structures = args.structures.split(",") if args.structures else None

@@ -105,7 +105,7 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
                       "perplexity": dense.get("perplexity"), "fidelity": 1.0 if kind == "encoder" else None})
     def calibration_for(seed: int | None):
         if kind == "encoder":  # sentence-like inputs, padded tokens masked out of the Gram matrices
-            return data.paragraphs(tok, "pydoc", n=nsamples * 8, max_length=min(seq, 128), seed=seed)
+            return data.encoder_calibration(tok, "pydoc", nsamples, seq, seed=seed)
         return data.calibration(tok, "pydoc", nsamples, seq, seed=seed)
 
     evaluation = data.windows(tok, "pydoc", "evaluation", 1, seq) if kind == "causal-lm" else None
@@ -113,7 +113,7 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
     if validation_windows and kind == "causal-lm":
         validation = data.windows(tok, "pydoc", "calibration", nsamples + validation_windows, seq)[nsamples:]
     elif validation_windows and kind == "encoder":
-        n_cal = nsamples * 8
+        n_cal = nsamples * data.PARAGRAPHS_PER_SAMPLE
         validation = data.paragraph_texts("pydoc", "calibration")[n_cal : n_cal + validation_windows]
         if not validation:
             raise data.DataError(f"the pydoc calibration half has no paragraph after the {n_cal} calibration ones: "
