@@ -167,6 +167,13 @@ class Adapter:
     def _site(self, structure: str, layer: int) -> Site:
         raise NotImplementedError
 
+    def residual_point(self, structure: str, layer: int) -> tuple[str, str]:
+        """Where the hidden state that a site's consumer output is added to
+        (the residual sum) can be read: (module path, "input") for the first
+        input of that module, (block path, "output") for the block's output."""
+        raise UnsupportedModelError(f"{self.name} models do not say where their residual sums are: "
+                                    "use targets='layer'")
+
 
 class LlamaAdapter(Adapter):
     """Llama family (Llama, Mistral, Qwen2, SmolLM2), grouped-query attention.
@@ -211,6 +218,12 @@ class LlamaAdapter(Adapter):
         return Site(layer, structure, f"{prefix}.self_attn.o_proj", n_kv, hd * rep, None, extra)
 
 
+    def residual_point(self, structure: str, layer: int) -> tuple[str, str]:
+        if structure == "neurons":
+            return self.block_name(layer), "output"
+        return f"{self.block_name(layer)}.post_attention_layernorm", "input"
+
+
 class BertAdapter(Adapter):
     """BERT encoders (MiniLM): heads of attention.output.dense, neurons of output.dense."""
 
@@ -229,6 +242,13 @@ class BertAdapter(Adapter):
         hd = int(self_attn.attention_head_size)
         n_heads = self_attn.query.out_features // hd
         return Site(layer, structure, f"{prefix}.attention.output.dense", n_heads, hd, None, {"head_dim": hd})
+
+
+    def residual_point(self, structure: str, layer: int) -> tuple[str, str]:
+        # post-LN: LayerNorm(dense(x) + residual), the sum read before the norm
+        prefix = self.block_name(layer)
+        return (f"{prefix}.output.LayerNorm" if structure == "neurons" else
+                f"{prefix}.attention.output.LayerNorm"), "input"
 
 
 class OPTAdapter(Adapter):
@@ -251,6 +271,13 @@ class OPTAdapter(Adapter):
                     {"head_dim": hd})
 
 
+    def residual_point(self, structure: str, layer: int) -> tuple[str, str]:
+        prefix = self.block_name(layer)
+        if getattr(self.model.config, "do_layer_norm_before", True):  # pre-LN (all but OPT-350m)
+            return (prefix, "output") if structure == "neurons" else (f"{prefix}.final_layer_norm", "input")
+        return f"{prefix}.{'final_layer_norm' if structure == 'neurons' else 'self_attn_layer_norm'}", "input"
+
+
 class GPT2Adapter(Adapter):
     """GPT-2: heads of attn.c_proj, neurons of mlp.c_proj (both transformers Conv1D)."""
 
@@ -269,6 +296,11 @@ class GPT2Adapter(Adapter):
         hd = int(attn.head_dim)
         return Site(layer, structure, f"{prefix}.attn.c_proj", attn.c_proj.weight.shape[0] // hd, hd, None,
                     {"head_dim": hd})
+
+
+    def residual_point(self, structure: str, layer: int) -> tuple[str, str]:
+        prefix = self.block_name(layer)
+        return (prefix, "output") if structure == "neurons" else (f"{prefix}.ln_2", "input")
 
 
 class ConvAdapter(Adapter):

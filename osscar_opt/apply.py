@@ -14,6 +14,7 @@ Extraction and write-back use the same code as `osscar_opt.extract`:
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
@@ -25,8 +26,8 @@ from torch import nn
 from .adapters import Adapter, ConvAdapter, Site, adapter_for
 from .data import DataError
 from .errors import OsscarError
-from .extract import GramHooks, _batches, describe_calibration, run_model, site_instance, token_mask
-from .instance import DAMPING, check_damping
+from .extract import GramHooks, StateRecorder, _batches, describe_calibration, run_model, site_instance, token_mask
+from .instance import DAMPING, DEFAULT_TARGETS, TARGETS, check_damping
 from .registry import solve
 
 # structures pruned first inside a block (attention precedes the FFN)
@@ -65,6 +66,7 @@ class PruneReport:
     calibration: dict = field(default_factory=dict)
     solver_params: dict = field(default_factory=dict)
     damping: float = DAMPING
+    targets: str = DEFAULT_TARGETS
 
     @property
     def mean_err(self) -> dict:
@@ -83,7 +85,7 @@ class PruneReport:
             f"# Pruning report: {self.model}",
             "",
             f"solver `{self.solver}`, sparsity {self.sparsity}, {'sequential' if self.sequential else 'dense'} activations, "
-            f"damping {self.damping:g}, calibration {self.calibration}",
+            f"{self.targets} targets, damping {self.damping:g}, calibration {self.calibration}",
             "",
             f"parameters {self.params_before:,} -> {self.params_after:,} "
             f"({100 * (1 - self.params_after / max(self.params_before, 1)):.1f}% fewer); "
@@ -176,6 +178,15 @@ def _capture_block_inputs(model: nn.Module, adapter: Adapter, calibration: Any, 
     return captured
 
 
+def _within(prefix: str, path: str) -> str:
+    """A module path relative to the block at `prefix` ("" for the block itself)."""
+    if path == prefix:
+        return ""
+    if not path.startswith(prefix + "."):
+        raise PruneError(f"{path} is not inside the block {prefix}")
+    return path[len(prefix) + 1:]
+
+
 def _to(x: Any, device: Any) -> Any:
     if isinstance(x, torch.Tensor):
         return x.to(device)
@@ -189,7 +200,7 @@ def _to(x: Any, device: Any) -> Any:
 
 
 def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict, Any]], device: Any, keep_outputs: bool,
-               hooks: GramHooks | None = None) -> list:
+               hooks: GramHooks | StateRecorder | None = None) -> list:
     outs = []
     with torch.no_grad():
         for args, kwargs, mask in inputs:
@@ -215,6 +226,7 @@ def apply(
     batch_size: int = 8,
     progress: bool = True,
     time_limit: float | None = None,
+    targets: str = DEFAULT_TARGETS,
     **solver_params: Any,
 ) -> PruneReport:
     """Prune `model` in place and return a report.
@@ -232,6 +244,13 @@ def apply(
     solver: any registered solver name; solver_params go to it.
     sequential: each layer sees the already-pruned upstream (default), else
         every layer is pruned on the dense model's activations.
+    targets: what a sequential site's refit reproduces from its (pruned-
+        upstream) inputs X: "layer" (default, the published mode) the
+        layer's own dense output X W_hat; "dense" the dense model's residual
+        stream where the site's output is added to it, so every site also
+        corrects the error the sites pruned before it left there (a dense
+        copy of the current block runs alongside: about twice the forward
+        passes; transformers only).
     """
     from tqdm.auto import tqdm
 
@@ -239,7 +258,12 @@ def apply(
 
     _check_sparsity(sparsity)
     damping = check_damping(damping)
+    if targets not in TARGETS:
+        raise PruneError(f"targets must be one of {', '.join(repr(t) for t in TARGETS)}, got {targets!r}")
     adapter = adapter_for(model)
+    if targets == "dense" and (not sequential or isinstance(adapter, ConvAdapter)):
+        raise PruneError("targets='dense' needs sequential=True on a transformer (with dense activations every "
+                         "site fits the dense model already): use targets='layer'")
     if structures is None:
         structures = adapter.default_structures
         if isinstance(sparsity, Mapping):  # {"query-heads": s} or {"kv-groups": s} stands in for "heads"
@@ -270,15 +294,15 @@ def apply(
                          {str(k): v for k, v in sparsity.items()}, sequential=sequential,
                          params_before=count_parameters(model), params_after=0, seconds=0.0, solve_seconds=0.0,
                          calibration=describe_calibration(calibration), solver_params=dict(solver_params),
-                         damping=damping)
+                         damping=damping, targets=targets)
     start = time.perf_counter()
     model.eval()
     meta = {"model": name, "architecture": adapter.name, "calibration": report.calibration,
             "activations": "sequential" if sequential else "dense"}
 
-    def prune_site(site: Site, frac: float, gram: np.ndarray, samples: int) -> None:
+    def prune_site(site: Site, frac: float, gram: np.ndarray, samples: int, cross: np.ndarray | None = None) -> None:
         keep = _keep_for(site, frac)
-        inst = site_instance(model, site, gram, samples, keep=keep, damping=damping, meta=meta)
+        inst = site_instance(model, site, gram, samples, keep=keep, damping=damping, meta=meta, cross=cross)
         sol = solve(inst, solver, device=device, time_limit=time_limit, **solver_params)
         if sol.status.value == "ERROR":
             raise PruneError(f"solver {solver!r} failed on layer {site.layer} {site.structure}: {sol.message}")
@@ -308,6 +332,7 @@ def apply(
                 break
     else:
         inputs = _capture_block_inputs(model, adapter, calibration, batch_size, None)
+        dense_inputs = inputs if targets == "dense" else None  # the dense model's flow, block by block
         by_layer: dict[int, list[tuple[Site, float]]] = {}
         for site, frac in plan:
             by_layer.setdefault(site.layer, []).append((site, frac))
@@ -316,13 +341,28 @@ def apply(
             block = adapter.block(layer)
             home = next(block.parameters()).device
             block.to(dev)
-            for site, frac in by_layer.get(layer, []):
+            sites = by_layer.get(layer, [])
+            points = {s.consumer: adapter.residual_point(s.structure, layer) for s, _ in sites} \
+                if dense_inputs is not None else {}
+            recorded: dict[str, list[torch.Tensor]] = {}
+            if dense_inputs is not None:
+                # a dense copy of the block on the dense flow: its residual sums, then its outputs
+                dense_block = copy.deepcopy(block)
+                prefix = adapter.block_name(layer)
+                local = {c: (_within(prefix, path), kind) for c, (path, kind) in points.items()}
+                with StateRecorder(dense_block, local) as rec:
+                    dense_inputs = _run_block(dense_block, dense_inputs, dev, keep_outputs=layer < last, hooks=rec)
+                recorded = rec.rows
+                del dense_block
+            for site, frac in sites:
                 # the site's current shape (an earlier site of this block may have changed nothing here)
+                deltas = {site.consumer: (points[site.consumer], recorded[site.consumer])} if recorded else None
                 site = adapter.site(site.structure, layer)
-                with GramHooks(model, [site.consumer], device=dev) as hooks:
+                with GramHooks(model, [site.consumer], device=dev, deltas=deltas) as hooks:
                     _run_block(block, inputs, dev, keep_outputs=False, hooks=hooks)
                     gram, samples = hooks.gram(site.consumer), hooks.samples(site.consumer)
-                prune_site(site, frac, gram, samples)
+                    cross = hooks.cross(site.consumer) if deltas else None
+                prune_site(site, frac, gram, samples, cross)
                 bar.update()
             if layer < last:
                 inputs = _run_block(block, inputs, dev, keep_outputs=True)

@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .errors import OsscarError
-from .instance import DAMPING
+from .instance import DAMPING, DEFAULT_TARGETS, TARGETS
 
 Handler = Callable[[argparse.Namespace], int]
 _COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], Handler], str]] = {}
@@ -305,6 +305,10 @@ def _prune_args(p: argparse.ArgumentParser):
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
     p.add_argument("--eval-windows", type=int, default=40, help="evaluation windows (causal LMs)")
     p.add_argument("--dense-activations", action="store_true", help="prune every layer on the dense model's activations")
+    p.add_argument("--targets", choices=TARGETS, default=DEFAULT_TARGETS,
+                   help="what each layer's refit reproduces: 'layer' its own dense output (the published mode), "
+                        "'dense' the dense model's residual stream, correcting upstream error "
+                        f"(default {DEFAULT_TARGETS})")
     p.add_argument("--calib-seed", type=int, default=None,
                    help="draw the calibration windows at random positions of the calibration half with this seed "
                         "(default: consecutive windows from its start)")
@@ -448,6 +452,9 @@ def _bench_prune_args(p: argparse.ArgumentParser):
     p.add_argument("--structures", default=None,
                    help="comma-separated structures instead of the default (e.g. query-heads,neurons: GQA query "
                         "heads kept freely, KV heads duplicated where needed)")
+    p.add_argument("--targets", choices=TARGETS, default="layer",
+                   help="refit targets of apply(): 'layer' (the published mode, default here) or 'dense' "
+                        "(rows labelled 'dense targets')")
 
     def run(args: argparse.Namespace) -> int:
         from .benchmarks import prune
@@ -464,7 +471,7 @@ def _bench_prune_args(p: argparse.ArgumentParser):
         prune.run(args.model, solvers, [float(x) for x in args.sparsities.split(",")], args.nsamples,
                   args.seq_len, args.eval_windows, args.device, args.out, damping=dampings, calib_seeds=seeds,
                   validation_windows=args.validation_windows, speed_at=None if args.no_speed else 0.5,
-                  structures=args.structures.split(",") if args.structures else None)
+                  structures=args.structures.split(",") if args.structures else None, targets=args.targets)
         return 0
 
     return run

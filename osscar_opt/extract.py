@@ -24,31 +24,61 @@ from .data import Calibration, DataError
 from .instance import DAMPING, Instance, damped_gram
 
 
-class GramHooks:
-    """Accumulate X'X (float64) of the inputs of a set of modules."""
+def masked_rows(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A module's input (or a hidden state) as rows, padded tokens left out."""
+    if mask is not None:
+        keep = mask.to(x.device).bool()
+        if x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+            return x[keep]
+        if x.dim() == 2 and x.shape[0] == mask.numel():  # (batch x tokens) rows, e.g. OPT's FFN input
+            return x[keep.reshape(-1)]
+    return input_rows(module, x)
 
-    def __init__(self, model: nn.Module, consumers: Iterable[str], device: Any = None):
+
+def on_state(model: nn.Module, point: tuple[str, str], fn) -> Any:
+    """Call fn(tensor) with the hidden state at `point`: (path, "input") the
+    first input of that module, (path, "output") its output (first element of
+    a tuple). Returns the hook handle."""
+    path, kind = point
+    module = model.get_submodule(path)
+    if kind == "input":
+        return module.register_forward_pre_hook(lambda m, args: fn(m, args[0]))
+    return module.register_forward_hook(lambda m, args, out: fn(m, out[0] if isinstance(out, (tuple, list)) else out))
+
+
+class GramHooks:
+    """Accumulate X'X (float64) of the inputs of a set of modules.
+
+    deltas: {consumer: (point, rows)}: also accumulate X'(R - S) (`cross`),
+        with S the hidden state at `point` (see `on_state`) in this run and R
+        the rows recorded at the same point and tokens in another run (the
+        dense model's, by `StateRecorder`), one entry per call in call order.
+    """
+
+    def __init__(self, model: nn.Module, consumers: Iterable[str], device: Any = None,
+                 deltas: dict[str, tuple[tuple[str, str], list[torch.Tensor]]] | None = None):
         self.model = model
         self.device = None if device is None else torch.device(device)
         self.sums: dict[str, torch.Tensor] = {}
+        self.cross_sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
+        self._last: dict[str, torch.Tensor] = {}
+        self._calls: dict[str, int] = {}
         self._handles = []
         # (batch, tokens) mask of the current batch: padded tokens stay out of X'X
         self.mask: torch.Tensor | None = None
         for name in dict.fromkeys(consumers):
             module = model.get_submodule(name)
-            self._handles.append(module.register_forward_hook(self._hook(name)))
+            self._handles.append(module.register_forward_hook(self._hook(name, name in (deltas or {}))))
+        for name, (point, rows) in (deltas or {}).items():
+            self._handles.append(on_state(model, point, self._delta_hook(name, rows)))
 
-    def _hook(self, name: str):
+    def _hook(self, name: str, keep_rows: bool):
         def hook(module, args, output):
             x = args[0] if args else None
             if not isinstance(x, torch.Tensor):
                 return
-            x = x.detach()
-            if self.mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(self.mask.shape):
-                rows = x[self.mask.to(x.device).bool()]
-            else:
-                rows = input_rows(module, x)
+            rows = masked_rows(module, x.detach(), self.mask)
             dev = self.device or rows.device
             rows = rows.to(dev, torch.float64)
             acc = self.sums.get(name)
@@ -57,8 +87,39 @@ class GramHooks:
                 self.counts[name] = 0
             acc.addmm_(rows.T, rows)
             self.counts[name] += rows.shape[0]
+            if keep_rows:
+                self._last[name] = rows
 
         return hook
+
+    def _delta_hook(self, name: str, recorded: list[torch.Tensor]):
+        def hook(module, state):
+            rows = self._last.pop(name, None)
+            if rows is None:
+                raise DataError(f"the hidden state after {name} was reached without running {name}")
+            call = self._calls.get(name, 0)
+            self._calls[name] = call + 1
+            if call >= len(recorded):
+                raise DataError(f"{name}: more batches than were recorded in the dense model: run both on the "
+                                "same calibration")
+            here = masked_rows(module, state.detach(), self.mask).to(rows.device, torch.float64)
+            delta = recorded[call].to(rows.device, torch.float64) - here
+            if delta.shape[0] != rows.shape[0]:
+                raise DataError(f"{name}: {rows.shape[0]} input rows but {delta.shape[0]} hidden-state rows "
+                                "in the same batch")
+            acc = self.cross_sums.get(name)
+            if acc is None:
+                acc = self.cross_sums[name] = torch.zeros(rows.shape[1], delta.shape[1], dtype=torch.float64,
+                                                          device=rows.device)
+            acc.addmm_(rows.T, delta)
+
+        return hook
+
+    def cross(self, name: str) -> np.ndarray:
+        """X'(R - S)/n (see `deltas`) as a float64 numpy array."""
+        if name not in self.cross_sums or self.counts.get(name, 0) == 0:
+            raise DataError(f"no hidden state after {name} was seen: the calibration data never ran through it")
+        return (self.cross_sums[name] / self.counts[name]).cpu().numpy()
 
     def gram(self, name: str) -> np.ndarray:
         """X'X/n as a float64 numpy array."""
@@ -69,6 +130,33 @@ class GramHooks:
 
     def samples(self, name: str) -> int:
         return self.counts.get(name, 0)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+class StateRecorder:
+    """Record the hidden state at some points (see `on_state`) as float32 rows
+    on the CPU, one entry per call, padded tokens left out (`mask`)."""
+
+    def __init__(self, model: nn.Module, points: dict[str, tuple[str, str]]):
+        self.rows: dict[str, list[torch.Tensor]] = {key: [] for key in points}
+        self.mask: torch.Tensor | None = None
+        self._handles = [on_state(model, point, self._hook(key)) for key, point in points.items()]
+
+    def _hook(self, key: str):
+        def hook(module, state):
+            self.rows[key].append(masked_rows(module, state.detach(), self.mask).to("cpu", torch.float32))
+
+        return hook
 
     def remove(self) -> None:
         for h in self._handles:
@@ -105,11 +193,25 @@ def site_instance(
     keep: float | int = 0.5,
     damping: float = DAMPING,
     meta: dict | None = None,
+    cross: np.ndarray | None = None,
 ) -> Instance:
-    """The Instance of one site from its Gram matrix X'X/n."""
+    """The Instance of one site from its Gram matrix X'X/n.
+
+    cross: X'(R - S)/n (`GramHooks` deltas), with S the hidden state the
+    consumer's output is added to (its residual sum) in this model and R the
+    same state in the dense model on the same tokens. The instance then fits
+    the dense model's residual stream instead of the layer's own output:
+    its objective is ||X W + (S - X W_hat) - R||^2/n + lam ||W - W_hat||^2 up
+    to a constant, i.e. its target weights are W_hat + H^-1 X'(R - S)/n.
+    """
     module = model.get_submodule(site.consumer)
     W = weight_matrix(module).to("cpu", torch.float64).numpy()
     H = damped_gram(gram, damping)
+    if cross is not None:
+        if cross.shape != W.shape:
+            raise DataError(f"{site.consumer}: X'(R - S) has shape {cross.shape}, the weights {W.shape}: "
+                            "the hidden state recorded does not match this consumer's outputs")
+        W = W + np.linalg.solve(H, cross)
     k, budget = keep_count(site, keep)
     partition = None if site.partition is None else (np.asarray(site.partition), budget)
     info = dict(meta or {})

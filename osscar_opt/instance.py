@@ -412,6 +412,10 @@ class Instance:
 
 
 DAMPING = 0.01  # the default ridge: a fraction of the Gram matrix's mean diagonal
+# what a sequentially pruned layer's refit reproduces (`osscar_opt.apply`): its own dense output
+# ("layer", the published mode) or the dense model's residual stream ("dense")
+TARGETS = ("layer", "dense")
+DEFAULT_TARGETS = "layer"
 
 
 def check_damping(damping: Any) -> float:

@@ -58,6 +58,7 @@ def prune_once(args: argparse.Namespace, sparsity: float, dense: dict | None = N
     structures = args.structures.split(",") if args.structures else None
     report = apply(model, cal, _sparsity(args, sparsity), solver=args.solver, structures=structures,
                    sequential=not args.dense_activations, damping=args.damping, device=args.device,
+                   targets=args.targets,
                    **_solver_params(args))
     pruned = measure(model, tok, kind, args, reference=dense.get("embeddings"), speed=False)
     if not args.no_speed:
@@ -143,7 +144,7 @@ def prune_command(args: argparse.Namespace) -> int:
         md = [f"# osscar-opt prune: {args.model}", "",
               f"solver `{args.solver}`, calibration {cal['source']} {cal['windows']} {unit} x {cal['seq_len']} "
               f"tokens ({cal['tokens']:,} real tokens), {'dense' if args.dense_activations else 'sequential'} "
-              "activations", ""]
+              f"activations, {report['targets']} targets", ""]
         head = "| sparsity | parameters | " + ("perplexity | " if "ppl_pruned" in rows[0] else "fidelity | ") + \
             "prefill speed-up | prune s |"
         md += [head, "|---|---|---|---|---|"]

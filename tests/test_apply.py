@@ -99,6 +99,66 @@ def test_sequential_sees_the_pruned_upstream():
     assert seq.sites[1].err != pytest.approx(dense.sites[1].err, rel=1e-6)
 
 
+def _recorded(model, tokens, name, of="input"):
+    """Rows of one module's input (or output) over `tokens` (float64), by a plain hook."""
+    rows = []
+
+    def keep(x):
+        x = x[0] if isinstance(x, (tuple, list)) else x
+        rows.append(x.detach().reshape(-1, x.shape[-1]).double())
+
+    module = model.get_submodule(name)
+    handle = module.register_forward_pre_hook(lambda m, args: keep(args[0])) if of == "input" else \
+        module.register_forward_hook(lambda m, args, out: keep(out))
+    try:
+        with torch.no_grad():
+            model(tokens)
+    finally:
+        handle.remove()
+    return torch.cat(rows)
+
+
+# where each architecture adds a site's output to its residual stream in block 1 (read independently of the adapters)
+_RESIDUAL_SUM = {
+    ("llama", "heads"): ("model.layers.1.post_attention_layernorm", "input"),
+    ("llama", "neurons"): ("model.layers.1", "output"),
+    ("bert", "heads"): ("encoder.layer.1.attention.output.LayerNorm", "input"),
+    ("bert", "neurons"): ("encoder.layer.1.output.LayerNorm", "input"),
+    ("opt", "heads"): ("model.decoder.layers.1.final_layer_norm", "input"),
+    ("opt", "neurons"): ("model.decoder.layers.1", "output"),
+    ("gpt2", "heads"): ("transformer.h.1.ln_2", "input"),
+    ("gpt2", "neurons"): ("transformer.h.1", "output"),
+}
+
+
+@pytest.mark.parametrize("arch,structure", sorted(_RESIDUAL_SUM))
+def test_dense_targets_fit_the_dense_residual_stream(arch, structure):
+    """targets='dense': layer 1's refit makes the gap between the dense and
+    the pruned model's residual sum after the site (e.g. Llama's block
+    output after its FFN, the input of BERT's output LayerNorm) orthogonal
+    to the kept inputs (the least-squares optimality condition, damping ~ 0),
+    checked on states recorded here by plain hooks. Solved exactly
+    (`enumerate`), so the gap is the smallest over every support and the
+    default mode's is larger. Layer 0 sees the same inputs in both models, so
+    its instance is the default mode's."""
+    dense = ARCHITECTURES[arch](layers=2, ffn=16)
+    a, b = copy.deepcopy(dense), copy.deepcopy(dense)
+    tokens = random_tokens(n=8, seq_len=24)
+    kw = dict(structures=[structure], damping=1e-8, solver="enumerate", progress=False)
+    fit_dense = apply(a, tokens, 0.5, targets="dense", **kw)
+    fit_layer = apply(b, tokens, 0.5, **kw)
+    assert fit_dense.sites[0].keep == fit_layer.sites[0].keep
+    assert fit_dense.sites[0].err == pytest.approx(fit_layer.sites[0].err, rel=1e-6)
+    consumer = fit_dense.sites[1].module
+    point, of = _RESIDUAL_SUM[arch, structure]
+    R = _recorded(dense, tokens, point, of=of)
+    gap_dense, gap_layer = R - _recorded(a, tokens, point, of=of), R - _recorded(b, tokens, point, of=of)
+    X = _recorded(a, tokens, consumer)  # the kept inputs only: the model is physically pruned
+    assert torch.linalg.norm(X.T @ gap_dense) <= 1e-4 * torch.linalg.norm(X) * torch.linalg.norm(gap_dense)
+    assert torch.linalg.norm(X.T @ gap_layer) > 1e-2 * torch.linalg.norm(X) * torch.linalg.norm(gap_layer)
+    assert torch.linalg.norm(gap_dense) < torch.linalg.norm(gap_layer)
+
+
 def test_per_structure_and_per_layer_sparsity():
     model = tiny_llama(layers=2)
     report = apply(model, random_tokens(), {0: 0.5}, structures=["neurons"], progress=False)
@@ -133,6 +193,8 @@ def test_bad_inputs_leave_the_model_untouched():
         (dict(sparsity=0.5, damping=-0.01), InstanceError, "damping must be a finite number >= 0"),
         (dict(sparsity=0.5, damping=float("nan")), InstanceError, "damping must be a finite number >= 0"),
         (dict(sparsity=0.5, damping=True), InstanceError, "damping must be a finite number >= 0"),
+        (dict(sparsity=0.5, targets="outputs"), PruneError, "targets must be one of 'layer', 'dense'"),
+        (dict(sparsity=0.5, targets="dense", sequential=False), PruneError, "targets='dense' needs sequential"),
     ]:
         with pytest.raises(error, match=match):
             apply(model, tokens, progress=False, **bad)

@@ -50,6 +50,8 @@ def _label(row: dict, seed: bool = True) -> str:
     extra = [] if damping == DAMPING else [f"damping {damping:g}"]
     if row.get("structures"):
         extra.insert(0, row["structures"])
+    if row.get("targets", "layer") != "layer":
+        extra.insert(0, f"{row['targets']} targets")
     if seed and row.get("calib_seed") is not None:
         extra.append(f"calib seed {row['calib_seed']}")
     return row["solver"] + (f" ({', '.join(extra)})" if extra else "")
@@ -72,7 +74,7 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
         eval_windows: int = 40, device: str | None = None, out: str | Path | None = None,
         speed_at: float | None = 0.5, damping: float | Sequence[float] = DAMPING,
         calib_seeds: Sequence[int | None] = (None,), structures: Sequence[str] | None = None,
-        validation_windows: int = 0) -> list[dict]:
+        validation_windows: int = 0, targets: str = "layer") -> list[dict]:
     """One pruning per (seed, damping, solver, sparsity), appended to
     prune_<model>.jsonl as it finishes (a rerun skips those done), then the
     tables and plot.
@@ -122,17 +124,19 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
     dampings = [float(damping)] if isinstance(damping, (int, float)) else [float(x) for x in damping]
     for seed, damping, solver, s in itertools.product(calib_seeds, dampings, solvers, sparsities):
         tag = ",".join(structures) if structures else None
-        label = _label({"solver": solver, "damping": damping, "calib_seed": seed, "structures": tag})
+        label = _label({"solver": solver, "damping": damping, "calib_seed": seed, "structures": tag,
+                        "targets": targets})
         if (label, s) in (done if validation is None or seed is not None else validated):
             continue
         cal = calibration_for(seed)
         model, _ = models.load(model_name, dtype=torch.float32, device=device)
         t = time.perf_counter()
         report = apply(model, cal, s, solver=solver, device=device, progress=False, damping=damping,
-                       structures=structures)
+                       structures=structures, targets=targets)
         seconds = time.perf_counter() - t
         res = evaluate_model(model, tok, kind=kind, n_windows=eval_windows, seq_len=seq, reference=reference)
         row = {"solver": solver, "sparsity": s, "damping": damping, "calib_seed": seed, "structures": tag,
+               "targets": targets,
                "parameters": res["parameters"],
                "prune_seconds": seconds, "solve_seconds": report.solve_seconds, "mean_err": report.mean_err,
                "perplexity": res.get("perplexity"), "fidelity": res.get("fidelity")}
