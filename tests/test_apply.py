@@ -50,6 +50,7 @@ def test_apply_removes_groups_physically_and_matches_the_refit_dense_model(arch,
     report = apply(model, tokens, {"heads": 0.5, "neurons": 0.25}, sequential=sequential, progress=False)
     adapter = adapter_for(model)
     assert len(report.sites) == 2 * adapter.n_layers
+    assert report.targets == ("dense" if sequential else "layer")  # the default: dense targets where they apply
     for site in report.sites:
         expected = max(1, round((0.5 if site.structure == "heads" else 0.75) * site.groups))
         if arch == "llama" and site.structure == "heads":
@@ -146,7 +147,7 @@ def test_dense_targets_fit_the_dense_residual_stream(arch, structure):
     tokens = random_tokens(n=8, seq_len=24)
     kw = dict(structures=[structure], damping=1e-8, solver="enumerate", progress=False)
     fit_dense = apply(a, tokens, 0.5, targets="dense", **kw)
-    fit_layer = apply(b, tokens, 0.5, **kw)
+    fit_layer = apply(b, tokens, 0.5, targets="layer", **kw)
     assert fit_dense.sites[0].keep == fit_layer.sites[0].keep
     assert fit_dense.sites[0].err == pytest.approx(fit_layer.sites[0].err, rel=1e-6)
     consumer = fit_dense.sites[1].module
@@ -175,6 +176,7 @@ def test_cnn_trained_on_digits_keeps_its_accuracy():
     report = apply(model, images[:200], 0.25, progress=False)
     after = accuracy(model, images, labels)
     assert [s.module for s in report.sites] == ["conv2", "conv3"]
+    assert report.targets == "layer"
     assert count_parameters(model) < params
     assert before > 0.9 and after > before - 0.1, (before, after)
 
