@@ -2,10 +2,18 @@
 
 `apply(model, calibration, sparsity)` prunes every selected structure of
 every layer and physically removes the pruned groups. Sequential by default
-(the published OSSCAR mode): each layer is pruned on the activations of the
-already-pruned upstream model; inside a block, attention is pruned before the
-FFN so the FFN sees the pruned attention. Blocks are moved to the device one
-at a time, so a model larger than the accelerator's memory works.
+(as the published OSSCAR code): each layer is pruned on the activations of
+the already-pruned upstream model; inside a block, attention is pruned before
+the FFN so the FFN sees the pruned attention. Blocks are moved to the device
+one at a time, so a model larger than the accelerator's memory works.
+
+Targets: the published code refits each layer to its own dense output on
+those pruned inputs (targets="layer"), so the error left upstream is carried
+along. By default a transformer's refits instead reproduce the dense model's
+residual stream where each site's output is added to it (targets="dense"):
+a dense copy of the current block runs on the dense flow, and each instance's
+target weights become W_hat + H^-1 X'(R - S)/n (`extract.site_instance`),
+with S the residual sum in the pruned model and R in the dense one.
 
 Extraction and write-back use the same code as `osscar_opt.extract`:
 `GramHooks` on the consumer modules and `site_instance` to build each layer's
@@ -27,7 +35,7 @@ from .adapters import Adapter, ConvAdapter, Site, adapter_for
 from .data import DataError
 from .errors import OsscarError
 from .extract import GramHooks, StateRecorder, _batches, describe_calibration, run_model, site_instance, token_mask
-from .instance import DAMPING, DEFAULT_TARGETS, TARGETS, check_damping
+from .instance import DAMPING, DEFAULT_TARGETS, TARGET_DAMPING, TARGETS, check_damping
 from .registry import solve
 
 # structures pruned first inside a block (attention precedes the FFN)
@@ -67,6 +75,7 @@ class PruneReport:
     solver_params: dict = field(default_factory=dict)
     damping: float = DAMPING
     targets: str = "layer"
+    target_damping: float | None = None
 
     @property
     def mean_err(self) -> dict:
@@ -85,7 +94,8 @@ class PruneReport:
             f"# Pruning report: {self.model}",
             "",
             f"solver `{self.solver}`, sparsity {self.sparsity}, {'sequential' if self.sequential else 'dense'} activations, "
-            f"{self.targets} targets, damping {self.damping:g}, calibration {self.calibration}",
+            f"{self.targets} targets" + (f" (ridge {self.target_damping:g})" if self.target_damping is not None else "")
+            + f", damping {self.damping:g}, calibration {self.calibration}",
             "",
             f"parameters {self.params_before:,} -> {self.params_after:,} "
             f"({100 * (1 - self.params_after / max(self.params_before, 1)):.1f}% fewer); "
@@ -227,6 +237,7 @@ def apply(
     progress: bool = True,
     time_limit: float | None = None,
     targets: str | None = DEFAULT_TARGETS,
+    target_damping: float = TARGET_DAMPING,
     **solver_params: Any,
 ) -> PruneReport:
     """Prune `model` in place and return a report.
@@ -253,6 +264,11 @@ def apply(
         transformers only). None (default): "dense" for sequential pruning
         of a transformer, else "layer" (with dense activations the two are
         the same problem).
+    target_damping: the ridge of the dense-target correction (fraction of
+        the mean diagonal, like `damping`): the correction is fitted to the
+        residual gap of the calibration tokens, and a weak ridge lets it
+        follow their noise (SmolLM2 at 50%: perplexity 20.76 with 0.01,
+        20.32 with 0.1; at 60%, 59 / 54 with 0.1 / 1 on held-out windows).
     """
     from tqdm.auto import tqdm
 
@@ -260,6 +276,7 @@ def apply(
 
     _check_sparsity(sparsity)
     damping = check_damping(damping)
+    target_damping = check_damping(target_damping)
     if targets is not None and targets not in TARGETS:
         raise PruneError(f"targets must be one of {', '.join(repr(t) for t in TARGETS)} or None, got {targets!r}")
     adapter = adapter_for(model)
@@ -299,6 +316,8 @@ def apply(
                          params_before=count_parameters(model), params_after=0, seconds=0.0, solve_seconds=0.0,
                          calibration=describe_calibration(calibration), solver_params=dict(solver_params),
                          damping=damping, targets=targets)
+    if targets == "dense":
+        report.target_damping = target_damping
     start = time.perf_counter()
     model.eval()
     meta = {"model": name, "architecture": adapter.name, "calibration": report.calibration,
@@ -306,7 +325,8 @@ def apply(
 
     def prune_site(site: Site, frac: float, gram: np.ndarray, samples: int, cross: np.ndarray | None = None) -> None:
         keep = _keep_for(site, frac)
-        inst = site_instance(model, site, gram, samples, keep=keep, damping=damping, meta=meta, cross=cross)
+        inst = site_instance(model, site, gram, samples, keep=keep, damping=damping, meta=meta, cross=cross,
+                             cross_damping=target_damping)
         sol = solve(inst, solver, device=device, time_limit=time_limit, **solver_params)
         if sol.status.value == "ERROR":
             raise PruneError(f"solver {solver!r} failed on layer {site.layer} {site.structure}: {sol.message}")

@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .errors import OsscarError
-from .instance import DAMPING, DEFAULT_TARGETS, TARGETS
+from .instance import DAMPING, DEFAULT_TARGETS, TARGET_DAMPING, TARGETS
 
 Handler = Callable[[argparse.Namespace], int]
 _COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], Handler], str]] = {}
@@ -309,6 +309,8 @@ def _prune_args(p: argparse.ArgumentParser):
                    help="what each layer's refit reproduces: 'dense' the dense model's residual stream, correcting "
                         "upstream error (default for sequential transformers), 'layer' its own dense output (the "
                         "published mode)")
+    p.add_argument("--target-damping", type=float, default=TARGET_DAMPING,
+                   help=f"ridge of the dense-target correction, fraction of the mean diagonal (default {TARGET_DAMPING})")
     p.add_argument("--calib-seed", type=int, default=None,
                    help="draw the calibration windows at random positions of the calibration half with this seed "
                         "(default: consecutive windows from its start)")
@@ -455,6 +457,8 @@ def _bench_prune_args(p: argparse.ArgumentParser):
     p.add_argument("--targets", choices=TARGETS, default="layer",
                    help="refit targets of apply(): 'layer' (the published mode; rows unlabelled) or 'dense' "
                         "(apply's default for these models; rows labelled 'dense targets')")
+    p.add_argument("--target-damping", type=float, default=TARGET_DAMPING,
+                   help=f"ridge of the dense-target correction (default {TARGET_DAMPING}; other values are labelled)")
 
     def run(args: argparse.Namespace) -> int:
         from .benchmarks import prune
@@ -471,7 +475,8 @@ def _bench_prune_args(p: argparse.ArgumentParser):
         prune.run(args.model, solvers, [float(x) for x in args.sparsities.split(",")], args.nsamples,
                   args.seq_len, args.eval_windows, args.device, args.out, damping=dampings, calib_seeds=seeds,
                   validation_windows=args.validation_windows, speed_at=None if args.no_speed else 0.5,
-                  structures=args.structures.split(",") if args.structures else None, targets=args.targets)
+                  structures=args.structures.split(",") if args.structures else None, targets=args.targets,
+                  target_damping=args.target_damping)
         return 0
 
     return run

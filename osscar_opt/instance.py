@@ -417,6 +417,7 @@ DAMPING = 0.01  # the default ridge: a fraction of the Gram matrix's mean diagon
 # is "dense" where it applies (sequential pruning of a transformer), else "layer"
 TARGETS = ("layer", "dense")
 DEFAULT_TARGETS = None
+TARGET_DAMPING = 0.1  # the ridge of the dense-target correction, as a fraction of the mean diagonal
 
 
 def check_damping(damping: Any) -> float:

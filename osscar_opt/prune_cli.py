@@ -58,7 +58,7 @@ def prune_once(args: argparse.Namespace, sparsity: float, dense: dict | None = N
     structures = args.structures.split(",") if args.structures else None
     report = apply(model, cal, _sparsity(args, sparsity), solver=args.solver, structures=structures,
                    sequential=not args.dense_activations, damping=args.damping, device=args.device,
-                   targets=args.targets,
+                   targets=args.targets, target_damping=args.target_damping,
                    **_solver_params(args))
     pruned = measure(model, tok, kind, args, reference=dense.get("embeddings"), speed=False)
     if not args.no_speed:

@@ -146,7 +146,7 @@ def test_dense_targets_fit_the_dense_residual_stream(arch, structure):
     a, b = copy.deepcopy(dense), copy.deepcopy(dense)
     tokens = random_tokens(n=8, seq_len=24)
     kw = dict(structures=[structure], damping=1e-8, solver="enumerate", progress=False)
-    fit_dense = apply(a, tokens, 0.5, targets="dense", **kw)
+    fit_dense = apply(a, tokens, 0.5, targets="dense", target_damping=1e-8, **kw)
     fit_layer = apply(b, tokens, 0.5, targets="layer", **kw)
     assert fit_dense.sites[0].keep == fit_layer.sites[0].keep
     assert fit_dense.sites[0].err == pytest.approx(fit_layer.sites[0].err, rel=1e-6)

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ..instance import DAMPING
+from ..instance import DAMPING, TARGET_DAMPING
 from . import RESULTS, machine, machine_line
 
 PUBLISHED = {"smollm2-135m": {0.3: 19.70, 0.5: 31.78}}
@@ -51,7 +51,8 @@ def _label(row: dict, seed: bool = True) -> str:
     if row.get("structures"):
         extra.insert(0, row["structures"])
     if row.get("targets", "layer") != "layer":
-        extra.insert(0, f"{row['targets']} targets")
+        ridge = row.get("target_damping", TARGET_DAMPING)
+        extra.insert(0, f"{row['targets']} targets" + ("" if ridge == TARGET_DAMPING else f" {ridge:g}"))
     if seed and row.get("calib_seed") is not None:
         extra.append(f"calib seed {row['calib_seed']}")
     return row["solver"] + (f" ({', '.join(extra)})" if extra else "")
@@ -74,7 +75,7 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
         eval_windows: int = 40, device: str | None = None, out: str | Path | None = None,
         speed_at: float | None = 0.5, damping: float | Sequence[float] = DAMPING,
         calib_seeds: Sequence[int | None] = (None,), structures: Sequence[str] | None = None,
-        validation_windows: int = 0, targets: str = "layer") -> list[dict]:
+        validation_windows: int = 0, targets: str = "layer", target_damping: float = TARGET_DAMPING) -> list[dict]:
     """One pruning per (seed, damping, solver, sparsity), appended to
     prune_<model>.jsonl as it finishes (a rerun skips those done), then the
     tables and plot.
@@ -125,18 +126,18 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
     for seed, damping, solver, s in itertools.product(calib_seeds, dampings, solvers, sparsities):
         tag = ",".join(structures) if structures else None
         label = _label({"solver": solver, "damping": damping, "calib_seed": seed, "structures": tag,
-                        "targets": targets})
+                        "targets": targets, "target_damping": target_damping})
         if (label, s) in (done if validation is None or seed is not None else validated):
             continue
         cal = calibration_for(seed)
         model, _ = models.load(model_name, dtype=torch.float32, device=device)
         t = time.perf_counter()
         report = apply(model, cal, s, solver=solver, device=device, progress=False, damping=damping,
-                       structures=structures, targets=targets)
+                       structures=structures, targets=targets, target_damping=target_damping)
         seconds = time.perf_counter() - t
         res = evaluate_model(model, tok, kind=kind, n_windows=eval_windows, seq_len=seq, reference=reference)
         row = {"solver": solver, "sparsity": s, "damping": damping, "calib_seed": seed, "structures": tag,
-               "targets": targets,
+               "targets": targets, "target_damping": target_damping if targets == "dense" else None,
                "parameters": res["parameters"],
                "prune_seconds": seconds, "solve_seconds": report.solve_seconds, "mean_err": report.mean_err,
                "perplexity": res.get("perplexity"), "fidelity": res.get("fidelity")}
