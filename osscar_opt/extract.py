@@ -46,7 +46,24 @@ def on_state(model: nn.Module, point: tuple[str, str], fn) -> Any:
     return module.register_forward_hook(lambda m, args, out: fn(m, out[0] if isinstance(out, (tuple, list)) else out))
 
 
-class GramHooks:
+class _Hooks:
+    """Forward hooks removed on `remove()` or at the end of a `with` block."""
+
+    _handles: list
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+class GramHooks(_Hooks):
     """Accumulate X'X (float64) of the inputs of a set of modules.
 
     deltas: {consumer: (point, rows)}: also accumulate X'(R - S) (`cross`),
@@ -144,19 +161,8 @@ class GramHooks:
     def samples(self, name: str) -> int:
         return self.counts.get(name, 0)
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
-
-
-class StateRecorder:
+class StateRecorder(_Hooks):
     """Record the hidden state at some points (see `on_state`) as float32 rows
     on the CPU, one entry per call, padded tokens left out (`mask`)."""
 
@@ -170,17 +176,6 @@ class StateRecorder:
             self.rows[key].append(masked_rows(module, state.detach(), self.mask).to("cpu", torch.float32))
 
         return hook
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
 
 
 def keep_count(site: Site, keep: float | int) -> tuple[int, list[int] | None]:
