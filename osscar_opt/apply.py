@@ -8,9 +8,10 @@ the FFN so the FFN sees the pruned attention. Blocks are moved to the device
 one at a time, so a model larger than the accelerator's memory works.
 
 Targets: the published code refits each layer to its own dense output on
-those pruned inputs (targets="layer"), so the error left upstream is carried
-along. By default a transformer's refits instead reproduce the dense model's
-residual stream where each site's output is added to it (targets="dense"):
+those pruned inputs (targets="layer", the default), so the error left
+upstream is carried along. With targets="dense" a transformer's refits
+instead reproduce the dense model's residual stream where each site's output
+is added to it:
 a dense copy of the current block runs on the dense flow, and each instance's
 target weights become W_hat + H^-1 X'(R - S)/n (`extract.site_instance`),
 with S the residual sum in the pruned model and R in the dense one.
@@ -261,9 +262,11 @@ def apply(
         the site's output is added to it, so every site also corrects the
         error the sites pruned before it left there (a dense copy of the
         current block runs alongside: about 1.4x the pruning time;
-        transformers only). None (default): "dense" for sequential pruning
-        of a transformer, else "layer" (with dense activations the two are
-        the same problem).
+        transformers only). None: "dense" for sequential pruning of a
+        transformer, else "layer". The default stays "layer": dense targets
+        win at moderate sparsity (SmolLM2 at 50%, 6 of 9 heads kept:
+        perplexity 20.32 against 25.23) but overfit the calibration tokens
+        when few heads are left (4 of 9 heads: 80.2 against 32.3).
     target_damping: the ridge of the dense-target correction (fraction of
         the mean diagonal, like `damping`): the correction is fitted to the
         residual gap of the calibration tokens, and a weak ridge lets it

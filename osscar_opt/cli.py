@@ -306,9 +306,9 @@ def _prune_args(p: argparse.ArgumentParser):
     p.add_argument("--eval-windows", type=int, default=40, help="evaluation windows (causal LMs)")
     p.add_argument("--dense-activations", action="store_true", help="prune every layer on the dense model's activations")
     p.add_argument("--targets", choices=TARGETS, default=DEFAULT_TARGETS,
-                   help="what each layer's refit reproduces: 'dense' the dense model's residual stream, correcting "
-                        "upstream error (default for sequential transformers), 'layer' its own dense output (the "
-                        "published mode)")
+                   help="what each layer's refit reproduces: 'layer' its own dense output (the published mode, "
+                        "default), 'dense' the dense model's residual stream, correcting upstream error (better at "
+                        "moderate sparsity, overfits when few heads are left; see the README)")
     p.add_argument("--target-damping", type=float, default=TARGET_DAMPING,
                    help=f"ridge of the dense-target correction, fraction of the mean diagonal (default {TARGET_DAMPING})")
     p.add_argument("--calib-seed", type=int, default=None,
@@ -455,8 +455,8 @@ def _bench_prune_args(p: argparse.ArgumentParser):
                    help="comma-separated structures instead of the default (e.g. query-heads,neurons: GQA query "
                         "heads kept freely, KV heads duplicated where needed)")
     p.add_argument("--targets", choices=TARGETS, default="layer",
-                   help="refit targets of apply(): 'layer' (the published mode; rows unlabelled) or 'dense' "
-                        "(apply's default for these models; rows labelled 'dense targets')")
+                   help="refit targets of apply(): 'layer' (the published mode, default; rows unlabelled) or "
+                        "'dense' (rows labelled 'dense targets')")
     p.add_argument("--target-damping", type=float, default=TARGET_DAMPING,
                    help=f"ridge of the dense-target correction (default {TARGET_DAMPING}; other values are labelled)")
 

@@ -50,7 +50,7 @@ def test_apply_removes_groups_physically_and_matches_the_refit_dense_model(arch,
     report = apply(model, tokens, {"heads": 0.5, "neurons": 0.25}, sequential=sequential, progress=False)
     adapter = adapter_for(model)
     assert len(report.sites) == 2 * adapter.n_layers
-    assert report.targets == ("dense" if sequential else "layer")  # the default: dense targets where they apply
+    assert report.targets == "layer"  # the default, the published mode
     for site in report.sites:
         expected = max(1, round((0.5 if site.structure == "heads" else 0.75) * site.groups))
         if arch == "llama" and site.structure == "heads":
@@ -158,6 +158,13 @@ def test_dense_targets_fit_the_dense_residual_stream(arch, structure):
     assert torch.linalg.norm(X.T @ gap_dense) <= 1e-4 * torch.linalg.norm(X) * torch.linalg.norm(gap_dense)
     assert torch.linalg.norm(X.T @ gap_layer) > 1e-2 * torch.linalg.norm(X) * torch.linalg.norm(gap_layer)
     assert torch.linalg.norm(gap_dense) < torch.linalg.norm(gap_layer)
+
+
+def test_targets_none_picks_dense_where_it_applies():
+    tokens = random_tokens(n=4, seq_len=16)
+    kw = dict(structures=["neurons"], targets=None, progress=False)
+    assert apply(tiny_llama(), tokens, 0.5, **kw).targets == "dense"
+    assert apply(tiny_llama(), tokens, 0.5, sequential=False, **kw).targets == "layer"
 
 
 def test_per_structure_and_per_layer_sparsity():
