@@ -11,10 +11,10 @@ Targets: the published code refits each layer to its own dense output on
 those pruned inputs (targets="layer", the default), so the error left
 upstream is carried along. With targets="dense" a transformer's refits
 instead reproduce the dense model's residual stream where each site's output
-is added to it:
-a dense copy of the current block runs on the dense flow, and each instance's
-target weights become W_hat + H^-1 X'(R - S)/n (`extract.site_instance`),
-with S the residual sum in the pruned model and R in the dense one.
+is added to it: a dense copy of the current block runs on the dense flow, and
+each instance's target weights become W_hat + H^-1 X'(R - S)/n
+(`extract.site_instance`), with S the residual sum in the pruned model and R
+in the dense one.
 
 Extraction and write-back use the same code as `osscar_opt.extract`:
 `GramHooks` on the consumer modules and `site_instance` to build each layer's

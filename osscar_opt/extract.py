@@ -88,7 +88,6 @@ class GramHooks(_Hooks):
         self.cross_sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self._last: dict[str, torch.Tensor] = {}
-        self.outliers: dict[str, int] = {}  # tokens left out of X'(R - S), per consumer
         self._calls: dict[str, int] = {}
         self._handles = []
         # (batch, tokens) mask of the current batch: padded tokens stay out of X'X
@@ -132,7 +131,6 @@ class GramHooks(_Hooks):
             dense = recorded[call].to(rows.device, torch.float64)
             norms = torch.linalg.vector_norm(dense, dim=1)
             usual = (norms <= self.outlier_factor * norms.median()).to(torch.float64)[:, None]
-            self.outliers[name] = self.outliers.get(name, 0) + int(usual.numel() - usual.sum().item())
             delta = (dense - here) * usual
             if delta.shape[0] != rows.shape[0]:
                 raise DataError(f"{name}: {rows.shape[0]} input rows but {delta.shape[0]} hidden-state rows "
