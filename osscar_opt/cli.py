@@ -114,6 +114,19 @@ def _solve_args(p: argparse.ArgumentParser):
     return run
 
 
+def target_damping(text: str) -> float | None:
+    """--target-damping: a number >= 0, or 'validated' (None)."""
+    if text == "validated":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number like 0.1 or 'validated', got {text!r}")
+    if not value >= 0.0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"a finite number >= 0 or 'validated', got {text!r}")
+    return value
+
+
 def _write_json_atomic(path: Path, obj: Any) -> None:
     from .io import atomic_write_json
 
@@ -306,11 +319,12 @@ def _prune_args(p: argparse.ArgumentParser):
     p.add_argument("--eval-windows", type=int, default=40, help="evaluation windows (causal LMs)")
     p.add_argument("--dense-activations", action="store_true", help="prune every layer on the dense model's activations")
     p.add_argument("--targets", choices=TARGETS, default=DEFAULT_TARGETS,
-                   help="what each layer's refit reproduces: 'layer' its own dense output (the published mode, "
-                        "default), 'dense' the dense model's residual stream, correcting upstream error (better at "
-                        "moderate sparsity, overfits when few heads are left; see the README)")
-    p.add_argument("--target-damping", type=float, default=TARGET_DAMPING,
-                   help=f"ridge of the dense-target correction, fraction of the mean diagonal (default {TARGET_DAMPING})")
+                   help="what each layer's refit reproduces: 'layer' its own dense output (the published mode), "
+                        "'dense' the dense model's residual stream, correcting upstream error (default for "
+                        "sequential pruning of a transformer)")
+    p.add_argument("--target-damping", type=target_damping, default=TARGET_DAMPING,
+                   help="ridge of the dense-target correction, fraction of the mean diagonal, or 'validated' "
+                        "(default: ridge and shrinkage chosen per layer by two-fold validation)")
     p.add_argument("--calib-seed", type=int, default=None,
                    help="draw the calibration windows at random positions of the calibration half with this seed "
                         "(default: consecutive windows from its start)")
@@ -454,11 +468,11 @@ def _bench_prune_args(p: argparse.ArgumentParser):
     p.add_argument("--structures", default=None,
                    help="comma-separated structures instead of the default (e.g. query-heads,neurons: GQA query "
                         "heads kept freely, KV heads duplicated where needed)")
-    p.add_argument("--targets", choices=TARGETS, default="layer",
-                   help="refit targets of apply(): 'layer' (the published mode, default; rows unlabelled) or "
-                        "'dense' (rows labelled 'dense targets')")
-    p.add_argument("--target-damping", type=float, default=TARGET_DAMPING,
-                   help=f"ridge of the dense-target correction (default {TARGET_DAMPING}; other values are labelled)")
+    p.add_argument("--targets", choices=TARGETS, default=None,
+                   help="refit targets of apply(): 'dense' (default; rows unlabelled) or 'layer' (the published "
+                        "mode; rows labelled 'layer targets')")
+    p.add_argument("--target-damping", type=target_damping, default=TARGET_DAMPING,
+                   help="ridge of the dense-target correction, or 'validated' (default; fixed ridges are labelled)")
 
     def run(args: argparse.Namespace) -> int:
         from .benchmarks import prune

@@ -413,11 +413,13 @@ class Instance:
 
 DAMPING = 0.01  # the default ridge: a fraction of the Gram matrix's mean diagonal
 # what a sequentially pruned layer's refit reproduces (`osscar_opt.apply`): its own dense output
-# ("layer", the published mode, the default) or the dense model's residual stream ("dense"; None
-# picks "dense" where it applies, sequential pruning of a transformer, else "layer")
+# ("layer", the published mode) or the dense model's residual stream ("dense"); the default None
+# picks "dense" where it applies (sequential pruning of a transformer), else "layer"
 TARGETS = ("layer", "dense")
-DEFAULT_TARGETS = "layer"
-TARGET_DAMPING = 0.1  # the ridge of the dense-target correction, as a fraction of the mean diagonal
+DEFAULT_TARGETS = None
+# the ridge of the dense-target correction, a fraction of the mean diagonal; None (the default):
+# ridge and shrinkage chosen per site by two-fold validation (`extract.fit_correction`)
+TARGET_DAMPING = None
 
 
 def check_damping(damping: Any) -> float:

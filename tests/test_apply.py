@@ -11,6 +11,7 @@ import osscar_opt as oo
 from osscar_opt.adapters import UnsupportedModelError, adapter_for, weight_matrix
 from osscar_opt.apply import PruneError, apply, count_parameters
 from osscar_opt.data import DataError
+from osscar_opt.extract import CORRECTION_RIDGES
 from osscar_opt.errors import InstanceError
 from osscar_opt.surgery import load_pruned, save_pruned
 
@@ -50,7 +51,7 @@ def test_apply_removes_groups_physically_and_matches_the_refit_dense_model(arch,
     report = apply(model, tokens, {"heads": 0.5, "neurons": 0.25}, sequential=sequential, progress=False)
     adapter = adapter_for(model)
     assert len(report.sites) == 2 * adapter.n_layers
-    assert report.targets == "layer"  # the default, the published mode
+    assert report.targets == ("dense" if sequential else "layer")  # the defaults for a transformer
     for site in report.sites:
         expected = max(1, round((0.5 if site.structure == "heads" else 0.75) * site.groups))
         if arch == "llama" and site.structure == "heads":
@@ -163,7 +164,11 @@ def test_dense_targets_fit_the_dense_residual_stream(arch, structure):
 def test_targets_none_picks_dense_where_it_applies():
     tokens = random_tokens(n=4, seq_len=16)
     kw = dict(structures=["neurons"], targets=None, progress=False)
-    assert apply(tiny_llama(), tokens, 0.5, **kw).targets == "dense"
+    report = apply(tiny_llama(), tokens, 0.5, **kw)
+    assert report.targets == "dense" and report.target_damping is None  # ridge and shrinkage validated per site
+    for site in report.sites:
+        assert site.target_fit["ridge"] in CORRECTION_RIDGES and 0.0 <= site.target_fit["shrink"] <= 1.0
+    assert "validated ridge and shrinkage" in report.to_markdown()
     assert apply(tiny_llama(), tokens, 0.5, sequential=False, **kw).targets == "layer"
 
 

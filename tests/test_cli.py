@@ -93,3 +93,17 @@ def test_prune_heads_flag_goes_to_the_attention_structure_chosen():
     default = argparse.Namespace(heads=0.25, neurons=0.5, structures=None)
     assert _sparsity(default, 0.3) == {"default": 0.3, "heads": 0.25, "neurons": 0.5}
     assert _sparsity(argparse.Namespace(heads=None, neurons=None, structures=None), 0.3) == 0.3
+
+
+def test_target_damping_flag_takes_a_ridge_or_validated(capsys):
+    from osscar_opt.cli import main, target_damping
+
+    assert target_damping("validated") is None and target_damping("0.3") == 0.3
+    for command in ("prune", "bench-prune"):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--target-damping", "strong"])
+        assert exit_.value.code == 2
+        assert "a number like 0.1 or 'validated', got 'strong'" in capsys.readouterr().err
+        with pytest.raises(SystemExit):
+            main([command, "--target-damping", "-1"])
+        assert "a finite number >= 0 or 'validated', got '-1'" in capsys.readouterr().err

@@ -5,7 +5,7 @@ import torch
 import osscar_opt as oo
 from osscar_opt.adapters import UnsupportedModelError, adapter_for, input_rows
 from osscar_opt.data import DataError
-from osscar_opt.extract import extract
+from osscar_opt.extract import CORRECTION_RIDGES, extract, fit_correction
 
 from small_models import ARCHITECTURES, SmallCNN, random_tokens, tiny_llama
 
@@ -112,3 +112,54 @@ def test_padded_tokens_stay_out_of_the_gram():
     X = rows[0][mask.bool()].numpy()
     assert X.shape[0] == int(mask.sum()) == inst.meta["samples"]
     np.testing.assert_allclose(inst.H, X.T @ X / X.shape[0], rtol=1e-10, atol=1e-12)
+
+
+def _stats(X, gap):
+    """(X'X/n, X'gap/n) as float64 tensors."""
+    return torch.as_tensor(X.T @ X / len(X)), torch.as_tensor(X.T @ gap / len(X))
+
+
+def _folds(X, gap):
+    h = len(X) // 2
+    return _stats(X, gap), (_stats(X[:h], gap[:h]), _stats(X[h:], gap[h:]))
+
+
+def test_validated_correction_keeps_a_gap_the_inputs_predict():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((4000, 12))
+    B = rng.standard_normal((12, 5))
+    (G, C), folds = _folds(X, X @ B + 0.01 * rng.standard_normal((4000, 5)))
+    c, info = fit_correction(G, C, None, folds)
+    assert info["ridge"] == min(CORRECTION_RIDGES) and info["shrink"] == 1.0 and info["gain"] > 0
+    assert np.allclose(c.numpy(), B, atol=0.05)
+
+
+def test_validated_correction_drops_a_gap_the_inputs_do_not_predict():
+    """Pure noise and few rows per input: the unvalidated fit follows the
+    noise and does worse than no correction on fresh rows; the validated one
+    is shrunk towards zero and does no worse than no correction."""
+    rng = np.random.default_rng(1)
+    X, gap = rng.standard_normal((300, 60)), rng.standard_normal((300, 8))
+    (G, C), folds = _folds(X, gap)
+    c, info = fit_correction(G, C, None, folds)
+    fixed, fixed_info = fit_correction(G, C, 0.01)
+    assert fixed_info == {"ridge": 0.01, "shrink": 1.0}
+    X_new, gap_new = rng.standard_normal((20000, 60)), rng.standard_normal((20000, 8))
+
+    def loss(c):
+        return float(np.mean((gap_new - X_new @ c.numpy()) ** 2))
+
+    assert 0.0 <= info["shrink"] <= 1.0 and torch.linalg.norm(c) < 0.25 * torch.linalg.norm(fixed)
+    assert loss(c) < loss(fixed) and loss(fixed) > 1.1 * loss(torch.zeros_like(c))
+    assert loss(c) < 1.02 * loss(torch.zeros_like(c))
+
+
+def test_fixed_ridge_correction_is_the_ridge_solution_and_validation_needs_two_folds():
+    rng = np.random.default_rng(2)
+    X, gap = rng.standard_normal((200, 7)), rng.standard_normal((200, 3))
+    (G, C), folds = _folds(X, gap)
+    c, _ = fit_correction(G, C, 0.3)
+    expected = np.linalg.solve(G.numpy() + 0.3 * np.mean(np.diag(G.numpy())) * np.eye(7), C.numpy())
+    assert np.allclose(c.numpy(), expected, rtol=1e-10, atol=1e-12)
+    with pytest.raises(DataError, match="two folds"):
+        fit_correction(G, C, None, folds[:1])

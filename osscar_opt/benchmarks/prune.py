@@ -50,9 +50,10 @@ def _label(row: dict, seed: bool = True) -> str:
     extra = [] if damping == DAMPING else [f"damping {damping:g}"]
     if row.get("structures"):
         extra.insert(0, row["structures"])
-    if row.get("targets", "layer") != "layer":
-        ridge = row.get("target_damping", TARGET_DAMPING)
-        extra.insert(0, f"{row['targets']} targets" + ("" if ridge == TARGET_DAMPING else f" {ridge:g}"))
+    targets = row.get("targets", "layer")  # rows older than dense targets are layer-target rows
+    ridge = row.get("target_damping")
+    if targets != "dense" or ridge != TARGET_DAMPING:  # dense targets, validated ridge: the default, unlabelled
+        extra.insert(0, f"{targets} targets" + ("" if targets != "dense" or ridge is None else f" {ridge:g}"))
     if seed and row.get("calib_seed") is not None:
         extra.append(f"calib seed {row['calib_seed']}")
     return row["solver"] + (f" ({', '.join(extra)})" if extra else "")
@@ -75,7 +76,7 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
         eval_windows: int = 40, device: str | None = None, out: str | Path | None = None,
         speed_at: float | None = 0.5, damping: float | Sequence[float] = DAMPING,
         calib_seeds: Sequence[int | None] = (None,), structures: Sequence[str] | None = None,
-        validation_windows: int = 0, targets: str = "layer", target_damping: float = TARGET_DAMPING) -> list[dict]:
+        validation_windows: int = 0, targets: str | None = None, target_damping: float | None = TARGET_DAMPING) -> list[dict]:
     """One pruning per (seed, damping, solver, sparsity), appended to
     prune_<model>.jsonl as it finishes (a rerun skips those done), then the
     tables and plot.
@@ -85,7 +86,9 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
     validation_windows: also measure quality on that many calibration-half
     windows (causal LMs: perplexity) or paragraphs (encoders: fidelity) after
     those the calibration uses (consecutive calibration only), for choosing
-    the damping without the evaluation half."""
+    the damping without the evaluation half.
+    targets, target_damping: apply()'s (rows other than its defaults, dense
+    targets with a validated ridge, are labelled)."""
     import torch
 
     from .. import data, models
@@ -123,6 +126,7 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
                                  "use a smaller --nsamples")
         validation_reference = sentence_embeddings(dense_model, tok, validation)
     dampings = [float(damping)] if isinstance(damping, (int, float)) else [float(x) for x in damping]
+    targets = targets or "dense"  # what apply() picks for the embedded models (sequential transformers)
     for seed, damping, solver, s in itertools.product(calib_seeds, dampings, solvers, sparsities):
         tag = ",".join(structures) if structures else None
         label = _label({"solver": solver, "damping": damping, "calib_seed": seed, "structures": tag,
@@ -137,7 +141,7 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
         seconds = time.perf_counter() - t
         res = evaluate_model(model, tok, kind=kind, n_windows=eval_windows, seq_len=seq, reference=reference)
         row = {"solver": solver, "sparsity": s, "damping": damping, "calib_seed": seed, "structures": tag,
-               "targets": targets, "target_damping": target_damping if targets == "dense" else None,
+               "targets": report.targets, "target_damping": report.target_damping,
                "parameters": res["parameters"],
                "prune_seconds": seconds, "solve_seconds": report.solve_seconds, "mean_err": report.mean_err,
                "perplexity": res.get("perplexity"), "fidelity": res.get("fidelity")}
