@@ -221,13 +221,17 @@ def fit_correction(G: torch.Tensor, C: torch.Tensor, ridge: float | None = None,
     num = torch.zeros(len(CORRECTION_RIDGES), dtype=torch.float64)
     den = torch.zeros_like(num)
     for (Gf, Cf), (Gg, Cg) in (folds, folds[::-1]):
+        # in G_f's eigenbasis, c = V D y with y = V'C_f and D = diag(1 / (e + mu m)), so
+        # tr(c'C_g) = d'(rows of y * V'C_g) and tr(c'G_g c) = d'(V'G_g V * y y')d: once per fold
         e, V = torch.linalg.eigh(0.5 * (Gf + Gf.T))
-        y, P, Q = V.T @ Cf, V.T @ Gg @ V, V.T @ Cg
+        y = V.T @ Cf
+        along = (y * (V.T @ Cg)).sum(dim=1)
+        K = (V.T @ Gg @ V).mul_(y @ y.T)
         scale = Gf.diagonal().mean()
         for i, mu in enumerate(CORRECTION_RIDGES):
-            z = y / (e + mu * scale).clamp_min(torch.finfo(e.dtype).tiny)[:, None]  # V'c of this fold's c
-            num[i] += (z * Q).sum().cpu()  # tr(c'C_g)
-            den[i] += (z * (P @ z)).sum().cpu()  # tr(c'G_g c)
+            d = 1.0 / (e + mu * scale).clamp_min(torch.finfo(e.dtype).tiny)
+            num[i] += (d @ along).cpu()  # tr(c'C_g)
+            den[i] += (d @ K @ d).cpu()  # tr(c'G_g c)
     shrink = (num / den.clamp_min(torch.finfo(den.dtype).tiny)).clamp(0.0, 1.0)
     gain = 2 * shrink * num - shrink ** 2 * den
     best = int(torch.argmax(gain))

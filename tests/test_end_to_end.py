@@ -57,8 +57,6 @@ def test_published_recipe_50_percent(smollm2):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="measured 19.87 against the published 19.70 (README, Figures): "
-                   "GQA keeps 2 of 3 query heads per KV group at 30%")
 def test_published_recipe_30_percent(smollm2):
     assert _published_recipe(smollm2, 0.3) <= 19.70
 
