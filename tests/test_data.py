@@ -17,6 +17,8 @@ class CharTokenizer:
         return {"input_ids": list(text.encode("utf-8"))}
 
 
+DEFAULT = {"targets": "dense", "target_damping": None}  # how bench-prune records apply()'s default targets
+
 def test_pydoc_halves_never_overlap_and_cover_the_text():
     tok = CharTokenizer()
     calib = data.token_ids(tok, "pydoc", "calibration")
@@ -102,16 +104,30 @@ def test_bench_prune_reports_seeded_runs_apart_with_mean_and_spread(tmp_path):
     from osscar_opt.benchmarks import prune
 
     rows = [{"solver": "dense", "sparsity": 0.0, "perplexity": 13.0}]
-    rows += [{"solver": "osscar", "sparsity": 0.3, "damping": 0.01, "calib_seed": None, "perplexity": 19.0}]
+    rows += [{"solver": "osscar", "sparsity": 0.3, "damping": 0.01, "calib_seed": None, "perplexity": 19.0, **DEFAULT}]
     values = {0: 20.5, 1: 21.5, 2: 20.0}
-    rows += [{"solver": "osscar", "sparsity": 0.3, "damping": 0.01, "calib_seed": s, "perplexity": v} for s, v in values.items()]
+    rows += [{"solver": "osscar", "sparsity": 0.3, "damping": 0.01, "calib_seed": s, "perplexity": v, **DEFAULT}
+             for s, v in values.items()]
     prune._write("smollm2-135m", "causal-lm", rows, tmp_path)
     text = (tmp_path / "prune_smollm2-135m.md").read_text()
     main_table, seeds_table = text.split("Calibration drawn at random positions")
     assert "| osscar | **19.00** |" in main_table and "calib seed" not in main_table
     mean, sd = np.mean(list(values.values())), np.std(list(values.values()), ddof=1)
     assert f"20.50 / 21.50 / 20.00; {mean:.2f} +- {sd:.2f}" in seeds_table
-    assert prune._label({"solver": "obs-greedy", "damping": 0.002, "calib_seed": 1}) == "obs-greedy (damping 0.002, calib seed 1)"
+    assert prune._label({"solver": "obs-greedy", "damping": 0.002, "calib_seed": 1, **DEFAULT}) == \
+        "obs-greedy (damping 0.002, calib seed 1)"
+
+
+def test_bench_prune_labels_rows_other_than_the_default_targets():
+    from osscar_opt.benchmarks import prune
+
+    assert prune._label({"solver": "osscar", "damping": 0.01, **DEFAULT}) == "osscar"
+    # rows written before dense targets existed are layer-target rows
+    assert prune._label({"solver": "osscar", "damping": 0.01}) == "osscar (layer targets)"
+    assert prune._label({"solver": "osscar", "damping": 0.002, "targets": "layer", "target_damping": None}) == \
+        "osscar (layer targets, damping 0.002)"
+    assert prune._label({"solver": "osscar", "damping": 0.01, "targets": "dense", "target_damping": 0.1}) == \
+        "osscar (dense targets 0.1)"
 
 
 def test_bench_prune_picks_the_damping_by_validation_perplexity_only(tmp_path):
@@ -124,7 +140,7 @@ def test_bench_prune_picks_the_damping_by_validation_perplexity_only(tmp_path):
     for damping, (val, ev) in runs.items():
         rows.append({"solver": "osscar", "sparsity": 0.3, "damping": damping, "calib_seed": None,
                      "structures": "query-heads,neurons", "perplexity": ev, "validation_perplexity": val,
-                     "validation_windows": 40})
+                     "validation_windows": 40, **DEFAULT})
     prune._write("smollm2-135m", "causal-lm", rows, tmp_path)
     text = (tmp_path / "prune_smollm2-135m.md").read_text()
     section = text.split("Damping chosen on 40 validation windows")[1]
@@ -142,7 +158,7 @@ def test_bench_prune_picks_the_damping_by_validation_fidelity_for_encoders(tmp_p
     runs = {0.002: (0.9410, 0.9420), 0.005: (0.9430, 0.9390), 0.01: (0.9400, 0.9400)}  # (validation, evaluation)
     for damping, (val, ev) in runs.items():
         rows.append({"solver": "osscar", "sparsity": 0.3, "damping": damping, "calib_seed": None,
-                     "fidelity": ev, "validation_fidelity": val, "validation_windows": 200})
+                     "fidelity": ev, "validation_fidelity": val, "validation_windows": 200, **DEFAULT})
     prune._write("minilm-l6", "encoder", rows, tmp_path)
     text = (tmp_path / "prune_minilm-l6.md").read_text()
     section = text.split("Damping chosen on 200 validation paragraphs")[1]
