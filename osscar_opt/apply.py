@@ -331,7 +331,7 @@ def apply(
             "activations": "sequential" if sequential else "dense"}
 
     def prune_site(site: Site, frac: float, gram: np.ndarray, samples: int,
-                   correction: np.ndarray | None = None) -> None:
+                   correction: np.ndarray | None = None, fit: dict | None = None) -> None:
         keep = _keep_for(site, frac)
         inst = site_instance(model, site, gram, samples, keep=keep, damping=damping, meta=meta,
                              correction=correction)
@@ -341,7 +341,7 @@ def apply(
         remove_groups(model, site, sol.keep, sol.weights)
         report.solve_seconds += sol.seconds
         report.sites.append(SiteReport(site.layer, site.structure, site.consumer, site.n_groups, int(sol.keep.size),
-                                       sol.deployed_err, str(sol.status), sol.seconds, sol.keep.tolist()))
+                                       sol.deployed_err, str(sol.status), sol.seconds, sol.keep.tolist(), fit))
 
     bar = tqdm(total=len(plan), desc=f"pruning ({solver})", disable=not progress, leave=False)
     if not sequential or isinstance(adapter, ConvAdapter):
@@ -394,9 +394,7 @@ def apply(
                     _run_block(block, inputs, dev, keep_outputs=False, hooks=hooks)
                     gram, samples = hooks.gram(site.consumer), hooks.samples(site.consumer)
                     correction, fit = hooks.correction(site.consumer, target_damping) if deltas else (None, None)
-                prune_site(site, frac, gram, samples, correction)
-                if fit is not None:
-                    report.sites[-1].target_fit = fit
+                prune_site(site, frac, gram, samples, correction, fit)
                 bar.update()
             if layer < last:
                 inputs = _run_block(block, inputs, dev, keep_outputs=True)

@@ -118,13 +118,16 @@ def target_damping(text: str) -> float | None:
     """--target-damping: a number >= 0, or 'validated' (None)."""
     if text == "validated":
         return None
+    from .instance import check_damping
+
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"a number like 0.1 or 'validated', got {text!r}")
-    if not value >= 0.0 or value == float("inf"):
+    try:
+        return check_damping(value)
+    except OsscarError:
         raise argparse.ArgumentTypeError(f"a finite number >= 0 or 'validated', got {text!r}")
-    return value
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:

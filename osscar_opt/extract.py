@@ -66,7 +66,7 @@ class _Hooks:
 class GramHooks(_Hooks):
     """Accumulate X'X (float64) of the inputs of a set of modules.
 
-    deltas: {consumer: (point, rows)}: also accumulate X'(R - S) (`cross`),
+    deltas: {consumer: (point, rows)}: also accumulate X'(R - S) (for `correction`),
         with S the hidden state at `point` (see `on_state`) in this run and R
         the rows recorded at the same point and tokens in another run (the
         dense model's, by `StateRecorder`), one entry per call in call order.
@@ -156,19 +156,15 @@ class GramHooks(_Hooks):
 
         return hook
 
-    def cross(self, name: str) -> np.ndarray:
-        """X'(R - S)/n (see `deltas`) as a float64 numpy array."""
-        if name not in self.cross_sums or self.counts.get(name, 0) == 0:
-            raise DataError(f"no hidden state after {name} was seen: the calibration data never ran through it")
-        return (self.cross_sums[name] / self.counts[name]).cpu().numpy()
-
     def correction(self, name: str, ridge: float | None = None) -> tuple[np.ndarray, dict]:
         """The dense-target correction of `name`'s weights (`fit_correction`;
         its two folds are the first and second half of every batch's rows)."""
-        G = torch.as_tensor(self.gram(name), device=self.sums[name].device)
-        C = torch.as_tensor(self.cross(name), device=G.device)
-        folds = None
+        if name not in self.cross_sums or self.counts.get(name, 0) == 0:
+            raise DataError(f"no hidden state after {name} was seen: the calibration data never ran through it")
         n, n0 = self.counts[name], self.half_counts.get(name, 0)
+        G, C = self.sums[name] / n, self.cross_sums[name] / n
+        G = 0.5 * (G + G.T)
+        folds = None
         if ridge is None:
             if n0 == 0 or n - n0 == 0:
                 raise DataError(f"{name}: too few calibration rows to validate the dense-target correction: "
