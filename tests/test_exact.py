@@ -66,6 +66,22 @@ def test_bnb_prunes_most_of_the_tree(rng):
     assert sol.info["nodes"] < 12870 / 20  # C(16, 8) supports
 
 
+def test_bnb_branching_rules_prove_the_same_optimum_and_reliability_searches_less():
+    """On a real 40-neuron crop (keep 20) every branching rule proves the same
+    support optimal; reliability branching (the default) needs fewer nodes than
+    branching on the most fractional z."""
+    inst = oo.load_instance(HARD_CROP.parent / "smollm2-l0-neurons-crop40-k20.npz")
+    sols = {rule: oo.solve(inst, "bnb", time_limit=120, branching=rule)
+            for rule in ("fractional", "pseudocost", "reliability")}
+    for rule, sol in sols.items():
+        assert sol.status == oo.Status.OPTIMAL, rule
+        assert sol.objective == pytest.approx(sols["fractional"].objective, rel=1e-12), rule
+        assert sol.bound <= sol.objective + 1e-12 * abs(inst.full_objective)
+    assert sols["reliability"].params["branching"] == "reliability"
+    assert sols["reliability"].info["strong_solves"] > 0
+    assert sols["reliability"].info["nodes"] < sols["fractional"].info["nodes"]
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_bnb_on_cuda_proves_the_enumerated_optimum(rng):
@@ -232,6 +248,8 @@ def test_every_exact_solver_reports_availability_with_a_reason():
 def test_bad_parameters_are_clear_errors(small_instance):
     with pytest.raises(SolverError, match="split must be one of"):
         oo.solve(small_instance, "bnb", split="nope")
+    with pytest.raises(SolverError, match="branching must be one of"):
+        oo.solve(small_instance, "bnb", branching="nope")
     with pytest.raises(SolverError, match="methods must be"):
         oo.solve(small_instance, "relax", methods="newton,magic")
     with pytest.raises(SolverError, match="block=True needs split='max-trace'"):
