@@ -203,7 +203,12 @@ def max_trace_diagonal_newton(H: np.ndarray, weights: np.ndarray | None = None, 
             Ainv = scipy.linalg.cho_solve(scipy.linalg.cho_factor(Hn - np.diag(D)), np.eye(d))
             grad = w - mu * np.diag(Ainv) + mu / D
             neg_hess = mu * (Ainv * Ainv) + mu * np.diag(1.0 / D**2)
-            step = scipy.linalg.solve(neg_hess, grad, assume_a="pos")
+            try:
+                step = scipy.linalg.cho_solve(scipy.linalg.cho_factor(neg_hess), grad)
+            except np.linalg.LinAlgError:  # the barrier Hessian is at the limit of fp64: D is as good as it gets
+                return D * scale
+            if not np.all(np.isfinite(step)):
+                return D * scale
             decrement = float(grad @ step)
             a = 1.0
             with np.errstate(divide="ignore"):
