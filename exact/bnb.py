@@ -375,15 +375,20 @@ class _Search:
             heapq.heappush(heap, _Node(lb, depth + 1, next(self.counter), fixed_in, fixed_out, z, D_node))
             return
         frac = np.minimum(z[free], 1.0 - z[free])
-        g = self.choose(free, z, frac)
+        order = None  # free groups by pseudocost score, when branching by pseudocosts
+        if params.branching == "fractional" or not (frac > 1e-9).any():
+            g = int(free[np.argmax(frac)])
+        else:
+            order = self.ranked(free, z, frac)
+            g = int(order[0])
         child_lbs = (lb, lb)
         prune_at = self.UB - self.tol
         if depth < params.strong_depth and params.strong_candidates > 1 and free.size > 1:
             g, child_lbs = self.strong_branch(fixed_in, fixed_out, z, D_node, lb,
                                               free[np.argsort(-frac, kind="stable")[: params.strong_candidates]],
                                               prune_at)
-        elif params.branching == "reliability" and free.size > 1:
-            cands = self.ranked(free, z, frac)[: params.strong_candidates]
+        elif params.branching == "reliability" and order is not None and free.size > 1:
+            cands = order[: params.strong_candidates]
             if (self.pc_cnt[:, cands].min(axis=0) < params.reliability).any():
                 g, child_lbs = self.strong_branch(fixed_in, fixed_out, z, D_node, lb, cands, prune_at)
         for into, child_lb in zip((True, False), child_lbs):
@@ -402,12 +407,6 @@ class _Search:
         if change > 1e-6 and math.isfinite(lb) and math.isfinite(parent_lb):
             self.pc_sum[int(into), g] += max(lb - parent_lb, 0.0) / change
             self.pc_cnt[int(into), g] += 1
-
-    def choose(self, free: np.ndarray, z: np.ndarray, frac: np.ndarray) -> int:
-        """The branching group: most fractional, or by pseudocosts (product rule)."""
-        if self.params.branching == "fractional" or not (frac > 1e-9).any():
-            return int(free[np.argmax(frac)])
-        return int(self.ranked(free, z, frac)[0])
 
     def ranked(self, free: np.ndarray, z: np.ndarray, frac: np.ndarray) -> np.ndarray:
         """Free groups by pseudocost score (product of the estimated gains), best first."""
