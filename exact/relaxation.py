@@ -52,7 +52,15 @@ def project_capped(y: np.ndarray, need: float) -> np.ndarray:
     if need >= n:
         return np.ones(n)
     taus = np.sort(np.concatenate([y - 1.0, y]))
-    sums = np.clip(y[None, :] - taus[:, None], 0.0, 1.0).sum(1)  # nonincreasing in tau
+    # sum_i clip(y_i - tau, 0, 1) = P(tau) - P(tau + 1), P(t) = sum_i max(y_i - t, 0), from suffix sums
+    ys = np.sort(y)
+    suffix = np.concatenate([np.cumsum(ys[::-1])[::-1], [0.0]])
+
+    def P(t):
+        i = np.searchsorted(ys, t, side="right")
+        return suffix[i] - (n - i) * t
+
+    sums = P(taus) - P(taus + 1.0)  # nonincreasing in tau
     j = int(np.searchsorted(-sums, -need, side="right"))  # first index with sums < need
     j = min(max(j, 1), taus.size - 1)
     s_hi, s_lo = sums[j - 1], sums[j]

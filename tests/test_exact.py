@@ -181,6 +181,26 @@ def test_best_selection_respects_fixings_and_parts():
     assert total == 1.0 + 3.0 + 2.0
 
 
+def test_capped_simplex_projection_matches_a_bisection(rng):
+    """z = clip(y - tau, 0, 1) with sum z = need: the projection's tau against bisection on tau."""
+    from exact.relaxation import project_capped
+
+    for trial in range(300):
+        n = int(rng.integers(1, 60))
+        y = rng.normal(size=n) * [0.01, 1.0, 10.0][trial % 3]
+        if trial % 4 == 0:
+            y[: n // 2] = 0.5  # ties
+        need = float(rng.uniform(0, n)) if trial % 2 else float(rng.integers(0, n + 1))
+        z = project_capped(y, need)
+        lo, hi = float(y.min()) - 1.0, float(y.max())
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if np.clip(y - mid, 0, 1).sum() > need else (lo, mid)
+        ref = np.clip(y - 0.5 * (lo + hi), 0.0, 1.0)
+        assert np.all((z >= 0) & (z <= 1)) and abs(z.sum() - min(max(need, 0), n)) < 1e-9 * max(n, 1)
+        assert np.abs(z - ref).max() < 1e-9
+
+
 def test_restricted_instance_forces_fixings(rng):
     inst = random_instance(rng, p=8, keep=4, m=3, partition=np.repeat(np.arange(2), 4))
     fixed_in = np.zeros(8, bool)
