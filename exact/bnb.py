@@ -32,9 +32,10 @@ groups (a budget per part with a partition) exactly:
   measured on every child and in every worker) scored by the product rule,
   with strong branching (a few Newton steps per child) on candidates whose
   pseudocosts are not yet reliable; the chosen children keep their
-  strong-branching bound and iterate as priority and warm start (on six
-  SmolLM2/MiniLM 60- and 100-neuron crops, 7% less time in total, 10-13% on
-  the two 100-neuron crops). On the 60-neuron crops of SmolLM2 layer
+  strong-branching bound and iterate as priority and warm start (one
+  worker: 10-13% less time on the 100-neuron crops of SmolLM2 layers 25 and
+  20; on T1 with two workers the total stays within the run-to-run spread
+  of tree sizes, 229 s against 219 s). On the 60-neuron crops of SmolLM2 layer
   10 and MiniLM layer 3 it halves the tree against the most fractional z
   (19.1k -> 9.0k and 28.2k -> 14.5k nodes); "fractional" and "pseudocost"
   remain available.
