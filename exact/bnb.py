@@ -388,9 +388,8 @@ class _Search:
         child_lbs, child_zs = (lb, lb), (None, None)
         prune_at = self.UB - self.tol
         if depth < params.strong_depth and params.strong_candidates > 1 and free.size > 1:
-            g, child_lbs, child_zs = self.strong_branch(fixed_in, fixed_out, z, D_node, lb,
-                                              free[np.argsort(-frac, kind="stable")[: params.strong_candidates]],
-                                              prune_at)
+            cands = free[np.argsort(-frac, kind="stable")[: params.strong_candidates]]
+            g, child_lbs, child_zs = self.strong_branch(fixed_in, fixed_out, z, D_node, lb, cands, prune_at)
         elif params.branching == "reliability" and order is not None and free.size > 1:
             cands = order[: params.strong_candidates]
             if (self.pc_cnt[:, cands].min(axis=0) < params.reliability).any():
