@@ -25,10 +25,13 @@ groups (a budget per part with a partition) exactly:
   nodes; the optimal diagonal is ~50 Newton steps (~20-40 ms), so it is only
   worth it near the root. Deeper down (instances of 80 groups or more),
   every third depth refines the inherited diagonal by 4 quick Newton steps
-  from the parent's D and z (about 6 ms on 100 rows). On the 100-neuron crops of SmolLM2 layers 25, 20
-  and 15 this cuts the trees 2-3x (8.2k -> 4.1k, 15.9k -> 7.1k, 32.6k ->
-  10.7k nodes; 37 -> 36 s, 50 -> 49 s, 87 -> 63 s, one worker), and after
-  240 s on MiniLM layer 1 it leaves a 2.68% gap instead of 3.21%.
+  from the parent's D and z (about 6 ms on 100 rows). On the 100-neuron
+  crops of SmolLM2 layers 25, 20 and 15 (two workers) this cuts the trees
+  3-5x (12.9k -> 2.7k, 22.6k -> 6.7k, 43.6k -> 11.4k nodes) and the time
+  about 2x (38 -> 21 s, 50 -> 31 s, 85 -> 41 s); after 600 s on MiniLM
+  layers 1 and 2 it leaves 0.56% and 0.096% gaps instead of 1.73% and
+  1.75%. On the 60-neuron crops it shrinks the trees by a third but not
+  the time, so it is off below 80 groups.
 * incumbents: rounding of the relaxation (top z per part) at every node and
   OSSCAR restricted to the node's fixings (as a partition) at nodes 1, 2, 4, 8, ...
 * workers > 1: the open nodes are searched by several processes (shares
@@ -111,7 +114,7 @@ class BnbParams:
         mu = refine_mu from the parent's D and z (`optimal_diagonal` with
         psd_step); the node's subtree inherits the result. None (default): 3
         on instances of at least AUTO_REFINE_GROUPS = 80 groups, else 0 (on
-        the 60-neuron crops it halves the trees but not the time).
+        the 60-neuron crops it shrinks the trees by a third but not the time).
     refine_steps / refine_mu: steps and barrier weight of those refinements
         (refine_steps = 0: recompute the optimal diagonal in full instead).
     branching: "reliability" (default): pseudocosts, the bound gain per unit
@@ -294,7 +297,7 @@ class _Search:
         self.info: dict = {"nodes": 0, "pruned": 0, "fixed_by_bound": 0, "newton_steps": 0, "osscar_runs": 0,
                            "reoptimized": 0, "refined": 0}
         self.pruned_min = math.inf  # smallest bound among nodes closed by their bound
-        self.lam = float(scipy.linalg.eigvalsh(instance.H, check_finite=False, subset_by_index=[0, 0])[0])
+        self._lam: float | None = None  # lambda_min(H), computed at the first per-node split
         every = params.reoptimize_every
         self.refine_every = int(every) if every is not None else (3 if instance.n_groups >= AUTO_REFINE_GROUPS else 0)
         self.seen: set = set()
@@ -312,6 +315,12 @@ class _Search:
         val = objective_of(self.instance, self.F, S)
         if val < self.UB:
             self.UB, self.best_S = val, np.sort(S)
+
+    @property
+    def lam(self) -> float:
+        if self._lam is None:
+            self._lam = float(scipy.linalg.eigvalsh(self.instance.H, check_finite=False, subset_by_index=[0, 0])[0])
+        return self._lam
 
     def close(self, lb: float) -> None:
         self.pruned_min = min(self.pruned_min, lb)
