@@ -167,7 +167,8 @@ class BnbParams:
             raise ValueError("gap_tol must be >= 0")
         if int(self.max_newton) < 1 or int(self.min_newton) < 0:
             raise ValueError("max_newton must be >= 1 and min_newton >= 0")
-        if (self.reoptimize_every is not None and int(self.reoptimize_every) < 0) or int(self.refine_steps) < 0 or int(self.strong_steps) < 1:
+        every = self.reoptimize_every
+        if (every is not None and int(every) < 0) or int(self.refine_steps) < 0 or int(self.strong_steps) < 1:
             raise ValueError("reoptimize_every and refine_steps must be >= 0 and strong_steps >= 1")
         if not self.refine_mu > 0:
             raise ValueError("refine_mu must be > 0")
@@ -356,19 +357,20 @@ class _Search:
         lb, z = node.lb, node.z
         D_node = node.D
         depth = node.depth
-        open_groups = (~fixed_in & ~fixed_out).any()
-        if 0 < depth <= params.reoptimize_depth and open_groups:
+        split_kw = None  # a per-node diagonal: full near the root, quick refinements deeper down
+        if (~fixed_in & ~fixed_out).any() and depth > 0:
+            if depth <= params.reoptimize_depth:
+                split_kw, counter = {"mu_final": params.reoptimize_mu}, "reoptimized"
+            elif self.refine_every and depth % self.refine_every == 0:
+                counter = "refined"
+                split_kw = {"mu_start": params.refine_mu, "mu_final": params.refine_mu,
+                            "max_steps": params.refine_steps, "psd_step": 0.9} \
+                    if params.refine_steps > 0 else {"mu_final": params.reoptimize_mu}
+        if split_kw is not None:
             D_node, _ = optimal_diagonal(instance.H, F, instance.groups, parts, budget, deadline=self.deadline,
                                          fixed_in=fixed_in, fixed_out=fixed_out, D_start=node.D,
-                                         z_start=node.z, mu_final=params.reoptimize_mu, lam=self.lam)
-            info["reoptimized"] += 1
-        elif depth > 0 and self.refine_every and depth % self.refine_every == 0 and open_groups:
-            quick = {"mu_start": params.refine_mu, "mu_final": params.refine_mu, "max_steps": params.refine_steps,
-                     "psd_step": 0.9} if params.refine_steps > 0 else {"mu_final": params.reoptimize_mu}
-            D_node, _ = optimal_diagonal(instance.H, F, instance.groups, parts, budget, deadline=self.deadline,
-                                         fixed_in=fixed_in, fixed_out=fixed_out, D_start=node.D,
-                                         z_start=node.z, lam=self.lam, **quick)
-            info["refined"] += 1
+                                         z_start=node.z, lam=self.lam, **split_kw)
+            info[counter] += 1
         for _ in range(params.fixing_rounds + 1):
             free = ~fixed_in & ~fixed_out
             if not free.any():  # a leaf: the support is fixed
