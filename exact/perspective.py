@@ -358,6 +358,8 @@ def optimal_diagonal(H: np.ndarray, F: np.ndarray, groups: np.ndarray, parts: np
     nf, pf = rows.size - n1, free_g.size
     E = np.zeros((nf, pf))
     E[np.arange(nf), grp] = 1.0
+    singletons = nf == pf and bool(np.all(grp == np.arange(pf)))  # E = I: products become scalings
+    free_diag = (np.arange(n1, n1 + nf), np.arange(n1, n1 + nf))
     fparts = parts[free_g]
     labels, fpart = np.unique(fparts, return_inverse=True)
     B = np.zeros((labels.size, pf))
@@ -384,19 +386,20 @@ def optimal_diagonal(H: np.ndarray, F: np.ndarray, groups: np.ndarray, parts: np
         """The mu-independent pieces at (z, D); raises LinAlgError outside the feasible set."""
         e = 1.0 / z - 1.0
         erow = e[grp]
-        u = np.concatenate([np.zeros(n1), D * erow])
-        K = _spd_inverse(HR + np.diag(u))
-        K = 0.5 * (K + K.T)
+        M = HR.copy()
+        M[free_diag] += D * erow
+        K = _spd_inverse(M)
         W = K @ FR
         Wf = W[n1:]
-        a = 0.5 * np.sum(Wf * Wf, 1)
+        a = 0.5 * np.einsum("ij,ij->i", Wf, Wf)
         Pi = K[n1:, n1:] * (Wf @ Wf.T)
-        A = HR.copy()
-        A[n1:, n1:] -= np.diag(D)
-        Ainv = _spd_inverse(A)[n1:, n1:]
-        Jz = -(D[:, None] * E) / (z**2)[None, :]  # d u_i / d z_g
+        M = HR.copy()
+        M[free_diag] -= D
+        Ainv = _spd_inverse(M)[n1:, n1:]
+        # d u_i / d z_g: a diagonal (a vector) when every free group is one row in order
+        Jz = -D / z**2 if singletons else -(D[:, None] * E) / (z**2)[None, :]
         return {"z": z, "D": D, "e": e, "erow": erow, "a": a, "Pi": Pi, "Ainv": Ainv, "Jz": Jz,
-                "gz0": Jz.T @ a, "gD0": a * erow, "dAinv": np.diag(Ainv).copy()}
+                "gz0": Jz * a if singletons else Jz.T @ a, "gD0": a * erow, "dAinv": np.diag(Ainv).copy()}
 
     def gradients(b, mu):
         z, D = b["z"], b["D"]
@@ -420,19 +423,26 @@ def optimal_diagonal(H: np.ndarray, F: np.ndarray, groups: np.ndarray, parts: np
             gz, gD = gradients(cur, mu)
             r0 = residual(gz, gD)
             a, Pi, Jz, erow, Ainv = cur["a"], cur["Pi"], cur["Jz"], cur["erow"], cur["Ainv"]
-            Hzz = -Jz.T @ Pi @ Jz + np.diag(2.0 / z**3 * (E.T @ (a * D))) + mu * np.diag(1.0 / z**2 + 1.0 / (1.0 - z) ** 2)
-            HDD = -(erow[:, None] * Pi * erow[None, :]) - mu * (Ainv * Ainv) - mu * np.diag(1.0 / D**2)
-            HzD = -(Jz.T @ Pi) * erow[None, :] - (E * a[:, None]).T / (z**2)[:, None]
             KKT = np.zeros((n + m, n + m))
-            KKT[:pf, :pf] = Hzz
-            KKT[:pf, pf:n] = HzD
-            KKT[pf:n, :pf] = HzD.T
-            KKT[pf:n, pf:n] = HDD
+            zdiag = 2.0 / z**3 * (a * D if singletons else E.T @ (a * D)) + mu * (1.0 / z**2 + 1.0 / (1.0 - z) ** 2)
+            if singletons:
+                JPi = Jz[:, None] * Pi
+                KKT[:pf, :pf] = -(JPi * Jz[None, :])
+                KKT[:pf, pf:n] = -(JPi * erow[None, :])
+                KKT[np.arange(pf), pf + np.arange(pf)] -= a / z**2
+            else:
+                JPi = Jz.T @ Pi
+                KKT[:pf, :pf] = -(JPi @ Jz)
+                KKT[:pf, pf:n] = -(JPi * erow[None, :]) - (E * a[:, None]).T / (z**2)[:, None]
+            KKT[np.arange(pf), np.arange(pf)] += zdiag
+            KKT[pf:n, :pf] = KKT[:pf, pf:n].T
+            KKT[pf:n, pf:n] = -(erow[:, None] * Pi * erow[None, :]) - mu * (Ainv * Ainv)
+            KKT[np.arange(pf, n), np.arange(pf, n)] -= mu / D**2
             KKT[:pf, n:] = B.T
             KKT[n:, :pf] = B
-            try:
-                step = np.linalg.solve(KKT, -np.concatenate([gz, gD, np.zeros(m)]))
-            except np.linalg.LinAlgError:
+            # symmetric indefinite (Bunch-Kaufman): half the work of LU
+            _, _, step, bad = scipy.linalg.lapack.dsysv(KKT, -np.concatenate([gz, gD, np.zeros(m)]), lower=1)
+            if bad != 0:
                 info["stopped"] = "singular KKT"
                 return _expand_diagonal(D * sH, rows, n1, d, lam), info
             dz, dD = step[:pf], step[pf:n]
@@ -479,14 +489,15 @@ def optimal_diagonal(H: np.ndarray, F: np.ndarray, groups: np.ndarray, parts: np
 
 def _spd_inverse(X: np.ndarray) -> np.ndarray:
     """X^-1 of a symmetric positive definite X by LAPACK (potrf, potri); LinAlgError if X is not PD."""
-    L, info = scipy.linalg.lapack.dpotrf(X, lower=1, clean=0)
+    L, info = scipy.linalg.lapack.dpotrf(X, lower=1, clean=1)  # clean: the strict upper triangle is 0
     if info != 0:
         raise np.linalg.LinAlgError("not positive definite")
-    Xinv, info = scipy.linalg.lapack.dpotri(L, lower=1)
+    Xinv, info = scipy.linalg.lapack.dpotri(L, lower=1, overwrite_c=1)  # fills the lower triangle only
     if info != 0:
         raise np.linalg.LinAlgError("inverse failed")
-    Xinv = np.tril(Xinv)
-    return Xinv + np.tril(Xinv, -1).T
+    out = Xinv + Xinv.T
+    out[np.diag_indices_from(out)] *= 0.5
+    return out
 
 
 def _expand_diagonal(D_free: np.ndarray, rows: np.ndarray, n1: int, d: int, lam: float) -> np.ndarray:
