@@ -123,6 +123,56 @@ class Scale:
         return f * self.unit
 
 
+class Trace:
+    """A solver's progress for `info["trace"]`: [[seconds, err_upper, err_lower], ...].
+
+    `add(UB, LB)` takes objective values (f, not err) whenever the solver
+    knows them; a point is kept when the values changed and at least
+    `spacing` of the elapsed time has passed since the last kept one (log-
+    spaced: about 1 / spacing points per e-fold of time), and `finish`
+    keeps the last one, so the curve ends where the solve ended. The lower
+    bound never decreases and the upper bound never increases along the
+    trace (each point is the best known at its time); a lower bound below
+    f(all) (err 0, which bounds every support) is raised to it. Points
+    without a finite lower bound are not kept (the report draws the gap).
+    """
+
+    def __init__(self, full: float, t0: float | None = None, spacing: float = 0.02, max_points: int = 1000):
+        self.full, self.unit = full, -full
+        self.t0 = time.perf_counter() if t0 is None else t0
+        self.spacing, self.max_points = spacing, max_points
+        self.points: list[list[float]] = []
+        self._ub, self._lb = math.inf, -math.inf
+        self._pending: list[float] | None = None
+
+    def add(self, ub: float, lb: float | None, force: bool = False) -> None:
+        if lb is None or not math.isfinite(lb) or not math.isfinite(ub):
+            return
+        # f(all) bounds every support (err >= 0): a weaker bound says nothing more
+        ub, lb = min(self._ub, float(ub)), max(self._lb, float(lb), self.full)
+        if ub == self._ub and lb == self._lb and not force:
+            return
+        self._ub, self._lb = ub, lb
+        t = time.perf_counter() - self.t0
+        point = [t, (ub - self.full) / self.unit, (min(lb, ub) - self.full) / self.unit]
+        last = self.points[-1][0] if self.points else None
+        if force or last is None or t - last >= max(1e-3, self.spacing * t):
+            self.points.append(point)
+            self._pending = None
+            if len(self.points) > self.max_points:  # thin the middle, keep both ends
+                self.points = self.points[:1] + self.points[1:-1:2] + self.points[-1:]
+        else:
+            self._pending = point
+
+    def finish(self, ub: float, lb: float | None) -> list[list[float]]:
+        """Record the final values at the end time and return the points."""
+        if self._pending is not None:
+            self.points.append(self._pending)
+            self._pending = None
+        self.add(ub, lb, force=True)
+        return self.points
+
+
 def incumbent_info(instance: Instance, objective: float) -> float:
     """err of an objective value (for info dicts)."""
     return (objective - instance.full_objective) / (-instance.full_objective)

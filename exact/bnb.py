@@ -73,6 +73,7 @@ from osscar_opt.registry import Result, Solver, Status, register
 
 from ._common import (
     GAP_TOL,
+    Trace,
     cpu_threads,
     objective_of,
     osscar_support,
@@ -249,6 +250,7 @@ class BranchAndBound(Solver):
         split = split_for(instance, params.split, backend="newton", F=F, deadline=deadline)
         root = _root_data(instance, F, split.diagonal(), dev)
         search = _Search(instance, F, root, params, UB, best_S, deadline)
+        search.trace = Trace(full, t0=t_start)
         search.info["osscar_err"] = (UB - full) / (-full)
         search.info["split"] = {"method": split.method, "seconds": split.seconds, "shrink": split.shrink}
         fi0, fo0 = np.zeros(p, bool), np.zeros(p, bool)
@@ -263,6 +265,7 @@ class BranchAndBound(Solver):
         bound = min(search.UB, search.pruned_min, open_min)
         info["open_nodes"] = len(heap)
         info["seconds_total"] = time.perf_counter() - t_start
+        info["trace"] = search.trace.finish(search.UB, bound)
         gap_closed = bound >= search.UB - search.tol
         if gap_closed:
             status = Status.OPTIMAL
@@ -307,6 +310,7 @@ class _Search:
         every = params.reoptimize_every
         self.refine_every = int(every) if every is not None else (3 if instance.n_groups >= AUTO_REFINE_GROUPS else 0)
         self.seen: set = set()
+        self.trace: Trace | None = None  # progress, kept by the solving process only
         self.timed_out = False
         self.counter = itertools.count(1)
         p = instance.n_groups
@@ -352,6 +356,8 @@ class _Search:
                 continue
             self.info["nodes"] += 1
             self.process(node, heap)
+            if self.trace is not None:  # every open node is in the heap: its smallest bound holds
+                self.trace.add(self.UB, min(self.UB, self.pruned_min, heap[0].lb if heap else math.inf))
         return heap
 
     def process(self, node: _Node, heap: list) -> None:
@@ -694,6 +700,9 @@ class _Parallel:
                     rest = _unpack(r["open"])
                     shares.extend(self._split(rest, 2 if len(shares) < W else 1))
             shares.sort(key=lambda sh: min(n.lb for n in sh))
+            if s.trace is not None:  # open nodes: in a share here, or below a share a worker holds
+                open_min = min((min(n.lb for n in sh) for sh in [*shares, *running.values()] if sh), default=math.inf)
+                s.trace.add(s.UB, min(s.UB, s.pruned_min, open_min))
         return left
 
     @staticmethod

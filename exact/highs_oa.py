@@ -35,6 +35,7 @@ from osscar_opt.registry import Result, Solver, Status, register
 
 from ._common import (
     SplitSolver,
+    Trace,
     objective_of,
     osscar_support,
     remaining,
@@ -86,6 +87,7 @@ class HighsOA(SplitSolver, Solver):
         p, full = inst.n_groups, inst.full_objective
         unit = -full
         info: dict = {"iterations": 0, "cuts": 0}
+        trace = Trace(full)
         best_S = osscar_support(inst, "cpu", deadline)
         UB = objective_of(inst, F, best_S)
         split = split_for(inst, params.split, block=params.block, F=F, deadline=deadline)
@@ -132,6 +134,7 @@ class HighsOA(SplitSolver, Solver):
                 z_uniform[mem] = model.budget[j] / mem.sum()
             lb_root, _, _ = highs_relaxation(model, params.root_rounds, deadline, [z_uniform], cuts_out=root_cuts)
             info["root_bound_err"] = (lb_root - full) / (-full)
+            trace.add(UB, lb_root)
             for c, g, z in root_cuts:
                 add_cut(c, g, z)
         cut_at(best_S)
@@ -164,6 +167,7 @@ class HighsOA(SplitSolver, Solver):
                 bound = h.getInfo().mip_dual_bound
                 if math.isfinite(bound):
                     master_lb = max(master_lb, bound * unit)
+                    trace.add(UB, master_lb - _SAFETY * unit)
             if status != highspy.HighsModelStatus.kOptimal or not ok:
                 stop = "time limit" if status == highspy.HighsModelStatus.kTimeLimit else f"master {h.modelStatusToString(status)}"
                 break
@@ -185,8 +189,10 @@ class HighsOA(SplitSolver, Solver):
                     val = objective_of(inst, F, T)
                     if val < UB:
                         UB, best_S = val, T
+                        trace.add(UB, master_lb - _SAFETY * unit)
         info["stop"] = stop
         bound = min(UB, master_lb) - _SAFETY * unit if math.isfinite(master_lb) else None
+        info["trace"] = trace.finish(UB, bound)
         if master_lb >= UB - params.gap_tol * unit:
             status = Status.OPTIMAL
         elif stop == "time limit":

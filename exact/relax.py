@@ -39,6 +39,7 @@ from osscar_opt.registry import Result, Solver, Status, register
 from ._common import (
     GAP_TOL,
     SplitSolver,
+    Trace,
     objective_of,
     osscar_support,
     remaining,
@@ -260,6 +261,7 @@ class Relax(SplitSolver, Solver):
         inst, F = state["instance"], state["F"]
         full = inst.full_objective
         info: dict = {"bounds": {}}
+        progress = Trace(full)
         S0 = osscar_support(inst, "cpu", deadline)
         UB, best_S = objective_of(inst, F, S0), S0
         split = split_for(inst, params.split, block=params.block, F=F, deadline=deadline)
@@ -300,7 +302,9 @@ class Relax(SplitSolver, Solver):
                 val = objective_of(inst, F, S)
                 if val < UB:
                     UB, best_S = val, S
+            progress.add(UB, best_lb)
         bound = min(best_lb, UB) if math.isfinite(best_lb) else None
+        info["trace"] = progress.finish(UB, bound)
         tol = params.gap_tol * (-full)
         if bound is not None and bound >= UB - tol:
             status = Status.OPTIMAL

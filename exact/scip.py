@@ -35,6 +35,7 @@ from osscar_opt.registry import Result, Solver, Status, register
 from ._common import (
     GAP_TOL,
     SplitSolver,
+    Trace,
     cpu_threads,
     objective_of,
     osscar_support,
@@ -153,6 +154,40 @@ def start_values(model: PerspectiveModel, S: np.ndarray) -> dict:
     return {"z": z, "W": Ws, "t": t, "eta": eta}
 
 
+def progress_handler(trace: Trace, instance, F: np.ndarray, var: dict, UB: float, feastol: float):
+    """A SCIP event handler that feeds `trace` as the search goes: SCIP's dual
+    bound (less the same safety margin as the final one) after every node and
+    every LP solve, and
+    every new best solution's support, re-evaluated in fp64."""
+    import pyscipopt as ps
+
+    unit = -instance.full_objective
+    events = (ps.SCIP_EVENTTYPE.NODESOLVED, ps.SCIP_EVENTTYPE.BESTSOLFOUND, ps.SCIP_EVENTTYPE.LPEVENT)
+    state = {"UB": UB}
+
+    class Progress(ps.Eventhdlr):
+        def eventinit(self):
+            for ev in events:
+                self.model.catchEvent(ev, self)
+
+        def eventexit(self):
+            for ev in events:
+                self.model.dropEvent(ev, self)
+
+        def eventexec(self, event):
+            m = self.model
+            if event.getType() == ps.SCIP_EVENTTYPE.BESTSOLFOUND:
+                sol = m.getBestSol()
+                S = np.flatnonzero(np.array([m.getSolVal(sol, v) for v in var["z"]]) > 0.5)
+                if S.size == instance.keep:
+                    state["UB"] = min(state["UB"], objective_of(instance, F, S))
+            dual = m.getDualbound()
+            if math.isfinite(dual) and abs(dual) < 1e20:
+                trace.add(state["UB"], dual * unit - 10 * feastol * unit)
+
+    return Progress()
+
+
 @register
 class Scip(SplitSolver, Solver):
     name = "scip"
@@ -172,8 +207,11 @@ class Scip(SplitSolver, Solver):
         inst, F, model, m, var = state["instance"], state["F"], state["model"], state["scip"], state["var"]
         full = inst.full_objective
         unit = -full
+        trace = Trace(full)
         S0 = osscar_support(inst, "cpu", deadline)
         UB, best_S = objective_of(inst, F, S0), S0
+        m.includeEventhdlr(progress_handler(trace, inst, F, var, UB, params.feastol), "osscar-progress",
+                           "records the bounds over time for info['trace']")
         start = start_values(model, S0)
         sol = m.createSol()
         for g, v in enumerate(var["z"]):
@@ -210,6 +248,7 @@ class Scip(SplitSolver, Solver):
                     UB, best_S = val, S
         if bound is not None:
             bound = min(bound, UB)
+        info["trace"] = trace.finish(UB, bound)
         if status == "optimal":
             result_status = Status.OPTIMAL
         elif status in ("timelimit", "userinterrupt"):

@@ -29,9 +29,9 @@ message, reason (why SKIPPED), best_known (the catalog's best at run time),
 info (the solver's own info, long lists elided except `trace`), machine,
 versions, osscar_opt, started_at, host.
 
-Solvers that record their progress may put `info["trace"] = [[seconds,
-err_upper, err_lower], ...]`; `osscar-opt report` draws it as a gap-versus-
-time curve.
+Solvers that record their progress put `info["trace"] = [[seconds,
+err_upper, err_lower], ...]` (`exact._common.Trace`: bnb, highs-oa, scip and
+relax do); `osscar-opt report` draws it as a gap-versus-time curve.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from osscar_opt import SolverError
 from osscar_opt.registry import get_solver
 
 from conftest import brute_force, random_instance
-from exact._common import output_factor, restricted_instance
+from exact._common import Trace, output_factor, restricted_instance
 from exact.perspective import PerspectiveModel, best_selection, split_for, validate_split
 from exact.relax import newton_relaxation
 from exact.pyomo_model import backend_status
@@ -257,6 +257,41 @@ def test_time_limit_holds_with_a_valid_bound(name):
         assert sol.status == oo.Status.TIME_LIMIT, (name, sol.status)
     assert sol.bound is not None and sol.bound <= reference.objective + 1e-9 * abs(inst.full_objective)
     assert sol.keep.size == inst.keep and sol.objective <= reference.objective + 1e-9 * abs(inst.full_objective)
+
+
+@pytest.mark.parametrize("name", ["bnb", "highs-oa", "scip", "relax"])
+def test_progress_trace_is_valid_at_every_point(name):
+    """info["trace"] (what the report's gap-versus-time plot draws): every
+    point's upper bound is a real support's err and its lower bound a valid
+    bound on the enumerated optimum, both monotone, ending at the result."""
+    if not _available(name):
+        pytest.skip(f"{name} unavailable here: {get_solver(name).available()[1]}")
+    inst = random_instance(np.random.default_rng(11), p=20, keep=10, m=4, damping=1e-3)
+    optimum = oo.solve(inst, "enumerate").err
+    sol = oo.solve(inst, name, device="cpu", time_limit=3)
+    trace = np.array(sol.info["trace"])
+    assert trace.ndim == 2 and trace.shape[1] == 3 and len(trace) >= 2, trace
+    t, ub, lb = trace.T
+    tol = 1e-9
+    assert np.all(np.diff(t) >= 0) and t[0] >= 0 and t[-1] <= sol.seconds + 0.05
+    assert np.all(np.diff(ub) <= 0) and np.all(np.diff(lb) >= 0)
+    assert np.all(ub >= optimum - tol) and np.all(lb <= optimum + tol) and np.all(lb >= 0)
+    assert ub[-1] == pytest.approx(sol.err, abs=tol)
+    assert lb[-1] == pytest.approx(max(0.0, (sol.bound - inst.full_objective) / -inst.full_objective), abs=tol)
+    if name in ("bnb", "highs-oa"):  # these improve their bound while they search
+        assert lb[-1] > lb[0]
+
+
+def test_trace_thins_points_and_keeps_both_ends():
+    trace = Trace(full=-1.0, spacing=0.0, max_points=50)
+    for i in range(500):
+        trace.add(-0.5 - i * 1e-4, -2.0 + i * 1e-3)  # a bound below f(all) counts as err 0
+    trace.add(-0.4, -0.9)  # worse values never replace better ones
+    points = np.array(trace.finish(-0.55, -0.6))
+    assert len(points) <= 51
+    assert points[0, 1] == pytest.approx(0.5) and points[0, 2] == 0.0
+    assert points[-1, 1] == pytest.approx(0.45) and points[-1, 2] == pytest.approx(0.4)
+    assert np.all(np.diff(points[:, 0]) >= 0)
 
 
 def test_missing_package_gives_a_clear_reason(rng):
