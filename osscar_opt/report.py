@@ -2,7 +2,8 @@
 
 Reads OUT/runs.jsonl (written by `osscar-opt bench`) and writes into OUT:
 
-    report.md                 per-tier tables, skip reasons, errors, per-instance results
+    report.md                 per-tier tables, the median certified gap per solver at a few
+                              times (from the traces), skip reasons, errors, per-instance results
     performance_profile.png   Dolan-More profiles: time to proven optimality, and
                               time to reach the best known err
     gap_vs_time.png           certified gap against time (traces where solvers record
@@ -154,6 +155,7 @@ def markdown(rows: list[dict], settings: dict, best: dict[str, dict]) -> str:
         mine = [r for r in rows if r["tier"] == tier]
         n = len({r["instance"] for r in mine})
         lines += [f"## Tier {tier} ({n} instance{'s' if n != 1 else ''})", ""] + _summary_table(mine, best) + [""]
+    lines += _gap_over_time(rows, settings)
     lines += [
         "## Plots", "",
         "Performance profiles (Dolan-More): for each solver the fraction of instances it solves within a factor "
@@ -285,6 +287,38 @@ def _trace_points(trace) -> list[tuple[float, float]]:
         if math.isfinite(t) and math.isfinite(ub) and math.isfinite(lb) and ub > 0:
             pts.append((max(t, TIME_FLOOR_S), max(0.0, (ub - lb) / ub)))
     return pts
+
+
+def gap_at(points: list[tuple[float, float]], t: float) -> float:
+    """The certified gap a trace had reached at time t (1 = no bound yet)."""
+    gap = 1.0
+    for tt, g in points:
+        if tt > t:
+            break
+        gap = g
+    return gap
+
+
+def _gap_over_time(rows: list[dict], settings: dict) -> list[str]:
+    """Median certified gap per solver at a few times, from the recorded traces."""
+    limit = settings.get("time_limit")
+    marks = [m for m in (0.1, 1.0, 10.0, 60.0, 600.0) if limit is None or m < float(limit)]
+    if limit is not None:
+        marks.append(float(limit))
+    body = []
+    for label in _labels(rows):
+        traces = [_trace_points((r.get("info") or {}).get("trace")) for r in rows
+                  if r["label"] == label and r.get("status") in SOLVED]
+        traces = [t for t in traces if t]
+        if traces:
+            body.append([f"`{label}`", str(len(traces))] +
+                        [_fmt(statistics.median(gap_at(t, m) for t in traces), ".3g", 100.0, zero=1e-9) for m in marks])
+    if not body:
+        return []
+    return ["## Certified gap over time", "",
+            "Median over the instances of the certified gap (%) each solver had reached at each time, from "
+            "the progress traces its runs recorded (info[\"trace\"]); before a run's first bound its gap "
+            "counts as 100%.", ""] + _table(["solver", "runs traced"] + [f"{m:g} s" for m in marks], body) + [""]
 
 
 def plot_gap_vs_time(rows: list[dict], path: Path) -> Path:

@@ -154,6 +154,25 @@ def test_report_writes_tables_and_plots(library, bench_run):
     assert all(math.isinf(v) for v in ratios["magnitude"])
 
 
+def test_report_tabulates_the_recorded_progress_traces(library, tmp_path):
+    out = tmp_path / "traced"
+    code = main(["bench", "--instances", "T0", "--catalog", str(library["catalog"]), "--solvers", "bnb,osscar",
+                 "--time-limit", "20", "--jobs", "1", "--out", str(out), "--quiet"])
+    assert code == 0
+    rows = {r["label"]: r for r in harness.read_rows(out) if r["instance"] == "rand-large-k7"}
+    trace = rows["bnb"]["info"]["trace"]  # kept whole in the row (other long lists are elided)
+    assert len(trace) >= 1 and trace[-1][1] == pytest.approx(rows["bnb"]["err"], rel=1e-9)
+    assert "trace" not in rows["osscar"]["info"]
+    assert main(["report", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "## Certified gap over time" in text
+    section = text.split("## Certified gap over time")[1].split("## ")[0]
+    line = next(ln for ln in section.splitlines() if ln.startswith("| `bnb` | 2 |"))
+    assert line.endswith("| 0 |")  # both proven by the end: median gap 0 at the time limit
+    assert report.gap_at([(0.5, 0.2), (2.0, 0.0)], 0.1) == 1.0
+    assert report.gap_at([(0.5, 0.2), (2.0, 0.0)], 1.0) == 0.2
+
+
 def test_resume_after_a_killed_bench(library, tmp_path):
     out = tmp_path / "resume"
     files = [str(f) for f in library["files"].values()]
