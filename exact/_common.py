@@ -9,6 +9,8 @@ F F' = G G' instead of the m output columns.
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -121,6 +123,25 @@ class Scale:
 
     def from_native(self, f: float) -> float:
         return f * self.unit
+
+
+def quiet_highs():
+    """A highspy.Highs with logging off. The constructor prints a banner to
+    file descriptor 1 whatever the options (highspy 1.16), which would land in
+    the middle of a command's output: it is sent to the null device."""
+    import highspy
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            h = highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    h.setOptionValue("output_flag", False)
+    return h
 
 
 class Trace:

@@ -36,6 +36,7 @@ from osscar_opt.registry import Result, Solver, Status, register
 from ._common import (
     SplitSolver,
     Trace,
+    quiet_highs,
     objective_of,
     osscar_support,
     remaining,
@@ -94,8 +95,7 @@ class HighsOA(SplitSolver, Solver):
         info["split"] = {"method": split.method, "seconds": split.seconds}
         model = PerspectiveModel(inst, F, split)
 
-        h = highspy.Highs()
-        h.setOptionValue("output_flag", False)
+        h = quiet_highs()
         for option in ("mip_feasibility_tolerance", "primal_feasibility_tolerance", "dual_feasibility_tolerance"):
             h.setOptionValue(option, 1e-9)
         h.setOptionValue("mip_rel_gap", 0.0)

@@ -40,6 +40,7 @@ from ._common import (
     GAP_TOL,
     SplitSolver,
     Trace,
+    quiet_highs,
     objective_of,
     osscar_support,
     remaining,
@@ -179,8 +180,7 @@ def highs_relaxation(model: PerspectiveModel, rounds: int, deadline: float | Non
     inst = model.instance
     p = inst.n_groups
     unit = -inst.full_objective
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
+    h = quiet_highs()
     h.setOptionValue("qp_iteration_limit", 1000 * (p + 1))  # a QP this small needs far fewer; more means cycling
     inf = highspy.kHighsInf
     h.addVars(p + 1, np.concatenate([np.zeros(p), [-inf]]), np.concatenate([np.ones(p), [inf]]))

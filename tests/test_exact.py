@@ -282,6 +282,17 @@ def test_progress_trace_is_valid_at_every_point(name):
         assert lb[-1] > lb[0]
 
 
+def test_highs_solvers_print_nothing(capfd):
+    """highspy's constructor prints a banner to fd 1; a command's output must not carry it."""
+    if not _available("highs-oa"):
+        pytest.skip(f"highs-oa unavailable here: {get_solver('highs-oa').available()[1]}")
+    inst = random_instance(np.random.default_rng(5), p=8, keep=3, m=3)
+    sol = oo.solve(inst, "highs-oa", time_limit=20)
+    oo.solve(inst, "relax", methods="highs", time_limit=20)
+    out, err = capfd.readouterr()
+    assert sol.status == oo.Status.OPTIMAL and "HiGHS" not in out + err, out + err
+
+
 def test_trace_thins_points_and_keeps_both_ends():
     trace = Trace(full=-1.0, spacing=0.0, max_points=50)
     for i in range(500):
