@@ -157,8 +157,8 @@ def start_values(model: PerspectiveModel, S: np.ndarray) -> dict:
 def progress_handler(trace: Trace, instance, F: np.ndarray, var: dict, UB: float, feastol: float):
     """A SCIP event handler that feeds `trace` as the search goes: SCIP's dual
     bound (less the same safety margin as the final one) after every node and
-    every LP solve, and
-    every new best solution's support, re-evaluated in fp64."""
+    every LP solve, and the support of every new best solution, re-evaluated
+    in fp64."""
     import pyscipopt as ps
 
     unit = -instance.full_objective
