@@ -327,8 +327,10 @@ def plot_gap_vs_time(rows: list[dict], path: Path) -> Path:
     fig = _figure(7, 4.2)
     ax = fig.subplots()
     drawn = set()
+    traced: list[float] = []
     for r in rows:
         pts = _trace_points((r.get("info") or {}).get("trace"))
+        traced += [100 * g for _, g in pts]
         if len(pts) >= 2:
             xs, ys = zip(*pts)
             ax.step(xs, [100 * y for y in ys], where="post", color=colors[r["label"]], alpha=0.5, lw=1,
@@ -342,8 +344,8 @@ def plot_gap_vs_time(rows: list[dict], path: Path) -> Path:
             xs, ys = zip(*pts)
             ax.scatter(xs, ys, s=18, color=colors[label], label=f"{label} (final)", zorder=3)
             drawn.add(label)
-    gaps = [100 * float(r["gap"]) for r in rows if r.get("gap") is not None]
-    top = max([1.0] + [1.05 * g for g in gaps])
+    gaps = [100 * float(r["gap"]) for r in rows if r.get("gap") is not None] + traced
+    top = max([1.0] + [1.05 * min(g, 100.0) for g in gaps])
     ax.set_ylim(-0.02 * top, top)
     ax.set_xscale("log")
     ax.set_xlabel("seconds")
