@@ -306,19 +306,21 @@ def _gap_over_time(rows: list[dict], settings: dict) -> list[str]:
     if limit is not None:
         marks.append(float(limit))
     body = []
-    for label in _labels(rows):
-        traces = [_trace_points((r.get("info") or {}).get("trace")) for r in rows
-                  if r["label"] == label and r.get("status") in SOLVED]
-        traces = [t for t in traces if t]
-        if traces:
-            body.append([f"`{label}`", str(len(traces))] +
-                        [_fmt(statistics.median(gap_at(t, m) for t in traces), ".3g", 100.0, zero=1e-9) for m in marks])
+    for tier in sorted({r["tier"] for r in rows}, key=_tier_key):
+        for label in _labels(rows):
+            traces = [_trace_points((r.get("info") or {}).get("trace")) for r in rows
+                      if r["label"] == label and r["tier"] == tier and r.get("status") in SOLVED]
+            traces = [t for t in traces if t]
+            if traces:
+                body.append([tier, f"`{label}`", str(len(traces))] +
+                            [_fmt(statistics.median(gap_at(t, m) for t in traces), ".3g", 100.0, zero=1e-9)
+                             for m in marks])
     if not body:
         return []
     return ["## Certified gap over time", "",
-            "Median over the instances of the certified gap (%) each solver had reached at each time, from "
-            "the progress traces its runs recorded (info[\"trace\"]); before a run's first bound its gap "
-            "counts as 100%.", ""] + _table(["solver", "runs traced"] + [f"{m:g} s" for m in marks], body) + [""]
+            "Median over the instances of a tier of the certified gap (%) each solver had reached at each time, "
+            "from the progress traces its runs recorded (info[\"trace\"]); before a run's first bound its gap "
+            "counts as 100%.", ""] + _table(["tier", "solver", "runs traced"] + [f"{m:g} s" for m in marks], body) + [""]
 
 
 def plot_gap_vs_time(rows: list[dict], path: Path) -> Path:

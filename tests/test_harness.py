@@ -167,7 +167,7 @@ def test_report_tabulates_the_recorded_progress_traces(library, tmp_path):
     text = (out / "report.md").read_text()
     assert "## Certified gap over time" in text
     section = text.split("## Certified gap over time")[1].split("## ")[0]
-    line = next(ln for ln in section.splitlines() if ln.startswith("| `bnb` | 2 |"))
+    line = next(ln for ln in section.splitlines() if ln.startswith("| T0 | `bnb` | 2 |"))
     assert line.endswith("| 0 |")  # both proven by the end: median gap 0 at the time limit
     assert report.gap_at([(0.5, 0.2), (2.0, 0.0)], 0.1) == 1.0
     assert report.gap_at([(0.5, 0.2), (2.0, 0.0)], 1.0) == 0.2
