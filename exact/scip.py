@@ -154,6 +154,27 @@ def start_values(model: PerspectiveModel, S: np.ndarray) -> dict:
     return {"z": z, "W": Ws, "t": t, "eta": eta}
 
 
+def scip_bound(m, unit: float, feastol: float) -> float | None:
+    """SCIP's dual bound in instance units less a safety margin of 10 feastol
+    |f(all)| (SCIP's bound holds within its feasibility tolerance); None
+    while SCIP has none."""
+    dual = m.getDualbound()
+    if math.isfinite(dual) and abs(dual) < 1e20:
+        return dual * unit - 10 * feastol * unit
+    return None
+
+
+def best_support(m, var: dict, instance, F: np.ndarray) -> tuple[np.ndarray, float] | None:
+    """SCIP's best solution as (support, objective re-evaluated in fp64); None without one."""
+    if m.getNSols() == 0:
+        return None
+    sol = m.getBestSol()
+    S = np.flatnonzero(np.array([m.getSolVal(sol, v) for v in var["z"]]) > 0.5)
+    if S.size != instance.keep:
+        return None
+    return S, objective_of(instance, F, S)
+
+
 def progress_handler(trace: Trace, instance, F: np.ndarray, var: dict, UB: float, feastol: float):
     """A SCIP event handler that feeds `trace` as the search goes: SCIP's dual
     bound (less the same safety margin as the final one) after every node and
@@ -175,15 +196,11 @@ def progress_handler(trace: Trace, instance, F: np.ndarray, var: dict, UB: float
                 self.model.dropEvent(ev, self)
 
         def eventexec(self, event):
-            m = self.model
             if event.getType() == ps.SCIP_EVENTTYPE.BESTSOLFOUND:
-                sol = m.getBestSol()
-                S = np.flatnonzero(np.array([m.getSolVal(sol, v) for v in var["z"]]) > 0.5)
-                if S.size == instance.keep:
-                    state["UB"] = min(state["UB"], objective_of(instance, F, S))
-            dual = m.getDualbound()
-            if math.isfinite(dual) and abs(dual) < 1e20:
-                trace.add(state["UB"], dual * unit - 10 * feastol * unit)
+                found = best_support(self.model, var, instance, F)
+                if found is not None:
+                    state["UB"] = min(state["UB"], found[1])
+            trace.add(state["UB"], scip_bound(self.model, unit, feastol))
 
     return Progress()
 
@@ -235,17 +252,10 @@ class Scip(SplitSolver, Solver):
         status = m.getStatus()
         info = {"scip_status": status, "start_accepted": bool(accepted), "nodes": m.getNNodes(),
                 "scip_seconds": m.getSolvingTime(), "split": model.split.method}
-        dual = m.getDualbound()
-        bound = None
-        if math.isfinite(dual) and abs(dual) < 1e20:
-            bound = min(UB, dual * unit - 10 * params.feastol * unit)
-        if m.getNSols() > 0:
-            best = m.getBestSol()
-            S = np.flatnonzero(np.array([m.getSolVal(best, v) for v in var["z"]]) > 0.5)
-            if S.size == inst.keep:
-                val = objective_of(inst, F, S)
-                if val < UB:
-                    UB, best_S = val, S
+        bound = scip_bound(m, unit, params.feastol)
+        found = best_support(m, var, inst, F)
+        if found is not None and found[1] < UB:
+            best_S, UB = found
         if bound is not None:
             bound = min(bound, UB)
         info["trace"] = trace.finish(UB, bound)
