@@ -49,6 +49,15 @@ def pydoc_text() -> str:
 
 
 def _file_text(path: Path) -> str:
+    try:
+        return _read_text_file(path)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (byte {exc.start}): give a UTF-8 .txt / .jsonl file") from None
+    except OSError as exc:
+        raise DataError(f"cannot read the text file {path} ({exc.strerror or exc}): check the path and its permissions") from None
+
+
+def _read_text_file(path: Path) -> str:
     if path.suffix == ".jsonl":
         texts = []
         with open(path, encoding="utf-8") as fh:

@@ -151,6 +151,19 @@ def read_header(path: str | os.PathLike) -> dict:
 def _open(path: Path):
     if not path.exists():
         raise InstanceFileError(f"no instance file at {path}: check the path, or rebuild with `osscar-opt instances build`")
+    if path.is_dir():
+        raise InstanceFileError(f"{path} is a folder, not an instance file: give the path of an .npz instance")
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise InstanceFileError(f"cannot read {path} ({exc.strerror or exc}): check its permissions") from None
+    if magic[:2] != b"PK":  # every .npz is a zip archive; np.load would read anything else as .npy or pickle
+        what = "is empty" if not magic else "is a single .npy array" if magic == b"\x93NUM" else "is not an .npz archive"
+        raise InstanceFileError(
+            f"{path} {what}, not an instance file: re-download it, rebuild it with `osscar-opt instances build`, "
+            "or write one with osscar_opt.save_instance"
+        )
     try:
         return np.load(path, allow_pickle=False)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:

@@ -89,7 +89,7 @@ class Catalog:
             data = json.loads(path.read_text())
         except ValueError as exc:
             raise CatalogError(f"{path} is not valid JSON ({exc}): restore it with `git checkout {path.name}`") from None
-        if data.get("format") != "osscar-catalog":
+        if not isinstance(data, dict) or data.get("format") != "osscar-catalog":
             raise CatalogError(f"{path} is not an osscar catalog")
         return cls(path, data)
 

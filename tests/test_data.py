@@ -76,6 +76,17 @@ def test_empty_text_file_is_refused(tmp_path):
         data.windows(CharTokenizer(), str(empty), "calibration", 1, 4)
 
 
+def test_binary_or_unreadable_text_file_is_refused(tmp_path):
+    binary = tmp_path / "weights.txt"
+    binary.write_bytes(bytes(range(128, 256)) * 4)
+    with pytest.raises(DataError, match="not UTF-8 text"):
+        data.load_text(str(binary))
+    folder = tmp_path / "corpus.txt"
+    folder.mkdir()
+    with pytest.raises(DataError, match="cannot read the text file"):
+        data.load_text(str(folder))
+
+
 def test_unknown_model_name_lists_the_embedded_ones():
     with pytest.raises(models.ModelError, match="unknown model 'smollm3'.*smollm2-135m, minilm-l6"):
         models.load("smollm3")

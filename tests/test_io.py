@@ -49,6 +49,26 @@ def test_truncated_file_is_reported(saved, tmp_path):
         oo.load_instance(bad)
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty"),
+    (b"H,W,groups\n1,2,3\n", "is not an .npz archive"),
+    (None, "is a single .npy array"),
+    ("folder", "is a folder"),
+])
+def test_a_file_that_is_not_an_npz_archive_is_named_as_such(tmp_path, content, message):
+    bad = tmp_path / "layer.npz"
+    if content is None:  # a plain .npy array saved under an .npz name
+        with open(bad, "wb") as fh:
+            np.save(fh, np.eye(3))
+    elif content == "folder":
+        bad.mkdir()
+    else:
+        bad.write_bytes(content)
+    for read in (oo.load_instance, read_header):
+        with pytest.raises(InstanceFileError, match=message):
+            read(bad)
+
+
 def test_flipped_byte_is_reported(saved, tmp_path):
     _, path = saved
     data = bytearray(path.read_bytes())
