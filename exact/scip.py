@@ -247,8 +247,12 @@ class Scip(SplitSolver, Solver):
         left = remaining(deadline)
         if math.isfinite(left):
             m.setParam("limits/time", max(0.05, left - 0.05))
-        if left > 0:
-            m.optimize()
+        if not left > 0:  # OSSCAR used up the time: SCIP never ran (its statistics must not be queried then)
+            info = {"scip_status": "not started", "start_accepted": bool(accepted), "nodes": 0,
+                    "split": model.split.method, "trace": trace.finish(UB, None)}
+            return Result(keep=best_S, status=Status.TIME_LIMIT, bound=None, info=info,
+                          message="the time limit ran out before SCIP started: give it more time")
+        m.optimize()
         status = m.getStatus()
         info = {"scip_status": status, "start_accepted": bool(accepted), "nodes": m.getNNodes(),
                 "scip_seconds": m.getSolvingTime(), "split": model.split.method}

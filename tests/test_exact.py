@@ -259,6 +259,24 @@ def test_time_limit_holds_with_a_valid_bound(name):
     assert sol.keep.size == inst.keep and sol.objective <= reference.objective + 1e-9 * abs(inst.full_objective)
 
 
+@pytest.mark.parametrize("name", EXACT + ["relax", "enumerate"])
+def test_a_time_limit_spent_before_the_search_starts_returns_cleanly(name):
+    """A limit used up by the OSSCAR warm start: no native call on a solver that never ran
+    (SCIP crashed the process when queried for its bound before solving)."""
+    if not _available(name):
+        pytest.skip(f"{name} unavailable here: {get_solver(name).available()[1]}")
+    inst = random_instance(np.random.default_rng(4), p=8, keep=4, m=4)
+    best = brute_force(inst)[0]
+    for limit in (1e-6, 1e-3):
+        sol = oo.solve(inst, name, device="cpu", time_limit=limit)
+        assert sol.status in (oo.Status.TIME_LIMIT, oo.Status.OPTIMAL, oo.Status.FEASIBLE), (name, sol.message)
+        assert sol.bound is None or sol.bound <= best + 1e-9 * abs(inst.full_objective)
+        if sol.keep.size:  # a support when the solver had one (empty, err nan, when it had none yet)
+            assert sol.keep.size == inst.keep and sol.objective >= best - 1e-9 * abs(inst.full_objective)
+        else:
+            assert sol.status == oo.Status.TIME_LIMIT and np.isnan(sol.err)
+
+
 @pytest.mark.parametrize("name", ["bnb", "highs-oa", "scip", "relax"])
 def test_progress_trace_is_valid_at_every_point(name):
     """info["trace"] (what the report's gap-versus-time plot draws): every
