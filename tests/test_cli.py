@@ -107,3 +107,21 @@ def test_target_damping_flag_takes_a_ridge_or_validated(capsys):
         with pytest.raises(SystemExit):
             main([command, "--target-damping", "-1"])
         assert "a finite number >= 0 or 'validated', got '-1'" in capsys.readouterr().err
+
+
+def test_prune_refuses_a_bad_solver_or_calibration_file_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    from osscar_opt import models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(models, "load", no_load)
+    binary = tmp_path / "calib.txt"
+    binary.write_bytes(bytes(range(128, 256)))
+    cases = [(["--solver", "no-such-solver"], "unknown solver 'no-such-solver'"),
+             (["--calib", str(tmp_path / "missing.txt")], "no text file at"),
+             (["--calib", str(binary)], "is not UTF-8 text")]
+    for extra, message in cases:
+        assert main(["prune", "--model", "smollm2-135m", "--sparsity", "0.5", "--out", str(tmp_path / "o"), *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
