@@ -19,6 +19,7 @@ import scipy.linalg
 
 from osscar_opt.errors import SolverError
 from osscar_opt.instance import Instance
+from osscar_opt.linalg import cpu_threads  # noqa: F401  (re-exported for the solvers here)
 
 # Default relative optimality tolerance of the exact solvers, in err units:
 # a support is called OPTIMAL when its err is within this of the proven bound.
@@ -197,45 +198,6 @@ class Trace:
 def incumbent_info(instance: Instance, objective: float) -> float:
     """err of an objective value (for info dicts)."""
     return (objective - instance.full_objective) / (-instance.full_objective)
-
-
-class cpu_threads:
-    """Context manager: at most `n` CPU threads for torch and BLAS inside, restored after.
-
-    The node problems are small dense factorizations; on a shared machine
-    several threads per call oversubscribe the cores and run many times
-    slower (seen: 12 s instead of 1.3 s for OSSCAR on a 40-group crop).
-    n=None leaves the process settings alone.
-    """
-
-    def __init__(self, n: int | None):
-        self.n = n
-        self._torch = None
-        self._limits = None
-
-    def __enter__(self):
-        if self.n is None:
-            return self
-        import torch
-
-        self._torch = torch.get_num_threads()
-        torch.set_num_threads(int(self.n))
-        try:
-            from threadpoolctl import threadpool_limits
-
-            self._limits = threadpool_limits(int(self.n))
-        except ImportError:  # optional: numpy keeps its own threads
-            self._limits = None
-        return self
-
-    def __exit__(self, *exc):
-        if self._torch is not None:
-            import torch
-
-            torch.set_num_threads(self._torch)
-        if self._limits is not None:
-            self._limits.restore_original_limits()
-        return False
 
 
 class SplitSolver:

@@ -30,6 +30,7 @@ import numpy as np
 from .errors import InstanceError, SolverError
 from .evaluate import evaluate, evaluate_masked, support_array
 from .instance import Instance
+from .linalg import cpu_threads
 
 
 class Status(str, enum.Enum):
@@ -319,17 +320,32 @@ def solve(
     skip, why = impl.skip(instance, p)
     if skip:
         raise SolverError(f"solver {solver!r} skips this instance: {why}")
-    t0 = time.perf_counter()
-    state = impl.prepare(instance, p, dev)
-    t1 = time.perf_counter()
-    deadline = None if time_limit is None else t1 + float(time_limit)
-    try:
-        result = impl.run(state, p, deadline)
-    except (SolverError, np.linalg.LinAlgError, RuntimeError) as exc:
-        result = Result(keep=None, status=Status.ERROR, message=f"{type(exc).__name__}: {exc}")
-    seconds = time.perf_counter() - t1
-    del state  # the solver's device buffers are free before the evaluation
+    with cpu_threads(solve_threads(instance, dev, p)):
+        t0 = time.perf_counter()
+        state = impl.prepare(instance, p, dev)
+        t1 = time.perf_counter()
+        deadline = None if time_limit is None else t1 + float(time_limit)
+        try:
+            result = impl.run(state, p, deadline)
+        except (SolverError, np.linalg.LinAlgError, RuntimeError) as exc:
+            result = Result(keep=None, status=Status.ERROR, message=f"{type(exc).__name__}: {exc}")
+        seconds = time.perf_counter() - t1
+        del state  # the solver's device buffers are free before the evaluation
     return finish(instance, cls.name, result, seconds, dataclasses.asdict(p), dev, t1 - t0, refits=cls.refits)
+
+
+# CPU solves of instances with at most this many rows run on one thread (see solve_threads)
+SINGLE_THREAD_ROWS = 256
+
+
+def solve_threads(instance: Instance, device: Any, params: Any) -> int | None:
+    """The CPU thread cap of a solve: 1 for instances of at most SINGLE_THREAD_ROWS rows
+    on the CPU, unless the solver has a `threads` parameter of its own; None (the
+    process setting) otherwise. Their factorizations are too small to gain from
+    threads, and with the cores busy elsewhere threads make them far slower."""
+    if str(device) != "cpu" or hasattr(params, "threads") or instance.d > SINGLE_THREAD_ROWS:
+        return None
+    return 1
 
 
 def finish(

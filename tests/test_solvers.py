@@ -120,3 +120,25 @@ def test_registry_lists_every_solver_with_availability():
     assert names[0] == "osscar" and "enumerate" in names
     for r in rows:
         assert isinstance(r.available, bool) and (r.available or r.reason)
+
+
+def test_small_cpu_solves_run_on_one_thread_and_restore_the_setting(rng):
+    import torch
+
+    from osscar_opt.registry import SINGLE_THREAD_ROWS, make_params, solve_threads
+
+    small = random_instance(rng, p=12, keep=6, m=4)
+    large = random_instance(rng, p=SINGLE_THREAD_ROWS + 1, keep=8, m=2)
+    osscar_params = make_params(get_solver("osscar"), {})
+    assert solve_threads(small, "cpu", osscar_params) == 1
+    assert solve_threads(large, "cpu", osscar_params) is None
+    assert solve_threads(small, "cuda", osscar_params) is None
+    assert solve_threads(small, "cpu", make_params(get_solver("bnb"), {})) is None  # bnb sets its own
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        sol = oo.solve(small, "osscar", device="cpu")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert sol.keep.size == small.keep and sol.objective >= brute_force(small)[0] - 1e-9 * abs(small.full_objective)
