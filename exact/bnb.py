@@ -273,8 +273,12 @@ class BranchAndBound(Solver):
             status = Status.TIME_LIMIT
         else:
             status = Status.FEASIBLE
-        msg = "" if gap_closed else \
-            f"gap left: bound err {(bound - full) / (-full):.6g} vs incumbent err {(search.UB - full) / (-full):.6g}"
+        if gap_closed:
+            msg = ""
+        elif not math.isfinite(bound):
+            msg = "no bound yet: the time ran out before the root relaxation; give it more time"
+        else:
+            msg = f"gap left: bound err {(bound - full) / (-full):.6g} vs incumbent err {(search.UB - full) / (-full):.6g}"
         return Result(keep=search.best_S, status=status, bound=bound, info=info, message=msg)
 
 

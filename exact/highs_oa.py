@@ -199,5 +199,10 @@ class HighsOA(SplitSolver, Solver):
             status = Status.TIME_LIMIT
         else:
             status = Status.FEASIBLE
-        msg = "" if status == Status.OPTIMAL else f"stopped ({stop}) with master bound err {(master_lb - full) / unit:.6g}"
+        if status == Status.OPTIMAL:
+            msg = ""
+        elif not math.isfinite(master_lb):
+            msg = f"stopped ({stop}) before the master had a bound; give it more time"
+        else:
+            msg = f"stopped ({stop}) with master bound err {(master_lb - full) / unit:.6g}"
         return Result(keep=best_S, status=status, bound=bound, info=info, message=msg)
