@@ -18,6 +18,11 @@ from .instance import Instance, Partition
 from .io import load_instance, save_instance
 from .registry import Result, Solution, Solver, SolverInfo, Status, register, solve, solvers
 
+# the model driver, after the registry it uses (each name binds the function over its submodule)
+from .apply import PruneReport, apply  # noqa: E402
+from .evaluation import evaluate_model  # noqa: E402
+from .surgery import load_pruned, save_pruned  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -28,16 +33,21 @@ __all__ = [
     "MissingPackageError",
     "OsscarError",
     "Partition",
+    "PruneReport",
     "Result",
     "Solution",
     "Solver",
     "SolverError",
     "SolverInfo",
     "Status",
+    "apply",
     "evaluate",
+    "evaluate_model",
     "load_instance",
+    "load_pruned",
     "register",
     "save_instance",
+    "save_pruned",
     "solve",
     "solvers",
 ]

@@ -223,3 +223,22 @@ def test_bad_inputs_leave_the_model_untouched():
         assert torch.equal(v, state[k]), k
     for k, v in tied.state_dict().items():
         assert torch.equal(v, tied_state[k]), k
+
+
+def test_the_package_exposes_the_model_driver_as_documented(tmp_path):
+    """`osscar_opt.apply` is the function (not its submodule), as the README's
+    `from osscar_opt import apply, data, models` uses it, with evaluate_model and
+    save_pruned / load_pruned beside it."""
+    import osscar_opt.apply as _submodule_import  # noqa: F401  (the name must stay the function)
+    from osscar_opt import apply as apply_fn
+
+    assert apply_fn is apply and oo.apply is apply
+    assert callable(oo.evaluate_model) and oo.save_pruned is save_pruned and oo.load_pruned is load_pruned
+    model, x = tiny_llama(), random_tokens()
+    dense = count_parameters(model)
+    report = oo.apply(model, x, 0.5, structures=["neurons"])
+    assert isinstance(report, oo.PruneReport) and report.params_after < dense == report.params_before
+    assert report.params_after == count_parameters(model)
+    back = oo.load_pruned(oo.save_pruned(model, None, tmp_path / "m"))
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, back(x).logits, atol=1e-5)
