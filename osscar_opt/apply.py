@@ -35,7 +35,7 @@ from torch import nn
 
 from .adapters import Adapter, ConvAdapter, Site, adapter_for
 from .data import DataError
-from .errors import OsscarError
+from .errors import OsscarError, SolverError
 from .extract import GramHooks, StateRecorder, _batches, describe_calibration, run_model, site_instance, token_mask
 from .instance import DAMPING, DEFAULT_TARGETS, TARGET_DAMPING, TARGETS, check_damping
 from .registry import solve
@@ -142,6 +142,61 @@ def _check_sparsity(sparsity: Any) -> None:
     for v in values:
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= float(v) < 1.0:
             raise PruneError(f"sparsity must be a number in [0, 1) (the fraction of groups pruned), got {v!r}")
+
+
+def _check_sparsity_keys(sparsity: Any, adapter: Adapter) -> None:
+    """Every key of a sparsity mapping names something this model has."""
+    if not isinstance(sparsity, Mapping):
+        return
+    for key in sparsity:
+        parts = key if isinstance(key, tuple) and len(key) == 2 else (key,)
+        for part in parts:
+            if isinstance(part, str):
+                if part != "default" or isinstance(key, tuple):
+                    adapter.check_structure(part)
+            elif isinstance(part, (int, np.integer)) and not isinstance(part, bool):
+                adapter.check_layer(int(part))
+            else:
+                raise PruneError(f"sparsity key {key!r} is neither a structure, a layer index, (layer, structure) "
+                                 "nor 'default'")
+
+
+def _check_solver(solver: str, device: Any, solver_params: dict) -> None:
+    """The solver exists, runs here, takes these parameters and the device: before any layer is touched."""
+    from .registry import get_solver, make_params, resolve_device
+
+    cls = get_solver(solver)
+    ok, why = cls.available()
+    if not ok:
+        raise SolverError(f"solver {solver!r} is not available here: {why}")
+    make_params(cls, solver_params)
+    if device is not None:
+        resolve_device(device, cls.devices)
+
+
+def _check_tokens(model: nn.Module, adapter: Adapter, calibration: Any) -> Any:
+    """Token-id calibration of a transformer: integer ids of shape (windows, seq_len) inside the
+    model's vocabulary (a single 1-D window gets its batch dimension). Returns the calibration."""
+    if isinstance(adapter, ConvAdapter):
+        return calibration
+    ids = calibration.input_ids if hasattr(calibration, "input_ids") and not isinstance(calibration, Mapping) else \
+        calibration if isinstance(calibration, torch.Tensor) else None
+    if ids is None or ids.numel() == 0:
+        return calibration
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise DataError(f"calibration token ids must be integers, got {ids.dtype}: pass the tokenizer's input_ids "
+                        "(or data.calibration(tokenizer, ...))")
+    if ids.dim() == 1 and isinstance(calibration, torch.Tensor):
+        calibration = ids = calibration[None, :]
+    if ids.dim() != 2:
+        raise DataError(f"calibration token ids must have shape (windows, seq_len), got {tuple(ids.shape)}")
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embed, "num_embeddings", None)
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or (vocab is not None and hi >= vocab):
+        raise DataError(f"calibration token id {lo if lo < 0 else hi} lies outside the model's vocabulary "
+                        f"(0..{vocab - 1 if vocab is not None else '?'}): tokenize with this model's own tokenizer")
+    return calibration
 
 
 def _keep_for(site: Site, fraction: float) -> int | float:
@@ -311,10 +366,13 @@ def apply(
         adapter.check_layer(layer)
     plan = [(adapter.site(s, layer), _fraction_for(sparsity, s, layer)) for layer in layer_ids for s in structures]
     plan = [(site, frac) for site, frac in plan if frac > 0.0]
+    _check_sparsity_keys(sparsity, adapter)
     for site, _ in plan:  # refuse shared weights or unsupported modules before touching anything
         check_prunable(model, site)
     if isinstance(calibration, torch.Tensor) and calibration.numel() == 0:
         raise DataError("the calibration tensor is empty: give at least one window")
+    calibration = _check_tokens(model, adapter, calibration)
+    _check_solver(solver, device, solver_params)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     name = getattr(getattr(model, "config", None), "osscar_name", None) or \
         getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__

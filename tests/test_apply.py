@@ -209,11 +209,23 @@ def test_bad_inputs_leave_the_model_untouched():
         (dict(sparsity=0.5, damping=True), InstanceError, "damping must be a finite number >= 0"),
         (dict(sparsity=0.5, targets="outputs"), PruneError, "targets must be one of 'layer', 'dense'"),
         (dict(sparsity=0.5, targets="dense", sequential=False), PruneError, "targets='dense' needs sequential"),
+        (dict(sparsity={"channels": 0.5}), UnsupportedModelError, "no structure 'channels'"),
+        (dict(sparsity={9: 0.5}), UnsupportedModelError, "layer 9 is out of range"),
+        (dict(sparsity={(0, "filters"): 0.5}), UnsupportedModelError, "no structure 'filters'"),
+        (dict(sparsity=0.5, solver="no-such-solver"), oo.SolverError, "unknown solver 'no-such-solver'"),
+        (dict(sparsity=0.5, swap_sz=4), oo.SolverError, "no parameter 'swap_sz'"),
+        (dict(sparsity=0.5, solver="magnitude", device="cuda:0"), oo.SolverError, "device 'cuda:0'"),
     ]:
         with pytest.raises(error, match=match):
             apply(model, tokens, progress=False, **bad)
     with pytest.raises(DataError, match="empty"):
         apply(model, torch.zeros(0, 16, dtype=torch.long), 0.5, progress=False)
+    for calibration, match in [(tokens.float(), "must be integers, got torch.float32"),
+                               (tokens[None], r"shape \(windows, seq_len\), got \(1, 6, 32\)"),
+                               (tokens + 128, "token id 255 lies outside the model's vocabulary \\(0..127\\)"),
+                               (tokens - 200, "token id -200 lies outside")]:
+        with pytest.raises(DataError, match=match):
+            apply(model, calibration, 0.5, progress=False)
     tied = tiny_llama()
     tied.model.layers[1].mlp.up_proj.weight = tied.model.layers[0].mlp.up_proj.weight  # shared weight
     tied_state = {k: v.clone() for k, v in tied.state_dict().items()}
