@@ -35,7 +35,7 @@ from torch import nn
 
 from .adapters import Adapter, ConvAdapter, Site, adapter_for
 from .data import DataError
-from .errors import OsscarError, SolverError
+from .errors import OsscarError
 from .extract import GramHooks, StateRecorder, _batches, describe_calibration, run_model, site_instance, token_mask
 from .instance import DAMPING, DEFAULT_TARGETS, TARGET_DAMPING, TARGETS, check_damping
 from .registry import solve
@@ -163,12 +163,9 @@ def _check_sparsity_keys(sparsity: Any, adapter: Adapter) -> None:
 
 def _check_solver(solver: str, device: Any, solver_params: dict) -> None:
     """The solver exists, runs here, takes these parameters and the device: before any layer is touched."""
-    from .registry import get_solver, make_params, resolve_device
+    from .registry import available_solver, make_params, resolve_device
 
-    cls = get_solver(solver)
-    ok, why = cls.available()
-    if not ok:
-        raise SolverError(f"solver {solver!r} is not available here: {why}")
+    cls = available_solver(solver)
     make_params(cls, solver_params)
     if device is not None:
         resolve_device(device, cls.devices)

@@ -122,13 +122,10 @@ def prune_command(args: argparse.Namespace) -> int:
     from .library import write_json_atomic
 
     from . import data
-    from .errors import SolverError
-    from .registry import get_solver
+    from .registry import available_solver
 
     # what can be checked without the model, before minutes of loading and calibration
-    ok, why = get_solver(args.solver).available()
-    if not ok:
-        raise SolverError(f"solver {args.solver!r} is not available here: {why}")
+    available_solver(args.solver)
     data.source_text(args.calib)
     sparsities = [float(x) for x in args.sweep.split(",")] if args.sweep else [args.sparsity]
     rows, dense, last = [], None, None

@@ -207,6 +207,15 @@ def get_solver(name: str) -> type[Solver]:
         raise SolverError(f"unknown solver {name!r}: choose one of {', '.join(_REGISTRY)}") from None
 
 
+def available_solver(name: str) -> type[Solver]:
+    """The registered solver `name`; SolverError when it is unknown or cannot run here."""
+    cls = get_solver(name)
+    ok, why = cls.available()
+    if not ok:
+        raise SolverError(f"solver {name!r} is not available here: {why}")
+    return cls
+
+
 @dataclass(frozen=True)
 class SolverInfo:
     name: str
@@ -308,10 +317,7 @@ def solve(
     """
     if not isinstance(instance, Instance):
         raise InstanceError(f"solve expects an Instance, got {type(instance).__name__}")
-    cls = get_solver(solver)
-    ok, reason = cls.available()
-    if not ok:
-        raise SolverError(f"solver {solver!r} is not available here: {reason}")
+    cls = available_solver(solver)
     if time_limit is not None and not (isinstance(time_limit, (int, float)) and time_limit > 0):
         raise SolverError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
     p = make_params(cls, params)
