@@ -36,7 +36,8 @@ from torch import nn
 from .adapters import Adapter, ConvAdapter, Site, adapter_for
 from .data import DataError
 from .errors import OsscarError
-from .extract import GramHooks, StateRecorder, _batches, describe_calibration, run_model, site_instance, token_mask
+from .extract import (GramHooks, StateRecorder, _batches, as_calibration, as_structures, describe_calibration, run_model,
+                      site_instance, token_mask)
 from .instance import DAMPING, DEFAULT_TARGETS, TARGET_DAMPING, TARGETS, check_damping
 from .registry import solve
 
@@ -135,6 +136,25 @@ def _fraction_for(sparsity: Any, structure: str, layer: int) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= float(value) < 1.0:
         raise PruneError(f"sparsity must be a number in [0, 1), got {value!r} for layer {layer} {structure}")
     return float(value)
+
+
+def _flatten_sparsity(sparsity: Any) -> Any:
+    """Nested per-layer mappings, {"neurons": {0: 0.5}} or {0: {"neurons": 0.5}}, as {(0, "neurons"): 0.5}."""
+    if not isinstance(sparsity, Mapping) or not any(isinstance(v, Mapping) for v in sparsity.values()):
+        return sparsity
+    out: dict = {}
+    for key, value in sparsity.items():
+        if not isinstance(value, Mapping):
+            out[key] = value
+            continue
+        for inner, v in value.items():
+            pair = (inner, key) if isinstance(key, str) else (key, inner)
+            if not (isinstance(pair[0], (int, np.integer)) and not isinstance(pair[0], bool)
+                    and isinstance(pair[1], str) and pair[1] != "default"):
+                raise PruneError(f"sparsity entry {key!r}: {{{inner!r}: ...}} must pair a structure with layer "
+                                 "indices, e.g. {'neurons': {0: 0.5}} or {0: {'neurons': 0.5}}")
+            out[(int(pair[0]), pair[1])] = v
+    return out
 
 
 def _check_sparsity(sparsity: Any) -> None:
@@ -300,7 +320,9 @@ def apply(
 
     sparsity: fraction of groups pruned, a float for every structure, or a
         mapping per structure ({"heads": 0.25, "neurons": 0.5}), per layer
-        index, or per (layer, structure); missing entries are not pruned.
+        index, or per (layer, structure) ({(0, "neurons"): 0.5}, also written
+        {"neurons": {0: 0.5}} or {0: {"neurons": 0.5}}); missing entries are
+        not pruned.
         A mapping naming "query-heads" or "kv-groups" (Llama GQA) prunes that
         instead of "heads" when `structures` is not given.
     structures: the structures pruned (default: the architecture's, e.g.
@@ -333,6 +355,7 @@ def apply(
 
     from .surgery import check_prunable, remove_groups
 
+    sparsity = _flatten_sparsity(sparsity)
     _check_sparsity(sparsity)
     damping = check_damping(damping)
     target_damping = None if target_damping is None else check_damping(target_damping)
@@ -344,10 +367,12 @@ def apply(
                          "site fits the dense model already): use targets='layer'")
     if targets is None:
         targets = "dense" if sequential and not isinstance(adapter, ConvAdapter) else "layer"
+    structures = as_structures(structures)
     if structures is None:
         structures = adapter.default_structures
         if isinstance(sparsity, Mapping):  # {"query-heads": s} or {"kv-groups": s} stands in for "heads"
-            named = [k for k in sparsity if k in ATTENTION_STRUCTURES and k != "heads" and k in adapter.structures]
+            names = {k[1] if isinstance(k, tuple) and len(k) == 2 else k for k in sparsity}
+            named = [k for k in ATTENTION_STRUCTURES if k in names and k != "heads" and k in adapter.structures]
             if named:
                 structures = tuple(s for s in structures if s != "heads") + tuple(named)
     structures = tuple(structures)
@@ -366,6 +391,7 @@ def apply(
     _check_sparsity_keys(sparsity, adapter)
     for site, _ in plan:  # refuse shared weights or unsupported modules before touching anything
         check_prunable(model, site)
+    calibration = as_calibration(calibration)
     if isinstance(calibration, torch.Tensor) and calibration.numel() == 0:
         raise DataError("the calibration tensor is empty: give at least one window")
     calibration = _check_tokens(model, adapter, calibration)

@@ -257,7 +257,10 @@ class StateRecorder(_Hooks):
 def keep_count(site: Site, keep: float | int) -> tuple[int, list[int] | None]:
     """Groups kept (and the per-part budget) for a keep fraction or count."""
     p = site.n_groups
-    if isinstance(keep, float):
+    if isinstance(keep, bool) or not isinstance(keep, (int, float, np.integer, np.floating)):
+        raise DataError(f"keep must be a fraction (float) or a number of groups (int), got {keep!r}")
+    if isinstance(keep, (float, np.floating)):
+        keep = float(keep)
         if not 0.0 <= keep <= 1.0:
             raise DataError(f"keep fraction must lie in [0, 1], got {keep}")
         if site.partition is None:
@@ -305,6 +308,41 @@ def site_instance(
     if isinstance(keep, float):
         info["keep_fraction"] = keep
     return Instance(H, W, k, group_size=site.group_size, partition=partition, meta=info)
+
+
+def as_calibration(calibration: Any) -> Any:
+    """The calibration as `_batches` takes it: token ids (or images) given as a numpy array or as
+    nested lists of numbers become a tensor; a string is refused (it is not tokenized here)."""
+    if isinstance(calibration, (str, bytes)):
+        raise DataError("calibration is a string, not token ids: tokenize it first, e.g. "
+                        "data.calibration(tokenizer, 'pydoc') or data.calibration(tokenizer, 'my_text.txt')")
+    if isinstance(calibration, (list, tuple)) and calibration and _numbers(calibration[0]):
+        try:
+            calibration = np.asarray(calibration)
+        except ValueError:
+            raise DataError("calibration windows given as lists must all have the same length: "
+                            "pad or crop them, or use data.calibration(tokenizer, ...)") from None
+    if isinstance(calibration, np.ndarray):
+        if calibration.dtype == object or calibration.dtype.kind not in "biuf":
+            raise DataError(f"calibration array of dtype {calibration.dtype} holds no token ids or images: "
+                            "give integer token ids (windows, seq_len)")
+        t = torch.from_numpy(np.ascontiguousarray(calibration))
+        return t.to(torch.get_default_dtype()) if t.is_floating_point() else t.long()
+    return calibration
+
+
+def _numbers(x: Any) -> bool:
+    """A number, or a (possibly nested) list or tuple starting with one."""
+    while isinstance(x, (list, tuple)) and x:
+        x = x[0]
+    return isinstance(x, (int, float, np.number)) and not isinstance(x, bool)
+
+
+def as_structures(structures: Any) -> tuple[str, ...] | None:
+    """Structure names as a tuple (one name may be given as a string); None stays None."""
+    if structures is None:
+        return None
+    return (structures,) if isinstance(structures, str) else tuple(structures)
 
 
 def _batches(calibration: Any, batch_size: int):
@@ -386,13 +424,19 @@ def extract(
     from tqdm.auto import tqdm
 
     adapter = adapter_for(model)
-    structures = tuple(structures or adapter.default_structures)
+    structures = as_structures(structures) or tuple(adapter.default_structures)
     for s in structures:
         adapter.check_structure(s)
     layers = list(range(adapter.n_layers)) if layers is None else [int(x) for x in layers]
     if not layers:
         raise DataError("no layers selected: pass layers=None for all or a list of layer indices")
     sites = adapter.sites(structures, layers)
+    for site in sites:  # a keep out of range fails here, not after the calibration pass
+        k, _ = keep_count(site, keep)
+        if not 0 <= k <= site.n_groups:
+            raise DataError(f"keep={keep} is out of range for {site.consumer}: it has {site.n_groups} groups "
+                            "(give a count in that range or a fraction in [0, 1])")
+    calibration = as_calibration(calibration)
     dev = None if device is None else torch.device(device)
     if dev is not None:
         model.to(dev)

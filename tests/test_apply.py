@@ -215,6 +215,10 @@ def test_bad_inputs_leave_the_model_untouched():
         (dict(sparsity=0.5, solver="no-such-solver"), oo.SolverError, "unknown solver 'no-such-solver'"),
         (dict(sparsity=0.5, swap_sz=4), oo.SolverError, "no parameter 'swap_sz'"),
         (dict(sparsity=0.5, solver="magnitude", device="cuda:0"), oo.SolverError, "device 'cuda:0'"),
+        (dict(sparsity={"neurons": {"heads": 0.5}}), PruneError, "must pair a structure with layer indices"),
+        (dict(sparsity={"neurons": {0: 1.5}}), PruneError, r"\[0, 1\)"),
+        (dict(sparsity={"neurons": {5: 0.5}}), UnsupportedModelError, "layer 5 is out of range"),
+        (dict(sparsity=0.5, structures="channels"), UnsupportedModelError, "no structure 'channels'"),
     ]:
         with pytest.raises(error, match=match):
             apply(model, tokens, progress=False, **bad)
@@ -223,7 +227,10 @@ def test_bad_inputs_leave_the_model_untouched():
     for calibration, match in [(tokens.float(), "must be integers, got torch.float32"),
                                (tokens[None], r"shape \(windows, seq_len\), got \(1, 6, 32\)"),
                                (tokens + 128, "token id 255 lies outside the model's vocabulary \\(0..127\\)"),
-                               (tokens - 200, "token id -200 lies outside")]:
+                               (tokens - 200, "token id -200 lies outside"),
+                               ("some text", "calibration is a string, not token ids"),
+                               ([[1, 2, 3], [4, 5]], "must all have the same length"),
+                               (np.array([["a", "b"]]), "holds no token ids")]:
         with pytest.raises(DataError, match=match):
             apply(model, calibration, 0.5, progress=False)
     tied = tiny_llama()
@@ -235,6 +242,27 @@ def test_bad_inputs_leave_the_model_untouched():
         assert torch.equal(v, state[k]), k
     for k, v in tied.state_dict().items():
         assert torch.equal(v, tied_state[k]), k
+
+
+def test_sparsity_structures_and_token_ids_in_their_other_documented_forms():
+    """A nested per-layer sparsity prunes as its (layer, structure) form; token ids as a numpy
+    array or nested lists calibrate as the tensor does; one structure may be a plain string."""
+    tokens = random_tokens()
+    results = []
+    for sparsity, calibration, structures in [
+        ({(0, "neurons"): 0.5, (1, "neurons"): 0.25}, tokens, ["neurons"]),
+        ({"neurons": {0: 0.5, 1: 0.25}}, tokens.numpy().astype(np.int32), "neurons"),
+        ({0: {"neurons": 0.5}, 1: {"neurons": 0.25}}, tokens.tolist(), None),
+    ]:
+        model = tiny_llama()
+        report = apply(model, calibration, sparsity, structures=structures, progress=False)
+        kept = {(r.layer, r.structure): r.keep for r in report.sites}
+        results.append((kept, [p.detach().clone() for p in model.parameters()]))
+    kept0, params0 = results[0]
+    assert {k: len(v) for k, v in kept0.items()} == {(0, "neurons"): 48, (1, "neurons"): 72}
+    for kept, params in results[1:]:
+        assert kept == kept0
+        assert all(torch.equal(a, b) for a, b in zip(params, params0))
 
 
 def test_the_package_exposes_the_model_driver_as_documented(tmp_path):

@@ -90,6 +90,27 @@ def test_bad_inputs_are_clear_errors():
         adapter_for(torch.nn.Linear(3, 3))
     with pytest.raises(DataError, match="empty"):
         extract(model, torch.zeros(0, 8, dtype=torch.long), progress=False)
+    with pytest.raises(DataError, match="calibration is a string"):
+        extract(model, "def f(): pass", progress=False)
+
+    def never_read():  # a keep out of range must be refused before the calibration pass
+        raise AssertionError("the calibration was read")
+        yield
+
+    for keep, match in [(500, "keep=500 is out of range for model.layers.0.self_attn.o_proj: it has 4 groups"),
+                        (-1, "keep=-1 is out of range"), (1.5, r"keep fraction must lie in \[0, 1\]"),
+                        (True, "keep must be a fraction"), ("half", "keep must be a fraction")]:
+        with pytest.raises(DataError, match=match):
+            extract(model, never_read(), keep=keep, progress=False)
+
+
+def test_one_structure_as_a_string_and_token_ids_as_an_array():
+    model, tokens = tiny_llama(layers=2), random_tokens()
+    (a,) = extract(model, tokens, structures=["neurons"], layers=[1], progress=False)
+    (b,) = extract(model, tokens.numpy(), structures="neurons", layers=[1], progress=False)
+    assert b.meta["structure"] == "neurons"
+    np.testing.assert_array_equal(a.H, b.H)
+    np.testing.assert_array_equal(a.W, b.W)
 
 
 def test_padded_tokens_stay_out_of_the_gram():
