@@ -114,6 +114,17 @@ def _solve_args(p: argparse.ArgumentParser):
     return run
 
 
+def _seed(text: str) -> int:
+    """--calib-seed: a non-negative integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a non-negative integer, got {text!r}")
+    return value
+
+
 def target_damping(text: str) -> float | None:
     """--target-damping: a number >= 0, or 'validated' (None)."""
     if text == "validated":
@@ -328,7 +339,7 @@ def _prune_args(p: argparse.ArgumentParser):
     p.add_argument("--target-damping", type=target_damping, default=TARGET_DAMPING,
                    help="ridge of the dense-target correction, fraction of the mean diagonal, or 'validated' "
                         "(default: ridge and shrinkage chosen per layer by two-fold validation)")
-    p.add_argument("--calib-seed", type=int, default=None,
+    p.add_argument("--calib-seed", type=_seed, default=None,
                    help="draw the calibration windows at random positions of the calibration half with this seed "
                         "(default: consecutive windows from its start)")
     p.add_argument("--damping", type=float, default=DAMPING,

@@ -151,6 +151,9 @@ def windows(
 
     if n_windows < 1 or seq_len < 1:
         raise DataError(f"need n_windows >= 1 and seq_len >= 1, got {n_windows} and {seq_len}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise DataError(f"the calibration seed must be a non-negative integer (or None for consecutive windows), "
+                        f"got {seed!r}")
     ids = token_ids(tokenizer, name, split)
     if ids.size < seq_len:
         raise DataError(

@@ -21,6 +21,10 @@ class SolverError(OsscarError):
     """A solver was asked for something it cannot do, or failed numerically."""
 
 
+class CliError(OsscarError, ValueError):
+    """A command-line argument is invalid (checked before any long work starts)."""
+
+
 class MissingPackageError(OsscarError, ImportError):
     """An optional package is needed for this feature and is not installed."""
 

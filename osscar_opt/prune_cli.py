@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from .errors import CliError
 
 
 def _sparsity(args: argparse.Namespace, value: float) -> Any:
@@ -16,12 +18,17 @@ def _sparsity(args: argparse.Namespace, value: float) -> Any:
     if args.heads is not None:  # for the attention structure pruned (heads, query-heads or kv-groups)
         from .apply import ATTENTION_STRUCTURES
 
-        chosen = args.structures.split(",") if args.structures else ["heads"]
+        chosen = _structures(args) or ["heads"]
         for name in [s for s in chosen if s in ATTENTION_STRUCTURES] or ["heads"]:
             out[name] = args.heads
     if args.neurons is not None:
         out["neurons"] = args.neurons
     return out
+
+
+def _structures(args: argparse.Namespace) -> list[str] | None:
+    names = [s.strip() for s in (args.structures or "").split(",") if s.strip()]
+    return names or None
 
 
 def _solver_params(args: argparse.Namespace) -> dict:
@@ -55,7 +62,7 @@ def prune_once(args: argparse.Namespace, sparsity: float, dense: dict | None = N
         cal = data.encoder_calibration(tok, args.calib, args.nsamples, seq_len)
     else:
         cal = data.calibration(tok, args.calib, args.nsamples, seq_len, seed=args.calib_seed)
-    structures = args.structures.split(",") if args.structures else None
+    structures = _structures(args)
     report = apply(model, cal, _sparsity(args, sparsity), solver=args.solver, structures=structures,
                    sequential=not args.dense_activations, damping=args.damping, device=args.device,
                    targets=args.targets, target_damping=args.target_damping,
@@ -118,48 +125,83 @@ def _print(summary: dict) -> None:
     print(line)
 
 
-def prune_command(args: argparse.Namespace) -> int:
-    from .library import write_json_atomic
+def _sweep(text: str) -> list[float]:
+    """The --sweep list, every entry a sparsity in [0, 1)."""
+    out = []
+    for item in text.split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            value = None
+        if value is None or not 0.0 <= value < 1.0:
+            raise CliError(f"--sweep takes comma-separated sparsities in [0, 1), e.g. 0.1,0.3,0.5; got {item.strip()!r}")
+        out.append(value)
+    return out
 
+
+def _check_out(out: Path, sweep: bool) -> None:
+    """--out can be written, and holds no model this command did not write (checked before any work)."""
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} is a file: give a folder")
+    if not sweep and (out / "model").exists() and not (out / "report.json").exists():
+        raise CliError(f"{out / 'model'} exists and was not written by `osscar-opt prune`: choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise CliError(f"cannot write into --out {out}: {e.strerror or e}") from None
+
+
+def _write(args: argparse.Namespace, out: Path, rows: list, dense: dict, last: dict, final: bool) -> None:
+    """report.json and report.md for the runs so far (after every point of a sweep), the model at the end."""
+    from .io import atomic_write
+    from .library import write_json_atomic
+    from .surgery import save_pruned
+
+    if final and not args.sweep:
+        save_pruned(last["model"], last["tokenizer"], out / "model", overwrite=True)
+    report = last["report"].to_dict()
+    write_json_atomic(out / "report.json", {"summary": rows, "last_report": report,
+                                            "dense": {k: v for k, v in dense.items() if k != "embeddings"}})
+    cal = report["calibration"]
+    unit = "paragraphs" if cal.get("kind") == "paragraphs" else "windows"
+    md = [f"# osscar-opt prune: {args.model}", "",
+          f"solver `{args.solver}`, calibration {cal['source']} {cal['windows']} {unit} x {cal['seq_len']} "
+          f"tokens ({cal['tokens']:,} real tokens), {'dense' if args.dense_activations else 'sequential'} "
+          f"activations, {report['targets']} targets", ""]
+    head = "| sparsity | parameters | " + ("perplexity | " if "ppl_pruned" in rows[0] else "fidelity | ") + \
+        "prefill speed-up | prune s |"
+    md += [head, "|---|---|---|---|---|"]
+    for r in rows:
+        q = f"{r['ppl_pruned']:.2f}" if "ppl_pruned" in r else f"{r.get('fidelity', float('nan')):.4f}"
+        speed = f"{r['prefill_speedup']:.2f}x" if "prefill_speedup" in r else "- (not measured)"
+        md.append(f"| {r['sparsity']:.2f} | {r['params_pruned']:,} | {q} | {speed} | {r['prune_seconds']:.0f} |")
+    md += ["", last["report"].to_markdown()]
+    atomic_write(out / "report.md", lambda fh: fh.write("\n".join(md) + "\n"))
+
+
+def prune_command(args: argparse.Namespace) -> int:
     from . import data
     from .registry import available_solver
 
     # what can be checked without the model, before minutes of loading and calibration
     available_solver(args.solver)
     data.source_text(args.calib)
-    sparsities = [float(x) for x in args.sweep.split(",")] if args.sweep else [args.sparsity]
-    rows, dense, last = [], None, None
-    for s in sparsities:
+    sparsities = _sweep(args.sweep) if args.sweep else [args.sparsity]
+    out = None if args.out is None else Path(args.out)
+    if out is not None:
+        _check_out(out, bool(args.sweep))
+    rows, dense = [], None
+    for i, s in enumerate(sparsities):
         run = prune_once(args, s, dense)
         dense = run["dense"]
         summary = _summary(run)
         rows.append(summary)
         _print(summary)
-        last = run
-    if args.out is not None:
-        from .surgery import save_pruned
-
-        out = Path(args.out)
-        if not args.sweep:
-            save_pruned(last["model"], last["tokenizer"], out / "model")
-        report = last["report"].to_dict()
-        write_json_atomic(out / "report.json", {"summary": rows, "last_report": report,
-                                                "dense": {k: v for k, v in dense.items() if k != "embeddings"}})
-        cal = report["calibration"]
-        unit = "paragraphs" if cal.get("kind") == "paragraphs" else "windows"
-        md = [f"# osscar-opt prune: {args.model}", "",
-              f"solver `{args.solver}`, calibration {cal['source']} {cal['windows']} {unit} x {cal['seq_len']} "
-              f"tokens ({cal['tokens']:,} real tokens), {'dense' if args.dense_activations else 'sequential'} "
-              f"activations, {report['targets']} targets", ""]
-        head = "| sparsity | parameters | " + ("perplexity | " if "ppl_pruned" in rows[0] else "fidelity | ") + \
-            "prefill speed-up | prune s |"
-        md += [head, "|---|---|---|---|---|"]
-        for r in rows:
-            q = f"{r['ppl_pruned']:.2f}" if "ppl_pruned" in r else f"{r.get('fidelity', float('nan')):.4f}"
-            speed = f"{r['prefill_speedup']:.2f}x" if "prefill_speedup" in r else "- (not measured)"
-            md.append(f"| {r['sparsity']:.2f} | {r['params_pruned']:,} | {q} | {speed} | {r['prune_seconds']:.0f} |")
-        md += ["", last["report"].to_markdown()]
-        (out / "report.md").write_text("\n".join(md) + "\n")
+        if out is not None:  # a sweep keeps every finished point even if a later one fails
+            _write(args, out, rows, dense, run, final=i == len(sparsities) - 1)
+    if out is not None:
         print(f"wrote {out}/report.json and {out}/report.md" + ("" if args.sweep else f" and the model in {out}/model"))
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -118,10 +118,21 @@ def test_prune_refuses_a_bad_solver_or_calibration_file_before_loading_the_model
     monkeypatch.setattr(models, "load", no_load)
     binary = tmp_path / "calib.txt"
     binary.write_bytes(bytes(range(128, 256)))
+    foreign = tmp_path / "foreign"
+    (foreign / "model").mkdir(parents=True)
     cases = [(["--solver", "no-such-solver"], "unknown solver 'no-such-solver'"),
              (["--calib", str(tmp_path / "missing.txt")], "no text file at"),
-             (["--calib", str(binary)], "is not UTF-8 text")]
+             (["--calib", str(binary)], "is not UTF-8 text"),
+             (["--sweep", "0.1,half"], "--sweep takes comma-separated sparsities in [0, 1)"),
+             (["--sweep", "0.2,1.0"], "got '1.0'"),
+             (["--out", str(binary)], "is a file: give a folder"),
+             (["--out", str(binary / "sub")], "cannot write into --out"),
+             (["--out", str(foreign)], "model exists and was not written by `osscar-opt prune`")]
     for extra, message in cases:
         assert main(["prune", "--model", "smollm2-135m", "--sparsity", "0.5", "--out", str(tmp_path / "o"), *extra]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    assert sorted(p.name for p in foreign.iterdir()) == ["model"]
+    with pytest.raises(SystemExit):
+        main(["prune", "--calib-seed", "-3"])
+    assert "--calib-seed: a non-negative integer, got '-3'" in capsys.readouterr().err

@@ -127,3 +127,29 @@ def test_prune_command_on_minilm_writes_a_reloadable_smaller_model(tmp_path, cap
         a = model(**enc).last_hidden_state
         b = dense(**enc).last_hidden_state
     assert a.shape == b.shape and torch.nn.functional.cosine_similarity(a.mean(1), b.mean(1)).item() > 0.8
+    # the same command again replaces its own earlier output
+    assert main(["prune", "--model", "minilm-l6", "--sparsity", "0.5", "--nsamples", "4", "--no-speed",
+                 "--out", str(out)]) == 0
+    assert load_pruned(out / "model").config.intermediate_size == 768
+    assert json.loads((out / "report.json").read_text())["summary"][0]["sparsity"] == 0.5
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary folders left behind
+
+
+def test_prune_sweep_writes_a_quality_versus_sparsity_table(tmp_path, capsys):
+    """`--sweep`: one pruning per sparsity from the same dense model, a table row each, no model saved."""
+    import json
+
+    from osscar_opt.cli import main
+
+    out = tmp_path / "sweep"
+    assert main(["prune", "--model", "minilm-l6", "--sweep", "0.1,0.4", "--nsamples", "4", "--no-speed",
+                 "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count("embedding cosine fidelity") == 2
+    rows = json.loads((out / "report.json").read_text())["summary"]
+    assert [r["sparsity"] for r in rows] == [0.1, 0.4]
+    assert rows[0]["params_dense"] == rows[1]["params_dense"] > rows[0]["params_pruned"] > rows[1]["params_pruned"]
+    assert all(0.8 < r["fidelity"] <= 1.0 for r in rows)
+    table = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| 0.")]
+    assert [line.split(" | ")[0] for line in table] == ["| 0.10", "| 0.40"]
+    assert f"{rows[1]['params_pruned']:,}" in table[1] and f"{rows[1]['fidelity']:.4f}" in table[1]
+    assert not (out / "model").exists()
