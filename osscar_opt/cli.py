@@ -114,8 +114,22 @@ def _solve_args(p: argparse.ArgumentParser):
     return run
 
 
-def _seed(text: str) -> int:
-    """--calib-seed: a non-negative integer."""
+def sparsity_list(text: str, flag: str) -> list[float]:
+    """Comma-separated sparsities, each in [0, 1)."""
+    out = []
+    for item in text.split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            value = None
+        if value is None or not 0.0 <= value < 1.0:
+            raise OsscarError(f"{flag} takes comma-separated sparsities in [0, 1), e.g. 0.1,0.3,0.5; got {item.strip()!r}")
+        out.append(value)
+    return out
+
+
+def non_negative_int(text: str) -> int:
+    """A non-negative integer flag (--calib-seed, --validation-windows)."""
     try:
         value = int(text)
     except ValueError:
@@ -252,8 +266,10 @@ def _build_entries(catalog, entries: list[dict], args: argparse.Namespace) -> in
     """Rebuild the selected entries and check them against the catalog."""
     from . import library
     from .evaluate import evaluate
-    from .io import instance_checksum
+    from .io import instance_checksum, writable_folder
 
+    if args.out is not None:
+        writable_folder(args.out)
     recipes = [e["recipe"] for e in entries]
     results = library.build(recipes, out_dir=args.out, commit_dir=_scratch_dir(), device=args.device)
     by_id = {e["id"]: e for e in entries}
@@ -339,7 +355,7 @@ def _prune_args(p: argparse.ArgumentParser):
     p.add_argument("--target-damping", type=target_damping, default=TARGET_DAMPING,
                    help="ridge of the dense-target correction, fraction of the mean diagonal, or 'validated' "
                         "(default: ridge and shrinkage chosen per layer by two-fold validation)")
-    p.add_argument("--calib-seed", type=_seed, default=None,
+    p.add_argument("--calib-seed", type=non_negative_int, default=None,
                    help="draw the calibration windows at random positions of the calibration half with this seed "
                         "(default: consecutive windows from its start)")
     p.add_argument("--damping", type=float, default=DAMPING,
@@ -472,7 +488,7 @@ def _bench_prune_args(p: argparse.ArgumentParser):
                    help=f"ridge of the Gram matrices, fraction of the mean diagonal; comma-separated for several "
                         f"(rows other than {DAMPING} are labelled)")
     p.add_argument("--no-speed", action="store_true", help="skip the latency comparison at 50%%")
-    p.add_argument("--validation-windows", type=int, default=0,
+    p.add_argument("--validation-windows", type=non_negative_int, default=0,
                    help="also measure quality on this many calibration-half windows (causal LMs: perplexity) or "
                         "paragraphs (encoders: fidelity) after the calibration ones; the report then picks the "
                         "damping by them")
@@ -490,7 +506,11 @@ def _bench_prune_args(p: argparse.ArgumentParser):
 
     def run(args: argparse.Namespace) -> int:
         from .benchmarks import prune
+        from .io import writable_folder
 
+        sparsities = sparsity_list(args.sparsities, "--sparsities")
+        if args.out is not None:
+            writable_folder(args.out)
         solvers = args.solvers.split(",") if args.solvers else prune.DEFAULT_SOLVERS
         try:
             seeds = [int(x) for x in args.calib_seeds.split(",")] if args.calib_seeds else [None]
@@ -500,7 +520,7 @@ def _bench_prune_args(p: argparse.ArgumentParser):
             dampings = [float(x) for x in str(args.damping).split(",")]
         except ValueError:
             raise OsscarError(f"--damping takes numbers like 0.01 or 0.002,0.01, got {args.damping!r}")
-        prune.run(args.model, solvers, [float(x) for x in args.sparsities.split(",")], args.nsamples,
+        prune.run(args.model, solvers, sparsities, args.nsamples,
                   args.seq_len, args.eval_windows, args.device, args.out, damping=dampings, calib_seeds=seeds,
                   validation_windows=args.validation_windows, speed_at=None if args.no_speed else 0.5,
                   structures=args.structures.split(",") if args.structures else None, targets=args.targets,
@@ -520,7 +540,13 @@ def _bench_extract_args(p: argparse.ArgumentParser):
     def run(args: argparse.Namespace) -> int:
         from .benchmarks import extraction
 
-        extraction.run([int(x) for x in args.windows.split(",")], args.seq_len, args.device, out=args.out)
+        try:
+            windows = [int(x) for x in args.windows.split(",")]
+        except ValueError:
+            windows = [0]
+        if min(windows) < 1:
+            raise OsscarError(f"--windows takes comma-separated positive integers like 16,64, got {args.windows!r}")
+        extraction.run(windows, args.seq_len, args.device, out=args.out)
         return 0
 
     return run

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import OsscarError
+from .io import writable_folder
 
 SCHEMA = 1
 RUNS = "runs.jsonl"
@@ -719,16 +720,6 @@ def _check_settings(out: Path, settings: BenchSettings) -> None:
     write_json_atomic(path, {"format": "osscar-bench", "schema": SCHEMA, **settings.to_dict()})
 
 
-def _prepare_out(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-probe"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise BenchError(f"cannot write to --out {out} ({exc.strerror or exc}): choose a writable folder") from None
-
-
 @dataclass
 class BenchResult:
     out: Path
@@ -803,7 +794,7 @@ def bench(
     if update_catalog and not any(s.catalog_id for s in runnable):
         raise BenchError("--update-catalog needs instances selected from the catalog (T0, ids), not files")
     out = Path(out)
-    _prepare_out(out)
+    writable_folder(out)
     settings = BenchSettings(float(time_limit), device, float(grace))
     writer = RunWriter(out)
     try:

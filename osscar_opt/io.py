@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InstanceError, InstanceFileError
+from .errors import InstanceError, InstanceFileError, OsscarError
 from .instance import Instance
 
 FORMAT = "osscar-instance"
@@ -113,6 +113,20 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def writable_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Create folder `path` if needed and check that files can be written into it (before long work starts)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OsscarError(f"{flag} {path} is a file: give a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise OsscarError(f"cannot write to {flag} {path} ({e.strerror or e}): choose a writable folder") from None
+    return path
 
 
 def atomic_write(path: str | os.PathLike, write, binary: bool = False) -> Path:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -125,32 +124,13 @@ def _print(summary: dict) -> None:
     print(line)
 
 
-def _sweep(text: str) -> list[float]:
-    """The --sweep list, every entry a sparsity in [0, 1)."""
-    out = []
-    for item in text.split(","):
-        try:
-            value = float(item)
-        except ValueError:
-            value = None
-        if value is None or not 0.0 <= value < 1.0:
-            raise CliError(f"--sweep takes comma-separated sparsities in [0, 1), e.g. 0.1,0.3,0.5; got {item.strip()!r}")
-        out.append(value)
-    return out
-
-
 def _check_out(out: Path, sweep: bool) -> None:
     """--out can be written, and holds no model this command did not write (checked before any work)."""
-    if out.exists() and not out.is_dir():
-        raise CliError(f"--out {out} is a file: give a folder")
+    from .io import writable_folder
+
     if not sweep and (out / "model").exists() and not (out / "report.json").exists():
         raise CliError(f"{out / 'model'} exists and was not written by `osscar-opt prune`: choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        raise CliError(f"cannot write into --out {out}: {e.strerror or e}") from None
+    writable_folder(out)
 
 
 def _write(args: argparse.Namespace, out: Path, rows: list, dense: dict, last: dict, final: bool) -> None:
@@ -183,12 +163,13 @@ def _write(args: argparse.Namespace, out: Path, rows: list, dense: dict, last: d
 
 def prune_command(args: argparse.Namespace) -> int:
     from . import data
+    from .cli import sparsity_list
     from .registry import available_solver
 
     # what can be checked without the model, before minutes of loading and calibration
     available_solver(args.solver)
     data.source_text(args.calib)
-    sparsities = _sweep(args.sweep) if args.sweep else [args.sparsity]
+    sparsities = sparsity_list(args.sweep, "--sweep") if args.sweep else [args.sparsity]
     out = None if args.out is None else Path(args.out)
     if out is not None:
         _check_out(out, bool(args.sweep))

@@ -126,7 +126,7 @@ def test_prune_refuses_a_bad_solver_or_calibration_file_before_loading_the_model
              (["--sweep", "0.1,half"], "--sweep takes comma-separated sparsities in [0, 1)"),
              (["--sweep", "0.2,1.0"], "got '1.0'"),
              (["--out", str(binary)], "is a file: give a folder"),
-             (["--out", str(binary / "sub")], "cannot write into --out"),
+             (["--out", str(binary / "sub")], "cannot write to --out"),
              (["--out", str(foreign)], "model exists and was not written by `osscar-opt prune`")]
     for extra, message in cases:
         assert main(["prune", "--model", "smollm2-135m", "--sparsity", "0.5", "--out", str(tmp_path / "o"), *extra]) == 2
@@ -136,3 +136,33 @@ def test_prune_refuses_a_bad_solver_or_calibration_file_before_loading_the_model
     with pytest.raises(SystemExit):
         main(["prune", "--calib-seed", "-3"])
     assert "--calib-seed: a non-negative integer, got '-3'" in capsys.readouterr().err
+
+
+def test_every_command_that_writes_results_checks_its_flags_and_out_folder_first(tmp_path, capsys, monkeypatch):
+    """An unwritable --out or a malformed list is refused before any model is loaded or any work done."""
+    from osscar_opt import library, models
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr(models, "load", no_work)
+    monkeypatch.setattr(library, "build", no_work)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    bad_out = str(blocker / "out")
+    cases = [
+        (["bench-prune", "--out", bad_out], "cannot write to --out"),
+        (["bench-prune", "--sparsities", "0.1,abc"], "--sparsities takes comma-separated sparsities in [0, 1)"),
+        (["bench-speed", "--sizes", "64", "--out", bad_out], "cannot write to --out"),
+        (["bench-extract", "--windows", "16,a"], "--windows takes comma-separated positive integers"),
+        (["bench-extract", "--out", bad_out], "cannot write to --out"),
+        (["bench-reference", "--out", bad_out], "cannot write to --out"),
+        (["instances", "build", "--select", "T0", "--out", bad_out], "cannot write to --out"),
+        (["prune", "--out", str(blocker)], "is a file: give a folder"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    with pytest.raises(SystemExit):
+        main(["bench-prune", "--validation-windows", "-2"])
+    assert "a non-negative integer, got '-2'" in capsys.readouterr().err

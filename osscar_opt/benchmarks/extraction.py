@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ..io import writable_folder
 from . import RESULTS, machine, machine_line
 
 
@@ -72,7 +73,7 @@ def run(windows: Sequence[int] = (16, 64), seq_len: int = 512, devices: Sequence
                   f"peak RSS {row['peak_rss_gb']:.2f} GB (model {row['model_gb']:.2f} GB, Grams {row['grams_gb']:.2f} GB)"
                   + (f", peak CUDA {row['peak_cuda_gb']:.2f} GB" if "peak_cuda_gb" in row else ""))
     out = Path(out) if out else RESULTS
-    out.mkdir(parents=True, exist_ok=True)
+    writable_folder(out)
     lines = ["# Extraction speed and memory (SmolLM2-135M, every layer's heads and neurons)", "",
              f"Machine: {machine_line(machine())}. Command: `osscar-opt bench-extract`.", "",
              "| device | windows x seq_len | tokens | instances | seconds | peak RSS GB | model GB | Grams GB | peak CUDA GB |",

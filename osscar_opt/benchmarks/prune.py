@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from ..io import writable_folder
 from ..instance import DAMPING, TARGET_DAMPING
 from . import RESULTS, machine, machine_line
 
@@ -96,7 +97,7 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
     from ..evaluation import compare_latency, embedding_fidelity, evaluate_model, perplexity, sentence_embeddings
 
     out = Path(out) if out else RESULTS
-    out.mkdir(parents=True, exist_ok=True)
+    writable_folder(out)
     log = out / f"prune_{model_name}.jsonl"
     done = {(_label(r), r["sparsity"]) for r in _rows(log) if r.get("solver")}
     kind = models.EMBEDDED[model_name].kind if model_name in models.EMBEDDED else "causal-lm"

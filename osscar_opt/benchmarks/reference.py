@@ -25,6 +25,9 @@ PUBLISHED = {
 
 
 def run(device: str | None = None, repeats: int = 3, out: str | None = None) -> list[dict]:
+    from ..io import writable_folder
+
+    writable_folder(RESULTS if out is None else out)  # before the work, not after it
     catalog = library.Catalog.load()
     entries = [catalog.entry(i) for i in PUBLISHED]
     missing = [e for e in entries if not catalog.file_of(e).exists()]

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from ..instance import Instance
-from ..io import atomic_write, atomic_write_json
+from ..io import atomic_write, atomic_write_json, writable_folder
 from ..registry import Status, solve
 from . import RESULTS, machine, machine_line
 
@@ -125,7 +125,7 @@ def run(devices: Sequence[str] | None = None, sizes: Sequence[int] | None = None
     rows of other devices, dtypes or machines measured earlier)."""
     from .. import library
 
-    out = Path(out) if out else RESULTS
+    out = writable_folder(Path(out) if out else RESULTS)
     devices = list(devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]))
     rows: list[dict] = []
 
