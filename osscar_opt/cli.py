@@ -594,6 +594,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. piped into `head`
         sys.stderr.close()
         return 0
+    except OSError as exc:  # the file system refused: a missing or read-only folder, a full disk
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"osscar-opt: error: {exc.strerror or exc}{where} (check the path, its permissions and the free space)",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -33,10 +33,16 @@ class Evaluation:
 
 
 def support_array(instance: Instance, keep_groups: Sequence[int] | np.ndarray) -> np.ndarray:
-    """Validate a support and return it as a sorted int64 array of group ids."""
+    """Validate a support (group ids, or a boolean mask over the groups) and return it as a
+    sorted int64 array of group ids."""
     S = np.asarray(keep_groups)
     if S.ndim != 1:
         raise InstanceError(f"a support is a 1-D list of group ids, got shape {S.shape}")
+    if S.dtype == bool:  # a keep mask over the groups
+        if S.size != instance.n_groups:
+            raise InstanceError(f"a boolean support is a mask over the {instance.n_groups} groups, got length {S.size}: "
+                                "give one entry per group or a list of group ids")
+        S = np.flatnonzero(S)
     if S.size and not np.issubdtype(S.dtype, np.integer):
         if not np.all(np.isfinite(S)) or not np.all(S == np.round(S)):
             raise InstanceError("a support must contain integer group ids")

@@ -20,6 +20,7 @@ import dataclasses
 import enum
 import importlib
 import importlib.util
+import os
 import time
 import typing
 from dataclasses import dataclass, field
@@ -246,6 +247,9 @@ def make_params(cls: type[Solver], params: dict) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls.Params)}
     unknown = sorted(set(params) - set(fields))
     if unknown:
+        if unknown[0] in ("keep", "sparsity"):
+            raise SolverError(f"{unknown[0]} is not a solver parameter: set it on the instance, "
+                              "instance.with_keep(k) or instance.with_keep(instance.keep_for_sparsity(s))")
         valid = ", ".join(fields) or "none"
         raise SolverError(f"solver {cls.name!r} has no parameter {unknown[0]!r}: valid parameters are {valid}")
     try:
@@ -302,21 +306,27 @@ def resolve_device(device: Any, supported: tuple[str, ...], default_gpu: bool = 
 
 
 def solve(
-    instance: Instance,
+    instance: Instance | str | os.PathLike,
     solver: str = "osscar",
     device: Any = None,
     time_limit: float | None = None,
     **params: Any,
 ) -> Solution:
-    """Solve `instance` with the named solver and return an evaluated Solution.
+    """Solve `instance` (an Instance or an instance file) with the named solver and return an
+    evaluated Solution.
 
     The time limit covers `run` only; `prepare` is untimed and reported apart.
     Raises SolverError for an unknown solver, bad parameters, a missing package
     or an instance the solver skips; a failure inside the solver returns a
     Solution with status ERROR and the message.
     """
+    if isinstance(instance, (str, os.PathLike)):
+        from .io import load_instance
+
+        instance = load_instance(instance)
     if not isinstance(instance, Instance):
-        raise InstanceError(f"solve expects an Instance, got {type(instance).__name__}")
+        raise InstanceError(f"solve expects an Instance or the path of an instance file, got {type(instance).__name__}: "
+                            "build one with oo.Instance(H, W, keep) or oo.Instance.from_activations(X, W, keep)")
     cls = available_solver(solver)
     if time_limit is not None and not (isinstance(time_limit, (int, float)) and time_limit > 0):
         raise SolverError(f"time_limit must be a positive number of seconds, got {time_limit!r}")

@@ -28,6 +28,16 @@ def test_solve_json_reports_the_evaluated_solution(inst_file, tmp_path, capsys):
     assert printed["params"]["swap_size"] == 2 and printed["status"] == "FEASIBLE"
 
 
+def test_a_file_system_refusal_is_one_line_not_a_traceback(inst_file, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for argv in (["solve", str(inst_file), "--out", str(blocker / "sol.json")],
+                 ["export-mps", str(inst_file), str(blocker / "layer.mps")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("osscar-opt: error: ") and str(blocker) in err and err.count("\n") == 1, err
+
+
 def test_solve_with_exact_solver_prints_the_certificate(inst_file, capsys):
     assert main(["solve", str(inst_file), "--solver", "enumerate", "--keep", "4"]) == 0
     text = capsys.readouterr().out

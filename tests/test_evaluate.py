@@ -48,7 +48,14 @@ def test_weights_vanish_outside_the_support_and_are_stationary_on_it(small_insta
     assert ev.feasible
 
 
-@pytest.mark.parametrize("support, message", [([0, 0, 1, 2], "duplicate"), ([0, 99], "must lie in"), ([[0, 1]], "1-D")])
+def test_a_boolean_mask_is_the_support_of_its_true_groups(small_instance):
+    mask = np.zeros(small_instance.n_groups, bool)
+    mask[[1, 4, 5, 8]] = True
+    assert oo.evaluate(small_instance, mask).objective == oo.evaluate(small_instance, [1, 4, 5, 8]).objective
+
+
+@pytest.mark.parametrize("support, message", [([0, 0, 1, 2], "duplicate"), ([0, 99], "must lie in"), ([[0, 1]], "1-D"),
+                                              ([True, False], "boolean support is a mask over the")])
 def test_bad_supports_are_refused(small_instance, support, message):
     with pytest.raises(InstanceError, match=message):
         oo.evaluate(small_instance, support)

@@ -74,6 +74,17 @@ def test_unknown_solver_and_parameter_are_clear_errors(small_instance):
         oo.solve(small_instance, "osscar", swap_size=0)
     with pytest.raises(SolverError, match="time_limit"):
         oo.solve(small_instance, "osscar", time_limit=-1)
+    with pytest.raises(SolverError, match=r"keep is not a solver parameter: .*with_keep"):
+        oo.solve(small_instance, "osscar", keep=3)
+    with pytest.raises(oo.InstanceError, match="solve expects an Instance or the path of an instance file, got list"):
+        oo.solve([[1.0]], "osscar")
+
+
+def test_solve_takes_an_instance_file_path(small_instance, tmp_path):
+    path = oo.save_instance(small_instance, tmp_path / "layer.npz")
+    for given in (path, str(path)):
+        sol = oo.solve(given, "enumerate")
+        assert sol.status == oo.Status.OPTIMAL and sol.err == oo.solve(small_instance, "enumerate").err
 
 
 def test_enumerate_skips_large_instances_with_a_reason(rng):
