@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import data
+from .data import DataError
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, device: Any = None) -> float:
@@ -147,6 +148,13 @@ def evaluate_model(model: nn.Module, tokenizer: Any = None, kind: str | None = N
     if kind is None:
         kind = "classifier" if inputs is not None else (
             "causal-lm" if hasattr(model, "generate") and hasattr(model, "lm_head") else "encoder")
+    if kind not in ("causal-lm", "encoder", "classifier"):
+        raise DataError(f"unknown model kind {kind!r}: use causal-lm, encoder or classifier")
+    if kind == "classifier" and (inputs is None or labels is None):
+        raise DataError("a classifier is evaluated on inputs= and labels= (its accuracy): pass both")
+    if kind != "classifier" and tokenizer is None:
+        raise DataError(f"evaluating a {kind} model needs its tokenizer (models.load returns the pair): "
+                        "evaluate_model(model, tokenizer)")
     result: dict[str, Any] = {"kind": kind, "parameters": count_parameters(model)}
     if device is not None:
         model.to(device)
@@ -168,10 +176,8 @@ def evaluate_model(model: nn.Module, tokenizer: Any = None, kind: str | None = N
             dev = next(model.parameters()).device
             result["speed"] = {"prefill_seconds": _timed(lambda: model(**enc.to(dev)), dev, 2, 5), "batch": 32,
                                "seq_len": 128}
-    elif kind == "classifier":
-        result["accuracy"] = accuracy(model, inputs, labels)
     else:
-        raise ValueError(f"unknown model kind {kind!r}: use causal-lm, encoder or classifier")
+        result["accuracy"] = accuracy(model, inputs, labels)
     return result
 
 

@@ -866,6 +866,8 @@ def load_pruned(path: str | Path, model: nn.Module | None = None, dtype: torch.d
     mode; load the tokenizer with AutoTokenizer.from_pretrained(path).
     """
     path = Path(path)
+    if not path.is_dir():
+        raise SurgeryError(f"no saved model folder at {path}: give the folder save_pruned wrote")
     if (path / "config.json").exists():
         transformers = require("transformers", "models", "loading a pruned Hugging Face model")
         config = transformers.AutoConfig.from_pretrained(path)

@@ -467,3 +467,24 @@ def test_llama_query_heads_uniform_layers_reload_with_the_standard_config(tmp_pa
     path = save_pruned(model, None, tmp_path / "pruned")
     plain = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
     torch.testing.assert_close(outputs(plain, x), outputs(model, x), rtol=0, atol=0)
+
+
+def test_saving_loading_and_evaluating_refuse_bad_paths_and_arguments(tmp_path):
+    from osscar_opt.data import DataError
+    from osscar_opt.evaluation import evaluate_model
+
+    model = tiny_llama()
+    with pytest.raises(SurgeryError, match="no saved model folder at"):
+        load_pruned(tmp_path / "missing")
+    saved = save_pruned(model, None, tmp_path / "m")
+    with pytest.raises(SurgeryError, match="already exists: pass overwrite=True"):
+        save_pruned(model, None, saved)
+    (saved / "config.json").unlink()
+    with pytest.raises(SurgeryError, match="neither config.json nor osscar_pruned.json"):
+        load_pruned(saved)
+    with pytest.raises(DataError, match="needs its tokenizer"):
+        evaluate_model(model, None)
+    with pytest.raises(DataError, match="unknown model kind 'vision'"):
+        evaluate_model(model, None, kind="vision")
+    with pytest.raises(DataError, match="inputs= and labels="):
+        evaluate_model(SmallCNN(), kind="classifier")
