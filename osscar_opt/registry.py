@@ -31,7 +31,7 @@ import numpy as np
 from .errors import InstanceError, SolverError
 from .evaluate import evaluate, evaluate_masked, support_array
 from .instance import Instance
-from .linalg import cpu_threads
+from .linalg import cpu_threads, spare_thread_cap
 
 
 class Status(str, enum.Enum):
@@ -355,13 +355,20 @@ SINGLE_THREAD_ROWS = 256
 
 
 def solve_threads(instance: Instance, device: Any, params: Any) -> int | None:
-    """The CPU thread cap of a solve: 1 for instances of at most SINGLE_THREAD_ROWS rows
-    on the CPU, unless the solver has a `threads` parameter of its own; None (the
-    process setting) otherwise. Their factorizations are too small to gain from
-    threads, and with the cores busy elsewhere threads make them far slower."""
-    if str(device) != "cpu" or hasattr(params, "threads") or instance.d > SINGLE_THREAD_ROWS:
+    """The CPU thread cap of a solve, None for the process setting (and off the CPU, or when
+    the solver has a `threads` parameter of its own).
+
+    Instances of at most SINGLE_THREAD_ROWS rows run on one thread: their
+    factorizations are too small to gain from threads. Larger ones use the
+    cores other processes leave free (`linalg.spare_thread_cap`): with the
+    cores busy elsewhere, OpenMP threads spin as they wait and a solve becomes
+    many times slower.
+    """
+    if str(device) != "cpu" or hasattr(params, "threads"):
         return None
-    return 1
+    if instance.d <= SINGLE_THREAD_ROWS:
+        return 1
+    return spare_thread_cap()
 
 
 def finish(

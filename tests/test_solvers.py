@@ -142,7 +142,8 @@ def test_small_cpu_solves_run_on_one_thread_and_restore_the_setting(rng):
     large = random_instance(rng, p=SINGLE_THREAD_ROWS + 1, keep=8, m=2)
     osscar_params = make_params(get_solver("osscar"), {})
     assert solve_threads(small, "cpu", osscar_params) == 1
-    assert solve_threads(large, "cpu", osscar_params) is None
+    # larger ones: the process setting, or fewer threads while other processes keep cores busy
+    assert solve_threads(large, "cpu", osscar_params) in (None, *range(1, torch.get_num_threads()))
     assert solve_threads(small, "cuda", osscar_params) is None
     assert solve_threads(small, "cpu", make_params(get_solver("bnb"), {})) is None  # bnb sets its own
     before = torch.get_num_threads()
@@ -153,3 +154,37 @@ def test_small_cpu_solves_run_on_one_thread_and_restore_the_setting(rng):
     finally:
         torch.set_num_threads(before)
     assert sol.keep.size == small.keep and sol.objective >= brute_force(small)[0] - 1e-9 * abs(small.full_objective)
+
+
+def test_large_cpu_solves_leave_the_cores_that_other_processes_keep_busy(rng):
+    """With every core busy elsewhere, a solve above SINGLE_THREAD_ROWS runs on one thread
+    (OpenMP threads spin as they wait for busy cores), and finds the same support."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    from osscar_opt.linalg import busy_elsewhere, spare_thread_cap
+    from osscar_opt.registry import SINGLE_THREAD_ROWS, make_params, solve_threads
+
+    large = random_instance(rng, p=SINGLE_THREAD_ROWS + 1, keep=8, m=2)
+    idle = oo.solve(large, "osscar", device="cpu")
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    try:
+        time.sleep(0.5)
+        torch.set_num_threads(2)
+        assert busy_elsewhere() >= 1
+        assert spare_thread_cap() == 1
+        assert solve_threads(large, "cpu", make_params(get_solver("osscar"), {})) == 1
+        busy = oo.solve(large, "osscar", device="cpu")
+        assert torch.get_num_threads() == 2
+    finally:
+        for p in loops:
+            p.kill()
+            p.wait()
+        torch.set_num_threads(before)
+    np.testing.assert_array_equal(busy.keep, idle.keep)
