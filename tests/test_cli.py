@@ -157,6 +157,7 @@ def test_every_command_that_writes_results_checks_its_flags_and_out_folder_first
 
     monkeypatch.setattr(models, "load", no_work)
     monkeypatch.setattr(library, "build", no_work)
+    monkeypatch.setattr(subprocess, "run", no_work)  # bench-extract measures in child processes
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     bad_out = str(blocker / "out")

@@ -59,6 +59,7 @@ def run(windows: Sequence[int] = (16, 64), seq_len: int = 512, devices: Sequence
         batch_size: int = 8, out: str | Path | None = None) -> list[dict]:
     import torch
 
+    out = writable_folder(Path(out) if out else RESULTS)  # before minutes of extraction, not after
     devices = list(devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]))
     rows = []
     for device in devices:
@@ -72,8 +73,6 @@ def run(windows: Sequence[int] = (16, 64), seq_len: int = 512, devices: Sequence
             print(f"{device}: {w} x {seq_len} tokens, {row['instances']} instances in {row['seconds']:.1f} s; "
                   f"peak RSS {row['peak_rss_gb']:.2f} GB (model {row['model_gb']:.2f} GB, Grams {row['grams_gb']:.2f} GB)"
                   + (f", peak CUDA {row['peak_cuda_gb']:.2f} GB" if "peak_cuda_gb" in row else ""))
-    out = Path(out) if out else RESULTS
-    writable_folder(out)
     lines = ["# Extraction speed and memory (SmolLM2-135M, every layer's heads and neurons)", "",
              f"Machine: {machine_line(machine())}. Command: `osscar-opt bench-extract`.", "",
              "| device | windows x seq_len | tokens | instances | seconds | peak RSS GB | model GB | Grams GB | peak CUDA GB |",
