@@ -137,7 +137,10 @@ def test_prune_refuses_a_bad_solver_or_calibration_file_before_loading_the_model
              (["--sweep", "0.2,1.0"], "got '1.0'"),
              (["--out", str(binary)], "is a file: give a folder"),
              (["--out", str(binary / "sub")], "cannot write to --out"),
-             (["--out", str(foreign)], "model exists and was not written by `osscar-opt prune`")]
+             (["--out", str(foreign)], "model exists and was not written by `osscar-opt prune`"),
+             (["--heads", "1.5"], "--heads is the fraction of groups pruned, in [0, 1); got 1.5"),
+             (["--nsamples", "0"], "--nsamples must be at least 1, got 0"),
+             (["--damping", "-0.1"], "damping must be a finite number >= 0")]
     for extra, message in cases:
         assert main(["prune", "--model", "smollm2-135m", "--sparsity", "0.5", "--out", str(tmp_path / "o"), *extra]) == 2
         assert message in capsys.readouterr().err
