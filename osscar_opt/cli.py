@@ -520,6 +520,14 @@ def _bench_prune_args(p: argparse.ArgumentParser):
             dampings = [float(x) for x in str(args.damping).split(",")]
         except ValueError:
             raise OsscarError(f"--damping takes numbers like 0.01 or 0.002,0.01, got {args.damping!r}")
+        from .instance import check_damping
+
+        for value in dampings:
+            check_damping(value)
+        for flag, value in (("--nsamples", args.nsamples), ("--seq-len", args.seq_len),
+                            ("--eval-windows", args.eval_windows)):
+            if value < 1:
+                raise OsscarError(f"{flag} must be at least 1, got {value}")
         prune.run(args.model, solvers, sparsities, args.nsamples,
                   args.seq_len, args.eval_windows, args.device, args.out, damping=dampings, calib_seeds=seeds,
                   validation_windows=args.validation_windows, speed_at=None if args.no_speed else 0.5,

@@ -167,6 +167,8 @@ def test_every_command_that_writes_results_checks_its_flags_and_out_folder_first
     cases = [
         (["bench-prune", "--out", bad_out], "cannot write to --out"),
         (["bench-prune", "--sparsities", "0.1,abc"], "--sparsities takes comma-separated sparsities in [0, 1)"),
+        (["bench-prune", "--nsamples", "0"], "--nsamples must be at least 1, got 0"),
+        (["bench-prune", "--dampings", "0.01,-1"], "damping must be a finite number >= 0"),
         (["bench-speed", "--sizes", "64", "--out", bad_out], "cannot write to --out"),
         (["bench-extract", "--windows", "16,a"], "--windows takes comma-separated positive integers"),
         (["bench-extract", "--out", bad_out], "cannot write to --out"),
