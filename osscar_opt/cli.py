@@ -128,6 +128,13 @@ def sparsity_list(text: str, flag: str) -> list[float]:
     return out
 
 
+def check_window_counts(args: argparse.Namespace) -> None:
+    """--nsamples, --seq-len and --eval-windows of prune and bench-prune are at least 1."""
+    for flag, value in (("--nsamples", args.nsamples), ("--seq-len", args.seq_len), ("--eval-windows", args.eval_windows)):
+        if value < 1:
+            raise OsscarError(f"{flag} must be at least 1, got {value}")
+
+
 def non_negative_int(text: str) -> int:
     """A non-negative integer flag (--calib-seed, --validation-windows)."""
     try:
@@ -524,10 +531,7 @@ def _bench_prune_args(p: argparse.ArgumentParser):
 
         for value in dampings:
             check_damping(value)
-        for flag, value in (("--nsamples", args.nsamples), ("--seq-len", args.seq_len),
-                            ("--eval-windows", args.eval_windows)):
-            if value < 1:
-                raise OsscarError(f"{flag} must be at least 1, got {value}")
+        check_window_counts(args)
         prune.run(args.model, solvers, sparsities, args.nsamples,
                   args.seq_len, args.eval_windows, args.device, args.out, damping=dampings, calib_seeds=seeds,
                   validation_windows=args.validation_windows, speed_at=None if args.no_speed else 0.5,

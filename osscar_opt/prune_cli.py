@@ -163,7 +163,7 @@ def _write(args: argparse.Namespace, out: Path, rows: list, dense: dict, last: d
 
 def prune_command(args: argparse.Namespace) -> int:
     from . import data
-    from .cli import sparsity_list
+    from .cli import check_window_counts, sparsity_list
     from .instance import check_damping
     from .registry import available_solver
 
@@ -174,9 +174,7 @@ def prune_command(args: argparse.Namespace) -> int:
     for flag, value in (("--sparsity", args.sparsity), ("--heads", args.heads), ("--neurons", args.neurons)):
         if value is not None and not 0.0 <= value < 1.0:
             raise CliError(f"{flag} is the fraction of groups pruned, in [0, 1); got {value}")
-    for flag, value in (("--nsamples", args.nsamples), ("--seq-len", args.seq_len), ("--eval-windows", args.eval_windows)):
-        if value < 1:
-            raise CliError(f"{flag} must be at least 1, got {value}")
+    check_window_counts(args)
     check_damping(args.damping)
     out = None if args.out is None else Path(args.out)
     if out is not None:
