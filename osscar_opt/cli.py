@@ -81,9 +81,13 @@ def _solve_args(p: argparse.ArgumentParser):
     p.add_argument("--json", action="store_true", help="print the solution as JSON")
 
     def run(args: argparse.Namespace) -> int:
-        from .io import load_instance
+        from .io import load_instance, writable_folder
         from .registry import solve
 
+        if args.out is not None:  # checked before the solve, which may run for hours
+            if args.out.is_dir():
+                raise OsscarError(f"--out {args.out} is a folder: give a file name, e.g. {args.out / 'solution.json'}")
+            writable_folder(args.out.parent, "the folder of --out")
         inst = load_instance(args.file)
         if args.keep is not None:
             inst = inst.with_keep(args.keep)

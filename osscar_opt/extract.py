@@ -323,7 +323,7 @@ def as_calibration(calibration: Any) -> Any:
             raise DataError("calibration windows given as lists must all have the same length: "
                             "pad or crop them, or use data.calibration(tokenizer, ...)") from None
     if isinstance(calibration, np.ndarray):
-        if calibration.dtype == object or calibration.dtype.kind not in "biuf":
+        if calibration.dtype == object or calibration.dtype.kind not in "iuf":
             raise DataError(f"calibration array of dtype {calibration.dtype} holds no token ids or images: "
                             "give integer token ids (windows, seq_len)")
         t = torch.from_numpy(np.ascontiguousarray(calibration))

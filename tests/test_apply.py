@@ -230,7 +230,8 @@ def test_bad_inputs_leave_the_model_untouched():
                                (tokens - 200, "token id -200 lies outside"),
                                ("some text", "calibration is a string, not token ids"),
                                ([[1, 2, 3], [4, 5]], "must all have the same length"),
-                               (np.array([["a", "b"]]), "holds no token ids")]:
+                               (np.array([["a", "b"]]), "holds no token ids"),
+                               (np.ones((2, 32), bool), "dtype bool holds no token ids")]:
         with pytest.raises(DataError, match=match):
             apply(model, calibration, 0.5, progress=False)
     tied = tiny_llama()

@@ -175,6 +175,9 @@ def test_every_command_that_writes_results_checks_its_flags_and_out_folder_first
         (["bench-reference", "--out", bad_out], "cannot write to --out"),
         (["instances", "build", "--select", "T0", "--out", bad_out], "cannot write to --out"),
         (["prune", "--out", str(blocker)], "is a file: give a folder"),
+        (["solve", str(tmp_path / "none.npz"), "--out", str(blocker / "s.json")], "the folder of --out " + str(blocker) + " is a file"),
+        (["solve", str(tmp_path / "none.npz"), "--out", bad_out + "/s.json"], "cannot write to the folder of --out"),
+        (["solve", str(tmp_path / "none.npz"), "--out", str(tmp_path)], "is a folder: give a file name"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
