@@ -84,7 +84,8 @@ class Enumerate(Solver):
     def skip(self, instance, params):
         count = n_supports(instance)
         if count > params.max_supports:
-            return True, f"{count:,} supports exceed max_supports={params.max_supports:,}"
+            shown = f"{count:,}" if count < 10**15 else f"about 10^{len(str(count)) - 1}"
+            return True, f"{shown} supports exceed max_supports={params.max_supports:,}"
         return False, ""
 
     def prepare(self, instance, params, device):

@@ -181,7 +181,7 @@ def _check_sparsity_keys(sparsity: Any, adapter: Adapter) -> None:
                                  "nor 'default'")
 
 
-def _check_solver(solver: str, device: Any, solver_params: dict) -> None:
+def check_solver(solver: str, device: Any, solver_params: dict) -> None:
     """The solver exists, runs here, takes these parameters and the device: before any layer is touched."""
     from .registry import available_solver, make_params, resolve_device
 
@@ -395,7 +395,7 @@ def apply(
     if isinstance(calibration, torch.Tensor) and calibration.numel() == 0:
         raise DataError("the calibration tensor is empty: give at least one window")
     calibration = _check_tokens(model, adapter, calibration)
-    _check_solver(solver, device, solver_params)
+    check_solver(solver, device, solver_params)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     name = getattr(getattr(model, "config", None), "osscar_name", None) or \
         getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__

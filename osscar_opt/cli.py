@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import OsscarError
+from .errors import CliError, OsscarError
 from .instance import DAMPING, DEFAULT_TARGETS, TARGET_DAMPING, TARGETS
 
 Handler = Callable[[argparse.Namespace], int]
@@ -391,7 +391,7 @@ def _export_mps_args(p: argparse.ArgumentParser):
     p.add_argument("file", type=Path, help="instance file (.npz)")
     p.add_argument("out", type=Path, help="output .mps file")
     p.add_argument("--formulation", choices=("bigm", "perspective"), default="bigm",
-                   help="bigm (HiGHS and SCIP) or perspective cones (SCIP, Gurobi, CPLEX)")
+                   help="bigm (SCIP solves it; HiGHS reads it, but solves QPs only, not MIQPs) or perspective cones (SCIP, Gurobi, CPLEX)")
     p.add_argument("--objective", choices=("f", "err"), default="f", help="minimize f(S) or err(S)")
     p.add_argument("--keep", type=int, default=None)
 
@@ -596,10 +596,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_devices(device: Any) -> None:
+    """Every --device names cpu or an available cuda device: checked before any command starts work."""
+    for d in device if isinstance(device, list) else [] if device is None else [device]:
+        kind, _, index = str(d).partition(":")
+        if kind == "cpu" and not index:
+            continue
+        if kind != "cuda" or (index and not index.isdigit()):
+            raise CliError(f"--device {d}: use cpu, cuda or cuda:N")
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CliError(f"--device {d}: torch.cuda.is_available() is False here (a CPU build of torch, "
+                           "or no GPU visible): use --device cpu")
+        if index and int(index) >= torch.cuda.device_count():
+            raise CliError(f"--device {d}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                           f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _check_devices(getattr(args, "device", None))
         return int(args._run(args) or 0)
     except OsscarError as exc:
         print(f"osscar-opt: error: {exc}", file=sys.stderr)

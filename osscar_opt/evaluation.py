@@ -55,7 +55,11 @@ def sentence_embeddings(model: nn.Module, tokenizer: Any, texts: Sequence[str], 
 
 def held_out_paragraphs(source: str = "pydoc", n: int = 256, min_chars: int = 40) -> list[str]:
     """Paragraphs of the evaluation half, for encoder fidelity."""
-    return data.paragraph_texts(source, "evaluation", n, min_chars)
+    texts = data.paragraph_texts(source, "evaluation", n, min_chars)
+    if not texts:
+        raise DataError(f"the evaluation half of {source!r} has no paragraph of at least {min_chars} characters "
+                        "(paragraphs are separated by blank lines): give a longer text")
+    return texts
 
 
 def embedding_fidelity(dense: torch.Tensor, pruned: torch.Tensor) -> float:
@@ -157,7 +161,9 @@ def evaluate_model(model: nn.Module, tokenizer: Any = None, kind: str | None = N
                         "evaluate_model(model, tokenizer)")
     result: dict[str, Any] = {"kind": kind, "parameters": count_parameters(model)}
     if device is not None:
-        model.to(device)
+        from .registry import resolve_device
+
+        model.to(resolve_device(device, ("cpu", "cuda"), what="evaluate_model"))
     if kind == "causal-lm":
         windows = data.windows(tokenizer, source, "evaluation", n_windows, seq_len)
         result["perplexity"] = perplexity(model, windows)

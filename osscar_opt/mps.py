@@ -26,6 +26,8 @@ Formulations
 ------------
 "bigm" (default; read by HiGHS and SCIP): linear linking rows
     V_ij - u_ij z_g <= 0,   V_ij - l_ij z_g >= 0.
+  SCIP solves the MIQP; HiGHS has no MIQP solver, but solves the file's QPs
+  with z relaxed or fixed (its continuous relaxation, or f(S) of a support).
   Derivation of valid bounds. Write q(V) = 0.5 tr(V'HV) - tr(F'V)
   = 0.5 tr((V - V0)' H (V - V0)) + f(all) with V0 = H^-1 F (= W_hat when
   m <= d). For any support S the optimal V_S satisfies q(V_S) = f(S) <= U,

@@ -163,12 +163,12 @@ def _write(args: argparse.Namespace, out: Path, rows: list, dense: dict, last: d
 
 def prune_command(args: argparse.Namespace) -> int:
     from . import data
+    from .apply import check_solver
     from .cli import check_window_counts, sparsity_list
     from .instance import check_damping
-    from .registry import available_solver
 
     # what can be checked without the model, before minutes of loading and calibration
-    available_solver(args.solver)
+    check_solver(args.solver, args.device, _solver_params(args))  # the solver, its -p and --device
     data.source_text(args.calib)
     sparsities = sparsity_list(args.sweep, "--sweep") if args.sweep else [args.sparsity]
     for flag, value in (("--sparsity", args.sparsity), ("--heads", args.heads), ("--neurons", args.neurons)):

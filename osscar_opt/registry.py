@@ -284,7 +284,7 @@ def coerce_param(cls: type[Solver], name: str, text: str) -> Any:
     raise SolverError(f"parameter {name!r} of solver {cls.name!r} expects {kind}, got {text!r}")
 
 
-def resolve_device(device: Any, supported: tuple[str, ...], default_gpu: bool = False) -> str:
+def resolve_device(device: Any, supported: tuple[str, ...], default_gpu: bool = False, what: str = "this solver") -> str:
     """Turn None / "cpu" / "cuda" / "cuda:1" / torch.device into a checked string."""
     if device is None:
         if default_gpu and "cuda" in supported:
@@ -296,12 +296,13 @@ def resolve_device(device: Any, supported: tuple[str, ...], default_gpu: bool = 
     text = str(device)
     kind = text.split(":")[0]
     if kind not in supported:
-        raise SolverError(f"device {text!r} is not supported by this solver: use one of {', '.join(supported)}")
+        raise SolverError(f"device {text!r} is not supported by {what}: use one of {', '.join(supported)}")
     if kind == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            raise SolverError("device 'cuda' was requested but torch.cuda.is_available() is False: use device='cpu'")
+            raise SolverError(f"device {text!r} was requested but torch.cuda.is_available() is False here "
+                              "(a CPU build of torch, or no GPU visible): use device='cpu'")
     return text
 
 

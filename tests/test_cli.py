@@ -178,7 +178,16 @@ def test_every_command_that_writes_results_checks_its_flags_and_out_folder_first
         (["solve", str(tmp_path / "none.npz"), "--out", str(blocker / "s.json")], "the folder of --out " + str(blocker) + " is a file"),
         (["solve", str(tmp_path / "none.npz"), "--out", bad_out + "/s.json"], "cannot write to the folder of --out"),
         (["solve", str(tmp_path / "none.npz"), "--out", str(tmp_path)], "is a folder: give a file name"),
+        (["prune", "--device", "gpu"], "--device gpu: use cpu, cuda or cuda:N"),
+        (["bench-speed", "--device", "cpu", "--device", "cuda:x"], "--device cuda:x: use cpu, cuda or cuda:N"),
     ]
+    import torch
+
+    for command in ("prune", "bench-prune", "bench-extract", "bench-reference", "instances build", "solve x.npz"):
+        if not torch.cuda.is_available():  # a CPU build of torch: every command refuses --device cuda up front
+            cases.append(([*command.split(), "--device", "cuda"], "--device cuda: torch.cuda.is_available() is False"))
+        else:  # a GPU machine: a device index it lacks is refused up front
+            cases.append(([*command.split(), "--device", "cuda:99"], "--device cuda:99: this machine has"))
     for argv, message in cases:
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err, argv

@@ -471,6 +471,7 @@ def test_llama_query_heads_uniform_layers_reload_with_the_standard_config(tmp_pa
 
 def test_saving_loading_and_evaluating_refuse_bad_paths_and_arguments(tmp_path):
     from osscar_opt.data import DataError
+    from osscar_opt.errors import SolverError
     from osscar_opt.evaluation import evaluate_model
 
     model = tiny_llama()
@@ -488,3 +489,11 @@ def test_saving_loading_and_evaluating_refuse_bad_paths_and_arguments(tmp_path):
         evaluate_model(model, None, kind="vision")
     with pytest.raises(DataError, match="inputs= and labels="):
         evaluate_model(SmallCNN(), kind="classifier")
+    with pytest.raises(SolverError, match="device 'gpu' is not supported by evaluate_model: use one of cpu, cuda"):
+        evaluate_model(SmallCNN(), kind="classifier", inputs=torch.zeros(1, 1, 8, 8), labels=torch.zeros(1), device="gpu")
+    short = tmp_path / "short.txt"
+    short.write_text("a few words\n\nand a few more\n")
+    from osscar_opt.evaluation import held_out_paragraphs
+
+    with pytest.raises(DataError, match="evaluation half of .*short.txt' has no paragraph of at least 40 characters"):
+        held_out_paragraphs(str(short))
