@@ -225,7 +225,7 @@ def _solvers_args(p: argparse.ArgumentParser):
 
 
 # -------------------------------------------------------------- instances
-@command("instances", "the instance library: list, build, verify")
+@command("instances", "the instance library: list, build, verify, catalog")
 def _instances_args(p: argparse.ArgumentParser):
     sub = p.add_subparsers(dest="action", required=True)
     ls = sub.add_parser("list", help="show the catalog as a table")
@@ -236,9 +236,14 @@ def _instances_args(p: argparse.ArgumentParser):
                     help="tiers, ids or patterns to build (default: T2,T3)")
     bd.add_argument("--out", type=Path, default=None, help="folder for rebuilt files (default: instances/build)")
     bd.add_argument("--device", default=None, help="device for the calibration forward passes")
+    vf = sub.add_parser("verify", help="check the instance files present and the catalog's best supports and bounds "
+                                       "with the fp64 evaluator (nothing is rebuilt)")
+    vf.add_argument("--select", default=None, help="tiers, ids or patterns (default: every instance)")
+    vf.add_argument("--build-dir", type=Path, default=None, help="folder of rebuilt files (default: instances/build)")
+    vf.add_argument("--json", action="store_true", help="print one row per instance as JSON")
     cat = sub.add_parser("catalog", help="maintainers: rebuild every instance and rewrite catalog.json")
     cat.add_argument("--no-solve", action="store_true", help="leave best-known values empty")
-    for q in (ls, bd, cat):
+    for q in (ls, bd, vf, cat):
         q.add_argument("--catalog", type=Path, default=None, help="catalog file (default: instances/catalog.json)")
 
     def run(args: argparse.Namespace) -> int:
@@ -254,6 +259,8 @@ def _instances_args(p: argparse.ArgumentParser):
                 return 0
             _print_catalog(entries)
             return 0
+        if args.action == "verify":
+            return _verify_entries(catalog, entries, args)
         return _build_entries(catalog, entries, args)
 
     return run
@@ -271,6 +278,31 @@ def _print_catalog(entries: list[dict]) -> None:
         print(f"{e['id']:<36} {e['tier']:<4} {e['d']:>5} {e['m']:>4} {e['p']:>5} {e['group_size']:>3} {e['keep']:>5} "
               f"{err:>10} {best.get('status', '-'):<10} {lb:>10}  {where}")
     print(f"{len(entries)} instances")
+
+
+def _verify_entries(catalog, entries: list[dict], args: argparse.Namespace) -> int:
+    """`instances verify`: one line per problem, a summary, exit status 1 if anything does not match."""
+    from . import library
+
+    rows = library.verify(catalog, entries, args.build_dir)
+    if args.json:
+        _print_json(rows)
+    else:
+        for r in rows:
+            for problem in r["problems"]:
+                print(f"{r['id']}: {problem}")
+        ok = [r for r in rows if r["state"] == "ok"]
+        proven = sum(1 for r in ok if r["gap"] is not None and r["gap"] <= 1e-9)
+        missing = [r["id"] for r in rows if r["state"] == "not built"]
+        bad = sum(1 for r in rows if r["state"] == "mismatch")
+        rounded = sum(1 for r in ok if r["notes"])
+        print(f"{len(rows)} instances: {len(ok)} verified ({proven} with a certified optimum"
+              + (f"; {rounded} rebuilt with other rounding, their recorded err reproduced within 1e-9" if rounded else "")
+              + f"), {len(missing)} not built, {bad} mismatched")
+        if missing:
+            tiers = ",".join(sorted({r["tier"] for r in rows if r["state"] == "not built"}))
+            print(f"build the missing ones with `osscar-opt instances build --select {tiers}` (or their ids)")
+    return 1 if any(r["state"] == "mismatch" for r in rows) else 0
 
 
 def _build_entries(catalog, entries: list[dict], args: argparse.Namespace) -> int:

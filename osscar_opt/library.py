@@ -189,6 +189,60 @@ class Catalog:
         write_json_atomic(self.path, self.data)
 
 
+def verify(catalog: Catalog, entries: Sequence[dict], build_dir: Path | None = None,
+           tol: float = 1e-9) -> list[dict]:
+    """Check the files and recorded results of catalog entries without rebuilding anything.
+
+    Per entry: the file is present and loads (committed files: their catalog
+    checksum), the recorded best support has `keep` groups and its err,
+    recomputed by the fp64 evaluator, equals the recorded err within `tol`
+    (relative to max(err, 1)), the recorded lower bound does not exceed it,
+    and "optimal" entries carry a bound equal to it. A rebuilt file whose
+    instance is not the catalogued one bit for bit (another torch or BLAS can
+    round the Gram matrices differently) gets a note, and passes only if the
+    err check holds. Returns one row per entry: id, tier, state ("ok", "not
+    built" or "mismatch"), problems, notes, the recomputed err and the gap.
+    """
+    from .evaluate import evaluate
+    from .io import instance_checksum
+
+    rows = []
+    for entry in entries:
+        row = {"id": entry["id"], "tier": entry["tier"], "state": "ok", "problems": [], "notes": [], "err": None,
+               "gap": None}
+        rows.append(row)
+        if not catalog.file_of(entry, build_dir).exists():
+            row["state"] = "not built"
+            continue
+        try:
+            inst = catalog.instance(entry, build_dir)
+        except OsscarError as exc:
+            row["state"], row["problems"] = "mismatch", [str(exc)]
+            continue
+        problems = row["problems"]
+        if not entry.get("file") and entry.get("checksum") and instance_checksum(inst) != entry["checksum"]:
+            row["notes"].append("rebuilt, not bit for bit the catalogued instance (checksum)")
+        best = entry.get("best") or {}
+        if best.get("keep") is not None:
+            ev = evaluate(inst, best["keep"], weights=False)
+            row["err"] = ev.err
+            scale = max(abs(best["err"]), 1.0)
+            if len(best["keep"]) != inst.keep or not ev.feasible:
+                problems.append(f"the recorded best support has {len(best['keep'])} groups, not keep={inst.keep}")
+            elif abs(ev.err - best["err"]) > tol * scale:
+                problems.append(f"the recorded best err {best['err']:.12g} re-evaluates to {ev.err:.12g}")
+        bound = best.get("bound_err")
+        if bound is not None and "err" in best:
+            row["gap"] = (best["err"] - bound) / best["err"] if best["err"] > 0 else 0.0
+            if bound > best["err"] + tol * max(abs(best["err"]), 1.0):
+                problems.append(f"the recorded lower bound {bound:.12g} exceeds the best err {best['err']:.12g}")
+        if best.get("status") == "optimal" and (bound is None or best["err"] - bound > tol * max(best["err"], 1.0)):
+            problems.append("marked optimal without a matching lower bound")
+        if problems:
+            row["state"] = "mismatch"
+    return rows
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     from .io import atomic_write_json
 
