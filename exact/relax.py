@@ -66,6 +66,11 @@ class RelaxParams:
     highs_rounds: bundle iterations (one HiGHS QP each).
     highs_round_seconds: time cap of one HiGHS QP solve.
     max_qp_variables: skip cvxpy when d * rank(G) exceeds this.
+    split_seconds: with split="optimal", stop the diagonal's Newton method
+        after this many seconds, started from the conditional split, and
+        leave the rest of the time limit to the relaxation (for full layers,
+        where it needs minutes to converge). None: no cap, started from an
+        interior point of the max-trace problem.
     """
 
     methods: str = "newton,cvxpy,highs"
@@ -75,6 +80,7 @@ class RelaxParams:
     highs_rounds: int = 200
     highs_round_seconds: float = 10.0
     max_qp_variables: int = 40_000
+    split_seconds: float | None = None
     gap_tol: float = GAP_TOL
     threads: int | None = 1
 
@@ -85,6 +91,8 @@ class RelaxParams:
             raise ValueError(f"methods must be a comma-separated subset of {', '.join(RELAX_METHODS)}, got {self.methods!r}")
         if self.split not in SPLIT_METHODS:
             raise ValueError(f"split must be one of {', '.join(SPLIT_METHODS)}")
+        if self.split_seconds is not None and not (self.split_seconds > 0 and self.split == "optimal"):
+            raise ValueError("split_seconds must be a positive number of seconds, and needs split='optimal'")
 
     @property
     def method_list(self) -> list[str]:
@@ -264,8 +272,13 @@ class Relax(SplitSolver, Solver):
         progress = Trace(full)
         S0 = osscar_support(inst, "cpu", deadline)
         UB, best_S = objective_of(inst, F, S0), S0
-        split = split_for(inst, params.split, block=params.block, F=F, deadline=deadline)
-        info["split"] = {"method": split.method, "seconds": split.seconds, "diagonal": split.is_diagonal}
+        split_deadline, start = deadline, None
+        if params.split_seconds is not None:  # a capped optimal diagonal, from the conditional split
+            cap = time.perf_counter() + params.split_seconds
+            split_deadline, start = cap if deadline is None else min(deadline, cap), "conditional"
+        split = split_for(inst, params.split, block=params.block, F=F, deadline=split_deadline, start=start)
+        info["split"] = {"method": split.method, "seconds": split.seconds, "diagonal": split.is_diagonal,
+                         "newton_steps": split.info.get("newton_steps"), "stopped": split.info.get("stopped")}
         model = PerspectiveModel(inst, F, split)
         best_lb, best_z = -math.inf, None
         trace: list = []
