@@ -59,7 +59,7 @@ class RelaxParams:
     split: "optimal" (bound-maximizing diagonal), "max-trace" (the SDP
         max sum D, cvxpy), "lambda-min" or "conditional" (t / diag(H^-1):
         cheap and much stronger than lambda-min on full layers, where
-        "optimal" is too slow).
+        "optimal" takes minutes to converge unless capped by split_seconds).
     block: with split="max-trace", a full PSD block per group (groups of
         more than one row; newton is then skipped, it needs a diagonal D).
     cvxpy_solver: conic solver for the cvxpy method (default Clarabel).
