@@ -224,7 +224,12 @@ def verify(catalog: Catalog, entries: Sequence[dict], build_dir: Path | None = N
             row["notes"].append("rebuilt, not bit for bit the catalogued instance (checksum)")
         best = entry.get("best") or {}
         if best.get("keep") is not None:
-            ev = evaluate(inst, best["keep"], weights=False)
+            try:
+                ev = evaluate(inst, best["keep"], weights=False)
+            except OsscarError as exc:  # ids out of range, duplicates, not integers
+                problems.append(f"the recorded best support is not one of this instance: {exc}")
+                ev = None
+        if best.get("keep") is not None and ev is not None:
             row["err"] = ev.err
             scale = max(abs(best["err"]), 1.0)
             if len(best["keep"]) != inst.keep or not ev.feasible:

@@ -102,7 +102,7 @@ def test_instances_verify_reproduces_the_catalog_and_catches_a_wrong_record(cata
     assert main(["instances", "verify", "--select", "T1"]) == 0
     out = capsys.readouterr().out
     assert "33 instances: 33 verified (33 with a certified optimum), 0 not built, 0 mismatched" in out
-    # a copy of the catalog with the T1 files next to it: three records spoiled, one file corrupted
+    # a copy of the catalog with the T1 files next to it: four records spoiled, one file corrupted
     data = json.loads(catalog.path.read_text())
     shutil.copytree(catalog.path.parent / "t1", tmp_path / "t1")
     by_id = {e["id"]: e for e in data["instances"]}
@@ -110,6 +110,7 @@ def test_instances_verify_reproduces_the_catalog_and_catches_a_wrong_record(cata
     by_id["smollm2-l0-neurons-crop30-k15"]["best"]["bound_err"] *= 1.01  # a bound above the optimum
     spoiled = by_id["smollm2-l5-neurons-crop40-k20"]
     spoiled["best"]["keep"] = spoiled["best"]["keep"][:-1]  # one group short
+    by_id["smollm2-l25-neurons-crop30-k15"]["best"]["keep"][0] = 99  # a group the instance lacks
     (tmp_path / "catalog.json").write_text(json.dumps(data))
     with open(tmp_path / "t1" / "minilm-l0-neurons-crop30-k15.npz", "r+b") as fh:  # a corrupted file
         fh.seek(2000)
@@ -120,9 +121,10 @@ def test_instances_verify_reproduces_the_catalog_and_catches_a_wrong_record(cata
     assert "smollm2-l0-neurons-crop30-k15: the recorded lower bound" in out
     assert "smollm2-l5-neurons-crop40-k20: the recorded best support has 19 groups, not keep=20" in out
     assert "minilm-l0-neurons-crop30-k15: " in out
-    assert "33 instances: 29 verified" in out and "4 mismatched" in out
+    assert "smollm2-l25-neurons-crop30-k15: the recorded best support is not one of this instance" in out
+    assert "33 instances: 28 verified" in out and "5 mismatched" in out
     spoiled_catalog = library.Catalog.load(tmp_path / "catalog.json")
     rows = library.verify(spoiled_catalog, spoiled_catalog.select("T1"))
     assert {r["id"] for r in rows if r["state"] == "mismatch"} == {
         "smollm2-l10-neurons-crop30-k15", "smollm2-l0-neurons-crop30-k15", "smollm2-l5-neurons-crop40-k20",
-        "minilm-l0-neurons-crop30-k15"}
+        "minilm-l0-neurons-crop30-k15", "smollm2-l25-neurons-crop30-k15"}
