@@ -631,20 +631,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_devices(device: Any) -> None:
     """Every --device names cpu or an available cuda device: checked before any command starts work."""
-    for d in device if isinstance(device, list) else [] if device is None else [device]:
-        kind, _, index = str(d).partition(":")
-        if kind == "cpu" and not index:
-            continue
-        if kind != "cuda" or (index and not index.isdigit()):
-            raise CliError(f"--device {d}: use cpu, cuda or cuda:N")
-        import torch
+    from .registry import device_problem
 
-        if not torch.cuda.is_available():
-            raise CliError(f"--device {d}: torch.cuda.is_available() is False here (a CPU build of torch, "
-                           "or no GPU visible): use --device cpu")
-        if index and int(index) >= torch.cuda.device_count():
-            raise CliError(f"--device {d}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                           f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    for d in device if isinstance(device, list) else [] if device is None else [device]:
+        problem = device_problem(d, use_cpu="--device cpu")
+        if problem:
+            raise CliError(f"--device {d}: {problem}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

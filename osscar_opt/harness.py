@@ -748,7 +748,7 @@ def bench(
     progress: bool = True,
 ) -> BenchResult:
     """Run every (instance, solver) pair not yet in `out`/runs.jsonl; see the module doc."""
-    from .registry import get_solver
+    from .registry import device_problem, get_solver
 
     if not (isinstance(time_limit, (int, float)) and time_limit > 0 and math.isfinite(time_limit)):
         raise BenchError(f"--time-limit must be a positive number of seconds, got {time_limit!r}")
@@ -765,11 +765,9 @@ def bench(
         raise BenchError(f"--solvers names a solver twice: {','.join(names)}")
     for name in names:
         get_solver(name)  # one-line error for an unknown name
-    if device.startswith("cuda") and scheduler is None:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise BenchError("--device cuda was given but torch.cuda.is_available() is False here: use --device cpu")
+    problem = None if scheduler is not None else device_problem(device, use_cpu="--device cpu")
+    if problem:  # a Dask cluster's workers may have the GPU this machine lacks
+        raise BenchError(f"--device {device}: {problem}")
     solver_params = parse_params(params, names)
     selected = select_instances(instances, catalog, build_dir)
     result = BenchResult(Path(out))

@@ -284,6 +284,25 @@ def coerce_param(cls: type[Solver], name: str, text: str) -> Any:
     raise SolverError(f"parameter {name!r} of solver {cls.name!r} expects {kind}, got {text!r}")
 
 
+def device_problem(device: Any, use_cpu: str = "device='cpu'") -> str | None:
+    """What is wrong with a device name here (None if nothing): not cpu / cuda / cuda:N,
+    no CUDA in this torch or machine, or a CUDA index the machine lacks. `use_cpu`
+    spells the fix in the caller's terms (a keyword or a command-line flag)."""
+    kind, _, index = str(device).partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
+        return "use cpu, cuda or cuda:N"
+    if kind == "cpu":
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"torch.cuda.is_available() is False here (a CPU build of torch, or no GPU visible): use {use_cpu}"
+    count = torch.cuda.device_count()
+    if index and int(index) >= count:
+        return f"this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}"
+    return None
+
+
 def resolve_device(device: Any, supported: tuple[str, ...], default_gpu: bool = False, what: str = "this solver") -> str:
     """Turn None / "cpu" / "cuda" / "cuda:1" / torch.device into a checked string."""
     if device is None:
@@ -297,12 +316,9 @@ def resolve_device(device: Any, supported: tuple[str, ...], default_gpu: bool = 
     kind = text.split(":")[0]
     if kind not in supported:
         raise SolverError(f"device {text!r} is not supported by {what}: use one of {', '.join(supported)}")
-    if kind == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise SolverError(f"device {text!r} was requested but torch.cuda.is_available() is False here "
-                              "(a CPU build of torch, or no GPU visible): use device='cpu'")
+    problem = device_problem(text)
+    if problem:
+        raise SolverError(f"device {text!r}: {problem}")
     return text
 
 

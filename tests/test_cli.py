@@ -194,3 +194,7 @@ def test_every_command_that_writes_results_checks_its_flags_and_out_folder_first
     with pytest.raises(SystemExit):
         main(["bench-prune", "--validation-windows", "-2"])
     assert "a non-negative integer, got '-2'" in capsys.readouterr().err
+    from osscar_opt.registry import device_problem
+
+    assert device_problem("cpu") is None and device_problem("cpu:0") is None  # torch's own spellings
+    assert device_problem("tpu") == device_problem("cuda:x") == "use cpu, cuda or cuda:N"
