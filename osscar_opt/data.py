@@ -236,10 +236,13 @@ def calibration(tokenizer: Any, source: str = "pydoc", n_windows: int = 32, seq_
 
 def paragraph_texts(source: str = "pydoc", split: str = "calibration", n: int | None = None,
                     min_chars: int = 40) -> list[str]:
-    """Paragraphs (blank-line separated, at least min_chars long) of one split."""
+    """Paragraphs (blank-line separated, at least min_chars long) of one split; DataError if there is none."""
     text = load_text(source, split)
     paras = [p.strip().replace("\n", " ") for p in text.split("\n\n")]
     paras = [p for p in paras if len(p) >= min_chars]
+    if not paras:
+        raise DataError(f"the {_split_name(split)} half of {source!r} has no paragraph of at least {min_chars} "
+                        "characters (paragraphs are separated by blank lines): give a longer text")
     return paras if n is None else paras[:n]
 
 
@@ -260,8 +263,6 @@ def paragraphs(tokenizer: Any, source: str = "pydoc", n: int = 256, max_length: 
     positions are left out of the Gram matrices. The first n paragraphs, or
     with a seed n drawn at random without replacement."""
     texts = paragraph_texts(source, split, None if seed is not None else n)
-    if not texts:
-        raise DataError(f"the {split} split of {source!r} has no paragraph of at least 40 characters")
     if seed is not None:
         pick = np.random.default_rng(seed).choice(len(texts), size=min(n, len(texts)), replace=False)
         texts = [texts[i] for i in np.sort(pick)]

@@ -497,3 +497,7 @@ def test_saving_loading_and_evaluating_refuse_bad_paths_and_arguments(tmp_path):
 
     with pytest.raises(DataError, match="evaluation half of .*short.txt' has no paragraph of at least 40 characters"):
         held_out_paragraphs(str(short))
+    from osscar_opt import data
+
+    with pytest.raises(DataError, match="calibration half of .*short.txt' has no paragraph"):  # encoder calibration
+        data.paragraph_texts(str(short), "calibration")
