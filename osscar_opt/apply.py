@@ -5,7 +5,9 @@ every layer and physically removes the pruned groups. Sequential by default
 (as the published OSSCAR code): each layer is pruned on the activations of
 the already-pruned upstream model; inside a block, attention is pruned before
 the FFN so the FFN sees the pruned attention. Blocks are moved to the device
-one at a time, so a model larger than the accelerator's memory works.
+one at a time, so a model larger than the accelerator's memory works (with
+dense activations the whole model is on the device for its one pass); the
+model ends where it started.
 
 Targets: the published code refits each layer to its own dense output on
 those pruned inputs (targets="layer"), so the error left upstream is carried
@@ -428,6 +430,7 @@ def apply(
     if not sequential or isinstance(adapter, ConvAdapter):
         # Dense activations (one pass), or sequential CNNs by one forward per site.
         todo = list(plan)
+        home = next(model.parameters()).device  # where the model goes back when done, like the blocks below
         while todo:
             batch_sites = todo if not sequential else todo[:1]
             model.to(dev)
@@ -443,6 +446,7 @@ def apply(
             todo = todo[len(batch_sites):]
             if not sequential:
                 break
+        model.to(home)
     else:
         inputs = _capture_block_inputs(model, adapter, calibration, batch_size, None)
         dense_inputs = inputs if targets == "dense" else None  # the dense model's flow, block by block

@@ -1,0 +1,176 @@
+"""Speed and memory on a model's shapes, where its weights cannot go.
+
+Latency, pruning time and memory depend on a model's shapes, not on its
+weight values. `make` writes a Hugging Face model folder with the
+architecture of a model folder at hand (its config, with optional
+overrides, and its tokenizer) and seeded random weights; the prune command
+then prunes and times it like the real model:
+
+    python -m osscar_opt.benchmarks.shaped make --like MODEL_DIR --out /tmp/shaped
+    osscar-opt prune --model /tmp/shaped --device cuda --out /tmp/shaped-pruned
+
+Its perplexity means nothing (random weights); its parameter counts,
+pruning seconds and dense-versus-pruned speed-ups are those of the real
+shapes. `offload` prunes such a model on CUDA with the GPU memory capped
+below the model's own size, which works because only the current block is
+on the accelerator (apply's sequential mode):
+
+    python -m osscar_opt.benchmarks.shaped offload --model /tmp/shaped --cap-gb 1.0 --out results/offload.json
+
+It prints and writes the model's size, the cap, the peak allocated GPU
+memory and the seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import OsscarError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                   "merges.txt", "vocab.json", "tokenizer.model", "generation_config.json", "chat_template.jinja")
+
+
+class ShapedError(OsscarError, ValueError):
+    """Bad arguments of a shaped-model benchmark."""
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_overrides(items: Sequence[str]) -> dict:
+    """["hidden_size=960", ...] -> {"hidden_size": 960, ...} (values read as JSON where they parse)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ShapedError(f"--set {item!r}: write NAME=VALUE, e.g. --set hidden_size=960")
+        out[key] = _value(value)
+    return out
+
+
+def make(like: str | Path, out: str | Path, overrides: dict | None = None, seed: int = 0) -> dict:
+    """Write a model folder with the architecture of `like` (config.json plus
+    `overrides`) and seeded random weights, with `like`'s tokenizer files;
+    returns {"out", "parameters", "config"}."""
+    import torch
+
+    from ..io import writable_folder
+    from ..errors import require
+
+    transformers = require("transformers", "models", "building a model from its config")
+    like, out = Path(like), Path(out)
+    if not (like / "config.json").is_file():
+        raise ShapedError(f"no config.json in {like}: give a Hugging Face model folder as --like")
+    if out.exists() and any(out.iterdir()):
+        raise ShapedError(f"{out} is not empty: give a new folder as --out")
+    writable_folder(out.parent, "the folder of --out")
+    config = transformers.AutoConfig.from_pretrained(like)
+    for key, value in (overrides or {}).items():
+        if not hasattr(config, key):
+            raise ShapedError(f"--set {key}: {type(config).__name__} has no such field")
+        setattr(config, key, value)
+    for key in ("osscar_layer_sizes", "osscar_name"):  # a pruned folder as --like: its uniform sizes stand
+        if hasattr(config, key):
+            delattr(config, key)
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        raise ShapedError(f"{like}/config.json names no known architecture ({arch!r})")
+    torch.manual_seed(seed)
+    model = cls(config)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    for name in TOKENIZER_FILES:
+        if (like / name).is_file() and not (tmp / name).exists():
+            shutil.copy2(like / name, tmp / name)
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return {"out": str(out), "parameters": sum(p.numel() for p in model.parameters()),
+            "config": {k: getattr(config, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                       "num_attention_heads", "num_key_value_heads")
+                       if hasattr(config, k)}}
+
+
+def offload(model_dir: str | Path, cap_gb: float, sparsity: float = 0.5, nsamples: int = 32, seq_len: int = 512,
+            device: str = "cuda") -> dict:
+    """Prune the model in `model_dir` on `device` with the process's GPU memory
+    capped at `cap_gb` (torch's caching allocator refuses more)."""
+    import torch
+
+    from .. import data, models
+    from ..apply import apply
+    from ..registry import device_problem
+    from . import machine
+
+    problem = device_problem(device, use_cpu="a machine with a CUDA GPU")
+    if problem or not device.startswith("cuda"):
+        raise ShapedError(f"offload measures GPU memory: --device {device}: {problem or 'give cuda or cuda:N'}")
+    dev = torch.device(device)
+    total = torch.cuda.get_device_properties(dev).total_memory
+    if not 0 < cap_gb * 2**30 < total:
+        raise ShapedError(f"--cap-gb {cap_gb}: give a cap between 0 and the GPU's {total / 2**30:.1f} GB")
+    model, tok = models.load(str(model_dir), dtype=torch.float32)
+    size_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    cal = data.calibration(tok, "pydoc", nsamples, seq_len)
+    torch.cuda.set_per_process_memory_fraction(cap_gb * 2**30 / total, dev)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(dev)
+    start = time.perf_counter()
+    report = apply(model, cal, sparsity, device=device, progress=False)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(dev) / 2**30
+    return {"model": str(model_dir), "model_gb": round(size_gb, 3), "cap_gb": cap_gb, "peak_gpu_gb": round(peak, 3),
+            "seconds": round(seconds, 2), "solve_seconds": round(report.solve_seconds, 2),
+            "params_before": report.params_before, "params_after": report.params_after,
+            "sparsity": sparsity, "calibration": f"pydoc {nsamples} x {seq_len}",
+            "on_device_after": sorted({p.device.type for p in model.parameters()}), "machine": machine()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m osscar_opt.benchmarks.shaped", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="action", required=True)
+    mk = sub.add_parser("make", help="a model folder with another's architecture and random weights")
+    mk.add_argument("--like", required=True, help="a Hugging Face model folder (its config and tokenizer)")
+    mk.add_argument("--out", required=True, type=Path)
+    mk.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a config override")
+    mk.add_argument("--seed", type=int, default=0)
+    off = sub.add_parser("offload", help="prune on CUDA with the GPU memory capped below the model's size")
+    off.add_argument("--model", required=True, help="a model folder (e.g. one written by make)")
+    off.add_argument("--cap-gb", type=float, required=True)
+    off.add_argument("--sparsity", type=float, default=0.5)
+    off.add_argument("--nsamples", type=int, default=32)
+    off.add_argument("--seq-len", type=int, default=512)
+    off.add_argument("--device", default="cuda")
+    off.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
+    args = parser.parse_args(argv)
+    try:
+        if args.action == "make":
+            result = make(args.like, args.out, parse_overrides(args.set), seed=args.seed)
+        else:
+            result = offload(args.model, args.cap_gb, args.sparsity, args.nsamples, args.seq_len, args.device)
+    except OsscarError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    if getattr(args, "out", None) is not None and args.action == "offload":
+        from ..io import atomic_write_json
+
+        atomic_write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

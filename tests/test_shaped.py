@@ -1,0 +1,88 @@
+"""Shaped models (an architecture with random weights) for timing where the
+real weights cannot go: `python -m osscar_opt.benchmarks.shaped`."""
+
+import json
+
+import pytest
+import torch
+
+from osscar_opt.apply import count_parameters
+from osscar_opt.benchmarks.shaped import ShapedError, main, make, offload, parse_overrides
+
+from small_models import tiny_llama
+
+
+@pytest.fixture
+def like(tmp_path):
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "like")
+    (tmp_path / "like" / "tokenizer_config.json").write_text("{}")
+    return tmp_path / "like"
+
+
+def test_make_writes_the_architecture_with_overrides_random_weights_and_the_tokenizer(like, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    out = make(like, tmp_path / "shaped", {"intermediate_size": 40, "num_hidden_layers": 3}, seed=1)
+    shaped = LlamaForCausalLM.from_pretrained(tmp_path / "shaped")
+    assert (shaped.config.intermediate_size, shaped.config.num_hidden_layers) == (40, 3)
+    assert shaped.model.layers[2].mlp.up_proj.weight.shape == (40, 64)
+    assert out["parameters"] == count_parameters(shaped)
+    assert (tmp_path / "shaped" / "tokenizer_config.json").read_text() == "{}"
+    original = LlamaForCausalLM.from_pretrained(like)
+    assert not torch.equal(shaped.model.embed_tokens.weight, original.model.embed_tokens.weight)
+    # the same seed gives the same weights
+    make(like, tmp_path / "again", {"intermediate_size": 40, "num_hidden_layers": 3}, seed=1)
+    again = LlamaForCausalLM.from_pretrained(tmp_path / "again")
+    assert torch.equal(again.model.layers[0].mlp.up_proj.weight, shaped.model.layers[0].mlp.up_proj.weight)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_bad_arguments_get_one_line_and_write_nothing(like, tmp_path, capsys):
+    assert parse_overrides(["hidden_size=960", "rope_type=linear"]) == {"hidden_size": 960, "rope_type": "linear"}
+    with pytest.raises(ShapedError, match="write NAME=VALUE"):
+        parse_overrides(["hidden_size"])
+    with pytest.raises(ShapedError, match="LlamaConfig has no such field"):
+        make(like, tmp_path / "x", {"hiden_size": 10})
+    with pytest.raises(ShapedError, match="no config.json in"):
+        make(tmp_path, tmp_path / "y")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "f").write_text("")
+    with pytest.raises(ShapedError, match="is not empty"):
+        make(like, tmp_path / "full")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    if not torch.cuda.is_available():
+        with pytest.raises(ShapedError, match="offload measures GPU memory: --device cuda: torch.cuda.is_available"):
+            offload(like, cap_gb=1.0)
+    with pytest.raises(ShapedError, match="--device cpu: give cuda or cuda:N"):
+        offload(like, cap_gb=1.0, device="cpu")
+    assert main(["make", "--like", str(like), "--out", str(tmp_path / "z"), "--set", "bad"]) == 2
+    assert "error: --set 'bad': write NAME=VALUE" in capsys.readouterr().err
+    assert main(["make", "--like", str(like), "--out", str(tmp_path / "z"), "--set", "num_hidden_layers=1"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["num_hidden_layers"] == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_offload_prunes_with_the_gpu_capped_below_the_model_size(like, tmp_path):
+    """A shaped model twice the cap: only the current block is on the GPU."""
+    from transformers import LlamaForCausalLM
+
+    from osscar_opt.apply import apply
+    from small_models import random_tokens
+
+    make(like, tmp_path / "big", {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 16,
+                                  "head_dim": 64})
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "big")
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(size / 2 / total)
+    try:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        report = apply(model, random_tokens(n=8, seq_len=64), 0.5, device="cuda", progress=False)
+        assert torch.cuda.max_memory_allocated() <= size / 2
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert report.params_after < report.params_before
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
