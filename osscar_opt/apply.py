@@ -448,7 +448,8 @@ def apply(
                 break
         model.to(home)
     else:
-        inputs = _capture_block_inputs(model, adapter, calibration, batch_size, None)
+        # the embeddings run where the model is (all on the GPU after evaluate_model(device="cuda"), say)
+        inputs = _capture_block_inputs(model, adapter, calibration, batch_size, next(model.parameters()).device)
         dense_inputs = inputs if targets == "dense" else None  # the dense model's flow, block by block
         by_layer: dict[int, list[tuple[Site, float]]] = {}
         for site, frac in plan:

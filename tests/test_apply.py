@@ -95,22 +95,24 @@ def test_apply_query_heads_keeps_the_exact_head_count_of_a_gqa_model(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("sequential", [True, False])
-def test_apply_on_cuda_keeps_the_cpu_groups_and_leaves_the_model_on_the_cpu(arch, sequential):
+@pytest.mark.parametrize("start", ["cpu", "cuda"])
+def test_apply_on_cuda_keeps_the_cpu_groups_and_leaves_the_model_where_it_was(arch, sequential, start):
     """device="cuda" moves blocks (or, with dense activations, the model) to the
-    GPU while pruning: the same groups are kept as on the CPU, the pruned
-    model computes the same outputs, and every parameter is back on the CPU."""
+    GPU while pruning, whether the model starts on the CPU or on the GPU: the
+    same groups are kept as on the CPU, the pruned model computes the same
+    outputs, and every parameter ends where it started."""
     dense = ARCHITECTURES[arch](layers=2)
     tokens = random_tokens(n=8, seq_len=24)
-    on_cpu, on_gpu = copy.deepcopy(dense), copy.deepcopy(dense)
+    on_cpu, on_gpu = copy.deepcopy(dense), copy.deepcopy(dense).to(start)
     sparsity = {"heads": 0.5, "neurons": 0.5}
     a = apply(on_cpu, tokens, sparsity, sequential=sequential, progress=False)
     b = apply(on_gpu, tokens, sparsity, sequential=sequential, device="cuda", progress=False)
     assert [s.keep for s in b.sites] == [s.keep for s in a.sites]
     for x, y in zip(a.sites, b.sites):
         assert y.err == pytest.approx(x.err, rel=1e-4, abs=1e-8)
-    assert {p.device.type for p in on_gpu.parameters()} == {"cpu"}
+    assert {p.device.type for p in on_gpu.parameters()} == {start}
     x = random_tokens(n=2, seq_len=24, seed=5)
-    np.testing.assert_allclose(_out(on_gpu, x).numpy(), _out(on_cpu, x).numpy(), atol=1e-4, rtol=1e-3)
+    np.testing.assert_allclose(_out(on_gpu.cpu(), x).numpy(), _out(on_cpu, x).numpy(), atol=1e-4, rtol=1e-3)
 
 
 def test_sequential_sees_the_pruned_upstream():

@@ -119,6 +119,8 @@ def offload(model_dir: str | Path, cap_gb: float, sparsity: float = 0.5, nsample
     if problem or not device.startswith("cuda"):
         raise ShapedError(f"offload measures GPU memory: --device {device}: {problem or 'give cuda or cuda:N'}")
     dev = torch.device(device)
+    if dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
     total = torch.cuda.get_device_properties(dev).total_memory
     if not 0 < cap_gb * 2**30 < total:
         raise ShapedError(f"--cap-gb {cap_gb}: give a cap between 0 and the GPU's {total / 2**30:.1f} GB")
@@ -129,7 +131,7 @@ def offload(model_dir: str | Path, cap_gb: float, sparsity: float = 0.5, nsample
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(dev)
     start = time.perf_counter()
-    report = apply(model, cal, sparsity, device=device, progress=False)
+    report = apply(model, cal, sparsity, device=dev, progress=False)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(dev) / 2**30
     return {"model": str(model_dir), "model_gb": round(size_gb, 3), "cap_gb": cap_gb, "peak_gpu_gb": round(peak, 3),
