@@ -65,7 +65,7 @@ def test_bad_arguments_get_one_line_and_write_nothing(like, tmp_path, capsys):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_offload_prunes_with_the_gpu_capped_below_the_model_size(like, tmp_path):
-    """A shaped model twice the GPU memory left to it: only the current block
+    """A 64-block shaped model twice the GPU memory left to it: only the current block
     is on the GPU. (What the process holds already, cuBLAS's workspace among
     it, is added to the cap.)"""
     from transformers import LlamaForCausalLM
@@ -73,8 +73,8 @@ def test_offload_prunes_with_the_gpu_capped_below_the_model_size(like, tmp_path)
     from osscar_opt.apply import apply
     from small_models import random_tokens
 
-    make(like, tmp_path / "big", {"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 16,
-                                  "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64})
+    make(like, tmp_path / "big", {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 64,
+                                  "head_dim": 64})
     model = LlamaForCausalLM.from_pretrained(tmp_path / "big")
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     torch.ones(64, 64, device="cuda") @ torch.ones(64, 64, device="cuda")  # cuBLAS's workspace, before the cap
@@ -90,3 +90,22 @@ def test_offload_prunes_with_the_gpu_capped_below_the_model_size(like, tmp_path)
         torch.cuda.set_per_process_memory_fraction(1.0)
     assert report.params_after < report.params_before
     assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+def test_latency_times_a_dense_and_a_pruned_folder_per_dtype_and_batch(like, tmp_path, capsys):
+    make(like, tmp_path / "narrow", {"intermediate_size": 24}, seed=2)
+    out = tmp_path / "lat.json"
+    assert main(["latency", "--dense", str(like), "--pruned", str(tmp_path / "narrow"), "--batches", "1,3",
+                 "--seq-len", "16", "--dtypes", "float32,bfloat16", "--rounds", "2", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["dtype"], r["batch"]) for r in rows] == [("float32", 1), ("float32", 3), ("bfloat16", 1), ("bfloat16", 3)]
+    for r in rows:
+        assert r["dense_prefill_s"] > 0 and r["pruned_prefill_s"] > 0
+        assert r["prefill_speedup"] == pytest.approx(r["dense_prefill_s"] / r["pruned_prefill_s"])
+        assert ("generate_speedup" in r) == (r["batch"] == 1)
+    capsys.readouterr()
+    assert main(["latency", "--dense", str(like), "--pruned", str(like), "--batches", "1,x", "--device", "cpu"]) == 2
+    assert "--batches 1,x: give comma-separated batch sizes" in capsys.readouterr().err
+    assert main(["latency", "--dense", str(like), "--pruned", str(like), "--dtypes", "float33", "--device", "cpu"]) == 2
+    assert "--dtypes float33: give torch dtype names" in capsys.readouterr().err

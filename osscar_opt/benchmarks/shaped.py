@@ -18,7 +18,10 @@ on the accelerator (apply's sequential mode):
     python -m osscar_opt.benchmarks.shaped offload --model /tmp/shaped --cap-gb 1.0 --out results/offload.json
 
 It prints and writes the model's size, the cap, the peak allocated GPU
-memory and the seconds.
+memory and the seconds. `latency` times a dense and a pruned folder in
+alternation per dtype and batch size:
+
+    python -m osscar_opt.benchmarks.shaped latency --dense /tmp/shaped --pruned /tmp/shaped-pruned/model --out results/latency.json
 """
 
 from __future__ import annotations
@@ -141,6 +144,45 @@ def offload(model_dir: str | Path, cap_gb: float, sparsity: float = 0.5, nsample
             "on_device_after": sorted({p.device.type for p in model.parameters()}), "machine": machine()}
 
 
+def latency(dense_dir: str | Path, pruned_dir: str | Path, batches: Sequence[int] = (1, 8, 32), seq_len: int = 512,
+            device: str = "cuda", dtypes: Sequence[str] = ("float32", "bfloat16"), rounds: int = 5) -> list[dict]:
+    """Prefill latency of two model folders (dense, pruned) measured in
+    alternation (`evaluation.compare_latency`) per dtype and batch size, on
+    seeded random token ids; greedy generation (32 tokens) at batch 1."""
+    import torch
+
+    from ..evaluation import compare_latency
+    from ..registry import resolve_device
+    from ..surgery import load_pruned
+
+    device = resolve_device(device, ("cpu", "cuda"), what="latency")
+    rows = []
+    for name in dtypes:
+        dtype = getattr(torch, name, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ShapedError(f"--dtypes {name}: give torch dtype names such as float32,bfloat16")
+        # load_pruned reads per-layer sizes too; no tokenizer is needed for token ids
+        dense = load_pruned(dense_dir, dtype=dtype).to(device)
+        pruned = load_pruned(pruned_dir, dtype=dtype).to(device)
+        vocab = min(dense.config.vocab_size, pruned.config.vocab_size)
+        for b in batches:
+            x = torch.randint(0, vocab, (b, seq_len), generator=torch.Generator().manual_seed(b))
+            d, p = compare_latency(dense, pruned, x, new_tokens=32 if b == 1 else 0, rounds=rounds)
+            row = {"dtype": name, "batch": b, "seq_len": seq_len, "device": device,
+                   "dense_prefill_s": d["prefill_seconds"], "pruned_prefill_s": p["prefill_seconds"],
+                   "prefill_speedup": d["prefill_seconds"] / p["prefill_seconds"]}
+            if "generate_tokens_per_second" in d:
+                row.update(dense_generate_tps=d["generate_tokens_per_second"],
+                           pruned_generate_tps=p["generate_tokens_per_second"],
+                           generate_speedup=p["generate_tokens_per_second"] / d["generate_tokens_per_second"])
+            rows.append(row)
+            gen = f", generation {row['generate_speedup']:.2f}x" if "generate_speedup" in row else ""
+            print(f"{name:9s} batch {b:3d} x {seq_len}: prefill {row['dense_prefill_s'] * 1e3:8.2f} ms -> "
+                  f"{row['pruned_prefill_s'] * 1e3:8.2f} ms ({row['prefill_speedup']:.2f}x){gen}", file=sys.stderr)
+        del dense, pruned
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m osscar_opt.benchmarks.shaped", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="action", required=True)
@@ -157,21 +199,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     off.add_argument("--seq-len", type=int, default=512)
     off.add_argument("--device", default="cuda")
     off.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
+    lat = sub.add_parser("latency", help="prefill (and batch-1 generation) latency of a dense and a pruned folder")
+    lat.add_argument("--dense", required=True)
+    lat.add_argument("--pruned", required=True)
+    lat.add_argument("--batches", default="1,8,32")
+    lat.add_argument("--seq-len", type=int, default=512)
+    lat.add_argument("--dtypes", default="float32,bfloat16")
+    lat.add_argument("--rounds", type=int, default=5)
+    lat.add_argument("--device", default="cuda")
+    lat.add_argument("--out", type=Path, default=None, help="write the rows here as JSON")
     args = parser.parse_args(argv)
     try:
         if args.action == "make":
             result = make(args.like, args.out, parse_overrides(args.set), seed=args.seed)
-        else:
+        elif args.action == "offload":
             result = offload(args.model, args.cap_gb, args.sparsity, args.nsamples, args.seq_len, args.device)
+        else:
+            try:
+                batches = [int(b) for b in args.batches.split(",")]
+            except ValueError:
+                raise ShapedError(f"--batches {args.batches}: give comma-separated batch sizes, e.g. 1,8,32") from None
+            result = {"rows": latency(args.dense, args.pruned, batches, args.seq_len, args.device,
+                                      args.dtypes.split(","), args.rounds), "machine": _machine()}
     except OsscarError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))
-    if getattr(args, "out", None) is not None and args.action == "offload":
+    if getattr(args, "out", None) is not None and args.action != "make":
         from ..io import atomic_write_json
 
         atomic_write_json(args.out, result)
     return 0
+
+
+def _machine() -> dict:
+    from . import machine
+
+    return machine()
 
 
 if __name__ == "__main__":
