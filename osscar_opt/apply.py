@@ -448,8 +448,8 @@ def apply(
                 break
         model.to(home)
     else:
-        # the embeddings run where the model is (all on the GPU after evaluate_model(device="cuda"), say)
-        inputs = _capture_block_inputs(model, adapter, calibration, batch_size, next(model.parameters()).device)
+        # the embeddings run where the model is (run_model's default: on the GPU after evaluate_model(device="cuda"))
+        inputs = _capture_block_inputs(model, adapter, calibration, batch_size, None)
         dense_inputs = inputs if targets == "dense" else None  # the dense model's flow, block by block
         by_layer: dict[int, list[tuple[Site, float]]] = {}
         for site, frac in plan:

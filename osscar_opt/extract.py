@@ -380,6 +380,8 @@ def run_model(model: nn.Module, adapter: Adapter, batch: Any, device: Any = None
     """Forward one batch through the model body (no task head), optionally
     stopping after block `stop_after`."""
     body = adapter.body()
+    if device is None:  # the inputs go where the model is
+        device = next((q.device for q in model.parameters()), None)
     handle = None
     if stop_after is not None and stop_after < adapter.n_layers - 1:
         def stop(module, args, output):
@@ -420,6 +422,8 @@ def extract(
     `calibration` is a `Calibration`, a tensor of token ids (or images for a
     CNN) batched along dim 0, or an iterable of ready batches. `keep` is the
     fraction (float) or number (int) of groups each instance keeps.
+    `device`: where the forward passes run (the model is moved there and
+    back); None runs them where the model is.
     """
     from tqdm.auto import tqdm
 
@@ -438,6 +442,7 @@ def extract(
                             "(give a count in that range or a fraction in [0, 1])")
     calibration = as_calibration(calibration)
     dev = None if device is None else torch.device(device)
+    home = next((q.device for q in model.parameters()), None)  # where the model goes back when done
     if dev is not None:
         model.to(dev)
     model.eval()
@@ -460,4 +465,6 @@ def extract(
                                  keep, damping, meta)
             inst.meta["id"] = f"{name}-{site.id}"
             out.append(inst)
+    if dev is not None and home is not None:
+        model.to(home)
     return out

@@ -184,3 +184,19 @@ def test_fixed_ridge_correction_is_the_ridge_solution_and_validation_needs_two_f
     assert np.allclose(c.numpy(), expected, rtol=1e-10, atol=1e-12)
     with pytest.raises(DataError, match="two folds"):
         fit_correction(G, C, None, folds[:1])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_extract_runs_where_the_model_is_and_leaves_it_there():
+    """A model on the GPU with device=None, and a CPU model with device="cuda",
+    give the CPU's Gram matrices; neither model changes device."""
+    tokens = random_tokens(n=4, seq_len=16)
+    reference = extract(tiny_llama(), tokens, structures=["neurons"], layers=[1], progress=False)[0]
+    on_gpu = tiny_llama().to("cuda")
+    moved = tiny_llama()
+    for model, device in ((on_gpu, None), (moved, "cuda")):
+        inst = extract(model, tokens, structures=["neurons"], layers=[1], device=device, progress=False)[0]
+        np.testing.assert_allclose(inst.H, reference.H, rtol=1e-4, atol=1e-6 * np.abs(reference.H).max())
+    assert {p.device.type for p in on_gpu.parameters()} == {"cuda"}
+    assert {p.device.type for p in moved.parameters()} == {"cpu"}
