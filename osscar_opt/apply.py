@@ -35,11 +35,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapters import Adapter, ConvAdapter, Site, adapter_for
+from .adapters import Adapter, ConvAdapter, Site, adapter_for, weight_matrix
 from .data import DataError
 from .errors import OsscarError
-from .extract import (GramHooks, StateRecorder, _batches, as_calibration, as_structures, describe_calibration, run_model,
-                      site_instance, token_mask)
+from .extract import (GramHooks, StateRecorder, _batches, as_calibration, as_structures, describe_calibration, keep_count,
+                      run_model, site_instance, token_mask)
 from .instance import DAMPING, DEFAULT_TARGETS, TARGET_DAMPING, TARGETS, check_damping
 from .registry import solve
 
@@ -191,6 +191,35 @@ def check_solver(solver: str, device: Any, solver_params: dict) -> None:
     make_params(cls, solver_params)
     if device is not None:
         resolve_device(device, cls.devices)
+
+
+def check_sizes(solver: str, solver_params: dict, model: nn.Module, plan: Sequence[tuple[Site, float]]) -> None:
+    """Ask the solver about every site's size before any layer is touched: a
+    solver that skips large instances (bnb's max_groups, enumerate's
+    max_supports) would otherwise fail at the first large layer, after
+    pruning the ones before it. Each distinct shape is shown to the solver's
+    `skip` as an instance of that size (identity H)."""
+    from .instance import Instance
+    from .registry import Solver, available_solver, make_params
+
+    cls = available_solver(solver)
+    if cls.skip is Solver.skip:
+        return
+    impl, params, seen = cls(), make_params(cls, solver_params), set()
+    for site, frac in plan:
+        k, budget = keep_count(site, _keep_for(site, frac))
+        d, m = weight_matrix(model.get_submodule(site.consumer)).shape
+        parts = None if site.partition is None else tuple(np.asarray(site.partition).tolist())
+        key = (d, m, site.group_size, k, parts, None if budget is None else tuple(budget))
+        if key in seen:
+            continue
+        seen.add(key)
+        proxy = Instance(np.eye(d), np.ones((d, m)), k, group_size=site.group_size,
+                         partition=None if parts is None else (np.asarray(parts), budget))
+        skip, why = impl.skip(proxy, params)
+        if skip:
+            raise PruneError(f"solver {solver!r} cannot take layer {site.layer} {site.structure} ({why}): "
+                             "choose another solver, raise that limit, or prune other structures")
 
 
 def _check_tokens(model: nn.Module, adapter: Adapter, calibration: Any) -> Any:
@@ -398,6 +427,7 @@ def apply(
         raise DataError("the calibration tensor is empty: give at least one window")
     calibration = _check_tokens(model, adapter, calibration)
     check_solver(solver, device, solver_params)
+    check_sizes(solver, solver_params, model, plan)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     name = getattr(getattr(model, "config", None), "osscar_name", None) or \
         getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__

@@ -243,6 +243,11 @@ def test_bad_inputs_leave_the_model_untouched():
         (dict(sparsity={"neurons": {0: 1.5}}), PruneError, r"\[0, 1\)"),
         (dict(sparsity={"neurons": {5: 0.5}}), UnsupportedModelError, "layer 5 is out of range"),
         (dict(sparsity=0.5, structures="channels"), UnsupportedModelError, "no structure 'channels'"),
+        # a solver's size limit is met before the first layer is pruned, not at the first large layer
+        (dict(sparsity=0.5, solver="bnb", max_groups=64), PruneError,
+         r"solver 'bnb' cannot take layer 0 neurons \(96 groups exceed max_groups=64\)"),
+        (dict(sparsity=0.5, solver="enumerate"), PruneError,
+         r"solver 'enumerate' cannot take layer 0 neurons \(about 10\^27 supports exceed max_supports"),
     ]:
         with pytest.raises(error, match=match):
             apply(model, tokens, progress=False, **bad)
