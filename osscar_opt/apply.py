@@ -461,22 +461,24 @@ def apply(
         # Dense activations (one pass), or sequential CNNs by one forward per site.
         todo = list(plan)
         home = next(model.parameters()).device  # where the model goes back when done, like the blocks below
-        while todo:
-            batch_sites = todo if not sequential else todo[:1]
-            model.to(dev)
-            with GramHooks(model, [s.consumer for s, _ in batch_sites], device=dev) as hooks:
-                for batch in _batches(calibration, batch_size):
-                    hooks.mask = token_mask(batch)
-                    run_model(model, adapter, batch, dev, stop_after=None if isinstance(adapter, ConvAdapter)
-                              else max(s.layer for s, _ in batch_sites))
-                grams = {s.consumer: (hooks.gram(s.consumer), hooks.samples(s.consumer)) for s, _ in batch_sites}
-            for site, frac in batch_sites:
-                prune_site(site, frac, *grams[site.consumer])
-                bar.update()
-            todo = todo[len(batch_sites):]
-            if not sequential:
-                break
-        model.to(home)
+        try:
+            while todo:
+                batch_sites = todo if not sequential else todo[:1]
+                model.to(dev)
+                with GramHooks(model, [s.consumer for s, _ in batch_sites], device=dev) as hooks:
+                    for batch in _batches(calibration, batch_size):
+                        hooks.mask = token_mask(batch)
+                        run_model(model, adapter, batch, dev, stop_after=None if isinstance(adapter, ConvAdapter)
+                                  else max(s.layer for s, _ in batch_sites))
+                    grams = {s.consumer: (hooks.gram(s.consumer), hooks.samples(s.consumer)) for s, _ in batch_sites}
+                for site, frac in batch_sites:
+                    prune_site(site, frac, *grams[site.consumer])
+                    bar.update()
+                todo = todo[len(batch_sites):]
+                if not sequential:
+                    break
+        finally:  # back where it was, also after an error
+            model.to(home)
     else:
         # the embeddings run where the model is (run_model's default: on the GPU after evaluate_model(device="cuda"))
         inputs = _capture_block_inputs(model, adapter, calibration, batch_size, None)
@@ -485,36 +487,41 @@ def apply(
         for site, frac in plan:
             by_layer.setdefault(site.layer, []).append((site, frac))
         last = max(by_layer) if by_layer else -1
-        for layer in range(last + 1):
-            block = adapter.block(layer)
-            home = next(block.parameters()).device
-            block.to(dev)
-            sites = by_layer.get(layer, [])
-            points = {s.consumer: adapter.residual_point(s.structure, layer) for s, _ in sites} \
-                if dense_inputs is not None else {}
-            recorded: dict[str, list[torch.Tensor]] = {}
-            if dense_inputs is not None:
-                # a dense copy of the block on the dense flow: its residual sums, then its outputs
-                dense_block = copy.deepcopy(block)
-                prefix = adapter.block_name(layer)
-                local = {c: (_within(prefix, path), kind) for c, (path, kind) in points.items()}
-                with StateRecorder(dense_block, local) as rec:
-                    dense_inputs = _run_block(dense_block, dense_inputs, dev, keep_outputs=layer < last, hooks=rec)
-                recorded = rec.rows
-                del dense_block
-            for site, frac in sites:
-                # the site's current shape (an earlier site of this block may have changed nothing here)
-                deltas = {site.consumer: (points[site.consumer], recorded[site.consumer])} if recorded else None
-                site = adapter.site(site.structure, layer)
-                with GramHooks(model, [site.consumer], device=dev, deltas=deltas) as hooks:
-                    _run_block(block, inputs, dev, keep_outputs=False, hooks=hooks)
-                    gram, samples = hooks.gram(site.consumer), hooks.samples(site.consumer)
-                    correction, fit = hooks.correction(site.consumer, target_damping) if deltas else (None, None)
-                prune_site(site, frac, gram, samples, correction, fit)
-                bar.update()
-            if layer < last:
-                inputs = _run_block(block, inputs, dev, keep_outputs=True)
-            block.to(home)
+        block = home = None
+        try:
+            for layer in range(last + 1):
+                block = adapter.block(layer)
+                home = next(block.parameters()).device
+                block.to(dev)
+                sites = by_layer.get(layer, [])
+                points = {s.consumer: adapter.residual_point(s.structure, layer) for s, _ in sites} \
+                    if dense_inputs is not None else {}
+                recorded: dict[str, list[torch.Tensor]] = {}
+                if dense_inputs is not None:
+                    # a dense copy of the block on the dense flow: its residual sums, then its outputs
+                    dense_block = copy.deepcopy(block)
+                    prefix = adapter.block_name(layer)
+                    local = {c: (_within(prefix, path), kind) for c, (path, kind) in points.items()}
+                    with StateRecorder(dense_block, local) as rec:
+                        dense_inputs = _run_block(dense_block, dense_inputs, dev, keep_outputs=layer < last, hooks=rec)
+                    recorded = rec.rows
+                    del dense_block
+                for site, frac in sites:
+                    # the site's current shape (an earlier site of this block may have changed nothing here)
+                    deltas = {site.consumer: (points[site.consumer], recorded[site.consumer])} if recorded else None
+                    site = adapter.site(site.structure, layer)
+                    with GramHooks(model, [site.consumer], device=dev, deltas=deltas) as hooks:
+                        _run_block(block, inputs, dev, keep_outputs=False, hooks=hooks)
+                        gram, samples = hooks.gram(site.consumer), hooks.samples(site.consumer)
+                        correction, fit = hooks.correction(site.consumer, target_damping) if deltas else (None, None)
+                    prune_site(site, frac, gram, samples, correction, fit)
+                    bar.update()
+                if layer < last:
+                    inputs = _run_block(block, inputs, dev, keep_outputs=True)
+                block.to(home)
+        finally:  # the block being pruned goes back where it was, also after an error
+            if block is not None:
+                block.to(home)
     bar.close()
     report.params_after = count_parameters(model)
     report.seconds = time.perf_counter() - start

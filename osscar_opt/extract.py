@@ -445,26 +445,28 @@ def extract(
     home = next((q.device for q in model.parameters()), None)  # where the model goes back when done
     if dev is not None:
         model.to(dev)
-    model.eval()
-    name = model_name or getattr(getattr(model, "config", None), "osscar_name", None) or \
-        getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
-    n_batches = None
-    if isinstance(calibration, (Calibration, torch.Tensor)):
-        n = calibration.n_windows if isinstance(calibration, Calibration) else calibration.shape[0]
-        n_batches = -(-n // batch_size)
-    with GramHooks(model, [s.consumer for s in sites], device=dev) as hooks:
-        for batch in tqdm(_batches(calibration, batch_size), total=n_batches, desc="calibration",
-                          disable=not progress, leave=False):
-            hooks.mask = token_mask(batch)
-            run_model(model, adapter, batch, dev, stop_after=max(layers))
-        meta = {"model": name, "architecture": adapter.name,
-                "calibration": describe_calibration(calibration), "activations": "dense"}
-        out = []
-        for site in sites:
-            inst = site_instance(model, site, hooks.gram(site.consumer), hooks.samples(site.consumer),
-                                 keep, damping, meta)
-            inst.meta["id"] = f"{name}-{site.id}"
-            out.append(inst)
-    if dev is not None and home is not None:
-        model.to(home)
+    try:
+        model.eval()
+        name = model_name or getattr(getattr(model, "config", None), "osscar_name", None) or \
+            getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
+        n_batches = None
+        if isinstance(calibration, (Calibration, torch.Tensor)):
+            n = calibration.n_windows if isinstance(calibration, Calibration) else calibration.shape[0]
+            n_batches = -(-n // batch_size)
+        with GramHooks(model, [s.consumer for s in sites], device=dev) as hooks:
+            for batch in tqdm(_batches(calibration, batch_size), total=n_batches, desc="calibration",
+                              disable=not progress, leave=False):
+                hooks.mask = token_mask(batch)
+                run_model(model, adapter, batch, dev, stop_after=max(layers))
+            meta = {"model": name, "architecture": adapter.name,
+                    "calibration": describe_calibration(calibration), "activations": "dense"}
+            out = []
+            for site in sites:
+                inst = site_instance(model, site, hooks.gram(site.consumer), hooks.samples(site.consumer),
+                                     keep, damping, meta)
+                inst.meta["id"] = f"{name}-{site.id}"
+                out.append(inst)
+    finally:  # the model goes back where it was, also after an error
+        if dev is not None and home is not None:
+            model.to(home)
     return out

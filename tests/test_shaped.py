@@ -48,8 +48,10 @@ def test_bad_arguments_get_one_line_and_write_nothing(like, tmp_path, capsys):
         make(tmp_path, tmp_path / "y")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "f").write_text("")
-    with pytest.raises(ShapedError, match="is not empty"):
+    with pytest.raises(ShapedError, match="is not an empty folder"):
         make(like, tmp_path / "full")
+    with pytest.raises(ShapedError, match="is not an empty folder"):
+        make(like, tmp_path / "full" / "f")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     if not torch.cuda.is_available():
         with pytest.raises(ShapedError, match="offload measures GPU memory: --device cuda: torch.cuda.is_available"):

@@ -75,8 +75,8 @@ def make(like: str | Path, out: str | Path, overrides: dict | None = None, seed:
     like, out = Path(like), Path(out)
     if not (like / "config.json").is_file():
         raise ShapedError(f"no config.json in {like}: give a Hugging Face model folder as --like")
-    if out.exists() and any(out.iterdir()):
-        raise ShapedError(f"{out} is not empty: give a new folder as --out")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ShapedError(f"{out} exists and is not an empty folder: give a new folder as --out")
     writable_folder(out.parent, "the folder of --out")
     config = transformers.AutoConfig.from_pretrained(like)
     for key, value in (overrides or {}).items():
