@@ -616,6 +616,14 @@ def _bench_reference_args(p: argparse.ArgumentParser):
     return run
 
 
+@command("bench-shaped", "timing and GPU memory on a model's shapes with random weights (make, offload, latency)")
+def _bench_shaped_args(p: argparse.ArgumentParser):
+    from .benchmarks import shaped
+
+    shaped.add_arguments(p)
+    return shaped.run
+
+
 # ------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(

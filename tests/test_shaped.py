@@ -62,6 +62,16 @@ def test_bad_arguments_get_one_line_and_write_nothing(like, tmp_path, capsys):
     assert "error: --set 'bad': write NAME=VALUE" in capsys.readouterr().err
     assert main(["make", "--like", str(like), "--out", str(tmp_path / "z"), "--set", "num_hidden_layers=1"]) == 0
     assert json.loads(capsys.readouterr().out)["config"]["num_hidden_layers"] == 1
+    # the same actions as an osscar-opt command, its --device checked before any work
+    from osscar_opt.cli import main as cli
+
+    assert cli(["bench-shaped", "make", "--like", str(like), "--out", str(tmp_path / "z"), "--set", "bad"]) == 2
+    assert "osscar-opt: error: --set 'bad': write NAME=VALUE" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli(["bench-shaped", "offload", "--model", str(like), "--cap-gb", "1"]) == 2
+        assert "--device cuda: torch.cuda.is_available() is False" in capsys.readouterr().err
+    assert cli(["bench-shaped", "make", "--like", str(like), "--out", str(tmp_path / "w")]) == 0
+    assert (tmp_path / "w" / "config.json").is_file()
 
 
 @pytest.mark.cuda

@@ -1,4 +1,5 @@
-"""Speed and memory on a model's shapes, where its weights cannot go.
+"""Speed and memory on a model's shapes, where its weights cannot go
+(`osscar-opt bench-shaped`, or `python -m osscar_opt.benchmarks.shaped`).
 
 Latency, pruning time and memory depend on a model's shapes, not on its
 weight values. `make` writes a Hugging Face model folder with the
@@ -6,7 +7,7 @@ architecture of a model folder at hand (its config, with optional
 overrides, and its tokenizer) and seeded random weights; the prune command
 then prunes and times it like the real model:
 
-    python -m osscar_opt.benchmarks.shaped make --like MODEL_DIR --out /tmp/shaped
+    osscar-opt bench-shaped make --like MODEL_DIR --out /tmp/shaped
     osscar-opt prune --model /tmp/shaped --device cuda --out /tmp/shaped-pruned
 
 Its perplexity means nothing (random weights); its parameter counts,
@@ -15,13 +16,13 @@ shapes. `offload` prunes such a model on CUDA with the GPU memory capped
 below the model's own size, which works because only the current block is
 on the accelerator (apply's sequential mode):
 
-    python -m osscar_opt.benchmarks.shaped offload --model /tmp/shaped --cap-gb 1.0 --out results/offload.json
+    osscar-opt bench-shaped offload --model /tmp/shaped --cap-gb 1.0 --out results/offload.json
 
 It prints and writes the model's size, the cap, the peak allocated GPU
 memory and the seconds. `latency` times a dense and a pruned folder in
 alternation per dtype and batch size:
 
-    python -m osscar_opt.benchmarks.shaped latency --dense /tmp/shaped --pruned /tmp/shaped-pruned/model --out results/latency.json
+    osscar-opt bench-shaped latency --dense /tmp/shaped --pruned /tmp/shaped-pruned/model --out results/latency.json
 """
 
 from __future__ import annotations
@@ -183,8 +184,8 @@ def latency(dense_dir: str | Path, pruned_dir: str | Path, batches: Sequence[int
     return rows
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m osscar_opt.benchmarks.shaped", description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The make / offload / latency actions (shared by `osscar-opt bench-shaped` and `python -m`)."""
     sub = parser.add_subparsers(dest="action", required=True)
     mk = sub.add_parser("make", help="a model folder with another's architecture and random weights")
     mk.add_argument("--like", required=True, help="a Hugging Face model folder (its config and tokenizer)")
@@ -208,28 +209,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     lat.add_argument("--rounds", type=int, default=5)
     lat.add_argument("--device", default="cuda")
     lat.add_argument("--out", type=Path, default=None, help="write the rows here as JSON")
-    args = parser.parse_args(argv)
-    try:
-        if args.action == "make":
-            result = make(args.like, args.out, parse_overrides(args.set), seed=args.seed)
-        elif args.action == "offload":
-            result = offload(args.model, args.cap_gb, args.sparsity, args.nsamples, args.seq_len, args.device)
-        else:
-            try:
-                batches = [int(b) for b in args.batches.split(",")]
-            except ValueError:
-                raise ShapedError(f"--batches {args.batches}: give comma-separated batch sizes, e.g. 1,8,32") from None
-            result = {"rows": latency(args.dense, args.pruned, batches, args.seq_len, args.device,
-                                      args.dtypes.split(","), args.rounds), "machine": _machine()}
-    except OsscarError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the parsed action; prints the figures as JSON (and writes them to --out). Raises OsscarError."""
+    if args.action == "make":
+        result = make(args.like, args.out, parse_overrides(args.set), seed=args.seed)
+    elif args.action == "offload":
+        result = offload(args.model, args.cap_gb, args.sparsity, args.nsamples, args.seq_len, args.device)
+    else:
+        try:
+            batches = [int(b) for b in args.batches.split(",")]
+        except ValueError:
+            raise ShapedError(f"--batches {args.batches}: give comma-separated batch sizes, e.g. 1,8,32") from None
+        result = {"rows": latency(args.dense, args.pruned, batches, args.seq_len, args.device,
+                                  args.dtypes.split(","), args.rounds), "machine": _machine()}
     print(json.dumps(result, indent=2))
-    if getattr(args, "out", None) is not None and args.action != "make":
+    if args.action != "make" and args.out is not None:
         from ..io import atomic_write_json
 
         atomic_write_json(args.out, result)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m osscar_opt.benchmarks.shaped", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except OsscarError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _machine() -> dict:
