@@ -44,6 +44,8 @@ def test_bad_arguments_get_one_line_and_write_nothing(like, tmp_path, capsys):
         parse_overrides(["hidden_size"])
     with pytest.raises(ShapedError, match="LlamaConfig has no such field"):
         make(like, tmp_path / "x", {"hiden_size": 10})
+    with pytest.raises(ShapedError, match="builds no LlamaForCausalLM"):
+        make(like, tmp_path / "neg", {"hidden_size": -5})
     with pytest.raises(ShapedError, match="no config.json in"):
         make(tmp_path, tmp_path / "y")
     (tmp_path / "full").mkdir()
@@ -52,7 +54,7 @@ def test_bad_arguments_get_one_line_and_write_nothing(like, tmp_path, capsys):
         make(like, tmp_path / "full")
     with pytest.raises(ShapedError, match="is not an empty folder"):
         make(like, tmp_path / "full" / "f")
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "neg").exists()
     if not torch.cuda.is_available():
         with pytest.raises(ShapedError, match="offload measures GPU memory: --device cuda: torch.cuda.is_available"):
             offload(like, cap_gb=1.0)
@@ -121,3 +123,6 @@ def test_latency_times_a_dense_and_a_pruned_folder_per_dtype_and_batch(like, tmp
     assert "--batches 1,x: give comma-separated batch sizes" in capsys.readouterr().err
     assert main(["latency", "--dense", str(like), "--pruned", str(like), "--dtypes", "float33", "--device", "cpu"]) == 2
     assert "--dtypes float33: give torch dtype names" in capsys.readouterr().err
+    for flag, value in (("--rounds", "0"), ("--batches", "1,0"), ("--seq-len", "-3")):
+        assert main(["latency", "--dense", str(like), "--pruned", str(like), flag, value, "--device", "cpu"]) == 2
+        assert f"{flag} takes positive integers" in capsys.readouterr().err

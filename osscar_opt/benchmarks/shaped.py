@@ -52,6 +52,12 @@ def _value(text: str) -> Any:
         return text
 
 
+def _first_line(exc: BaseException) -> str:
+    """The gist of an exception on one line (a first line ending in ':' is joined to the next)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
 def parse_overrides(items: Sequence[str]) -> dict:
     """["hidden_size=960", ...] -> {"hidden_size": 960, ...} (values read as JSON where they parse)."""
     out = {}
@@ -83,7 +89,10 @@ def make(like: str | Path, out: str | Path, overrides: dict | None = None, seed:
     for key, value in (overrides or {}).items():
         if not hasattr(config, key):
             raise ShapedError(f"--set {key}: {type(config).__name__} has no such field")
-        setattr(config, key, value)
+        try:  # transformers validates some fields as they are set
+            setattr(config, key, value)
+        except Exception as exc:
+            raise ShapedError(f"--set {key}={value!r}: {_first_line(exc)}") from None
     for key in ("osscar_layer_sizes", "osscar_name"):  # a pruned folder as --like: its uniform sizes stand
         if hasattr(config, key):
             delattr(config, key)
@@ -92,7 +101,10 @@ def make(like: str | Path, out: str | Path, overrides: dict | None = None, seed:
     if cls is None:
         raise ShapedError(f"{like}/config.json names no known architecture ({arch!r})")
     torch.manual_seed(seed)
-    model = cls(config)
+    try:
+        model = cls(config)
+    except (ValueError, TypeError, RuntimeError) as exc:  # e.g. a negative or inconsistent size
+        raise ShapedError(f"the config with these --set values builds no {arch}: {_first_line(exc)}") from None
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -157,6 +169,9 @@ def latency(dense_dir: str | Path, pruned_dir: str | Path, batches: Sequence[int
     from ..surgery import load_pruned
 
     device = resolve_device(device, ("cpu", "cuda"), what="latency")
+    for flag, values in (("--batches", batches), ("--seq-len", [seq_len]), ("--rounds", [rounds])):
+        if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+            raise ShapedError(f"{flag} takes positive integers, got {', '.join(map(str, values)) or 'none'}")
     rows = []
     for name in dtypes:
         dtype = getattr(torch, name, None)
