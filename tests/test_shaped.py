@@ -1,5 +1,5 @@
 """Shaped models (an architecture with random weights) for timing where the
-real weights cannot go: `python -m osscar_opt.benchmarks.shaped`."""
+real weights cannot go: `osscar-opt bench-shaped` (also `python -m osscar_opt.benchmarks.shaped`)."""
 
 import json
 
