@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import OsscarError
+from . import machine
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "merges.txt", "vocab.json", "tokenizer.model", "generation_config.json", "chat_template.jinja")
@@ -129,7 +130,6 @@ def offload(model_dir: str | Path, cap_gb: float, sparsity: float = 0.5, nsample
     from .. import data, models
     from ..apply import apply
     from ..registry import device_problem
-    from . import machine
 
     problem = device_problem(device, use_cpu="a machine with a CUDA GPU")
     if problem or not device.startswith("cuda"):
@@ -238,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             raise ShapedError(f"--batches {args.batches}: give comma-separated batch sizes, e.g. 1,8,32") from None
         result = {"rows": latency(args.dense, args.pruned, batches, args.seq_len, args.device,
-                                  args.dtypes.split(","), args.rounds), "machine": _machine()}
+                                  args.dtypes.split(","), args.rounds), "machine": machine()}
     print(json.dumps(result, indent=2))
     if args.action != "make" and args.out is not None:
         from ..io import atomic_write_json
@@ -256,12 +256,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OsscarError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-
-def _machine() -> dict:
-    from . import machine
-
-    return machine()
 
 
 if __name__ == "__main__":
