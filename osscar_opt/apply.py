@@ -519,7 +519,8 @@ def apply(
                 if layer < last:
                     inputs = _run_block(block, inputs, dev, keep_outputs=True)
                 block.to(home)
-        finally:  # the block being pruned goes back where it was, also after an error
+                block = None
+        finally:  # after an error, the block being pruned goes back where it was
             if block is not None:
                 block.to(home)
     bar.close()
