@@ -176,7 +176,7 @@ class Adapter:
 
 
 class LlamaAdapter(Adapter):
-    """Llama family (Llama, Mistral, Qwen2, SmolLM2), grouped-query attention.
+    """Llama family (Llama, SmolLM2, Mistral, Qwen2, Qwen3, Gemma), grouped-query attention.
 
     heads      query heads: head_dim input rows of o_proj each, partitioned by
                KV group so that every KV group keeps the same number
@@ -190,7 +190,7 @@ class LlamaAdapter(Adapter):
     """
 
     name = "llama"
-    model_types = ("llama", "mistral", "qwen2")
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma")
     structures = ("heads", "query-heads", "kv-groups", "neurons")
     layer_paths = ("model.layers", "layers")
     body_paths = ("model",)

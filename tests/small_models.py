@@ -68,6 +68,26 @@ def random_tokens(n=6, seq_len=32, vocab=128, seed=0):
     return torch.randint(0, vocab, (n, seq_len), generator=g)
 
 
+def tiny_llama_like(kind: str, layers=2, heads=4, kv_heads=2, head_dim=16, hidden=64, ffn=96, vocab=128):
+    """Other members of the Llama family the llama adapter takes: Qwen2 (q/k/v
+    biases), Mistral (sliding-window attention), Qwen3 (per-head q/k RMSNorm),
+    Gemma (GeLU gate, scaled embeddings)."""
+    import transformers
+
+    config_cls, model_cls = {
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+    }[kind]
+    torch.manual_seed(0)
+    extra = {"sliding_window": 16} if kind == "mistral" else {}
+    cfg = config_cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                     num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                     max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
+    return model_cls(cfg).eval()
+
+
 ARCHITECTURES = {
     "llama": tiny_llama,
     "bert": tiny_bert,

@@ -69,6 +69,34 @@ def test_apply_removes_groups_physically_and_matches_the_refit_dense_model(arch,
     np.testing.assert_allclose(_out(again, x).numpy(), _out(model, x).numpy(), atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "mistral", "qwen3", "gemma"])
+def test_llama_family_members_prune_reload_and_match_the_refit_dense_model(kind, tmp_path):
+    """The llama adapter's other model types, each structure: physically
+    smaller (biases too), the outputs of the refit dense model, the same
+    outputs after save and reload with per-layer sizes."""
+    from small_models import tiny_llama_like
+
+    x = random_tokens(n=2, seq_len=24, seed=5)
+    for sparsity in ({"query-heads": 0.25, "neurons": {0: 0.5, 1: 0.25}}, {"kv-groups": 0.5},
+                     {"heads": {0: 0.5, 1: 0.0}}):
+        dense = tiny_llama_like(kind)
+        model = copy.deepcopy(dense)
+        report = apply(model, random_tokens(n=8, seq_len=24), sparsity, progress=False)
+        assert report.params_after < report.params_before
+        attn = model.model.layers[0].self_attn
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+            assert proj.bias is None or proj.bias.shape == (proj.out_features,)
+        assert (attn.q_proj.bias is not None) == (kind == "qwen2")
+        assert attn.o_proj.in_features == attn.q_proj.out_features < 4 * 16
+        reference = _refit_reference(dense, model, report)
+        np.testing.assert_allclose(_out(model, x).numpy(), _out(reference, x).numpy(), atol=2e-5, rtol=1e-4)
+        assert not np.allclose(_out(model, x).numpy(), _out(dense, x).numpy(), atol=1e-3)
+        saved = save_pruned(model, None, tmp_path / kind, overwrite=True)
+        again = load_pruned(saved)
+        assert type(again) is type(model)
+        np.testing.assert_allclose(_out(again, x).numpy(), _out(model, x).numpy(), atol=1e-6)
+
+
 def test_apply_query_heads_keeps_the_exact_head_count_of_a_gqa_model(tmp_path):
     """9 query heads in 3 KV groups at 50%: 'heads' must keep 2 per group
     (6), 'query-heads' keeps round(4.5) = 4 anywhere, duplicating KV heads
