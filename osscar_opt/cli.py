@@ -404,7 +404,9 @@ def _prune_args(p: argparse.ArgumentParser):
                         "(default: consecutive windows from its start)")
     p.add_argument("--damping", type=float, default=DAMPING,
                    help=f"ridge added to each Gram matrix, as a fraction of its mean diagonal (default {DAMPING})")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
+    p.add_argument("--device", default=None,
+                   help="cpu or cuda (default: cpu); a model larger than the GPU's free memory is pruned and "
+                        "evaluated with one block on the GPU at a time, and its latency is not measured")
     p.add_argument("--out", type=Path, default=None, help="write the pruned model, report.json and report.md here")
     p.add_argument("--sweep", default=None, help="comma-separated sparsities: a quality-versus-sparsity table")
     p.add_argument("--no-speed", action="store_true", help="skip the latency measurement")

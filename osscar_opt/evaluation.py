@@ -5,10 +5,17 @@ evaluation half of the text (never the calibration half). Encoders are
 scored by the cosine similarity of their mean-pooled sentence embeddings to
 the dense model's on held-out paragraphs. Latency is the median of repeated
 timed runs after warm-up (CUDA synchronized).
+
+A model larger than the GPU's free memory is evaluated with its blocks
+offloaded (`offloaded`): the embeddings, final norm and head go to the GPU,
+each transformer block moves there just before its forward and back just
+after, so the GPU holds one block at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 import statistics
 import time
@@ -19,6 +26,89 @@ from torch import nn
 
 from . import data
 from .data import DataError
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (tied tensors counted once)."""
+    return sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def fits_on(model: nn.Module, device: Any, fraction: float = 0.8) -> bool:
+    """Whether the model's tensors not yet on a CUDA `device` fit in `fraction`
+    of its free memory (the rest is left for activations); always True off CUDA."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(dev)
+    there = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
+    missing = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers())
+                  if t.device != there)
+    return missing <= fraction * free
+
+
+@contextlib.contextmanager
+def offloaded(model: nn.Module, device: Any):
+    """Run `model` on `device` holding only one transformer block there at a time.
+
+    Everything outside the blocks (embeddings, rotary tables, final norm, head)
+    moves to `device` for the duration; every block moves there just before
+    its forward and back just after. On exit, also after an error, every
+    tensor is back where it was and the hooks are gone. Models without
+    transformer blocks (CNNs) are moved whole.
+    """
+    from .adapters import ConvAdapter, adapter_for
+
+    dev = torch.device(device)
+    adapter = adapter_for(model)
+    if isinstance(adapter, ConvAdapter):
+        homes = {p: p.device for p in model.parameters()}
+        home = next(iter(homes.values()), dev)
+        model.to(dev)
+        try:
+            yield model
+        finally:
+            model.to(home)
+        return
+    blocks = [adapter.block(i) for i in range(adapter.n_layers)]
+    inside = {id(m) for b in blocks for m in b.modules()}
+    outside = [m for m in model.modules() if id(m) not in inside]
+    param_homes: dict[int, tuple[nn.Parameter, torch.device]] = {}
+    buffer_homes: list[tuple[nn.Module, str, torch.device]] = []
+    block_homes = [next(itertools.chain(b.parameters(), b.buffers())).device for b in blocks]
+    handles = []
+
+    def to_device(module, args):
+        module.to(dev)
+
+    def back_home(home):
+        def hook(module, args, output):
+            module.to(home)
+        return hook
+
+    try:
+        for m in outside:
+            for p in m.parameters(recurse=False):
+                if id(p) not in param_homes:
+                    param_homes[id(p)] = (p, p.device)
+                    p.data = p.data.to(dev)
+            for name, b in list(m._buffers.items()):
+                if b is not None:
+                    buffer_homes.append((m, name, b.device))
+                    m._buffers[name] = b.to(dev)
+        for block, home in zip(blocks, block_homes):
+            handles.append(block.register_forward_pre_hook(to_device))
+            handles.append(block.register_forward_hook(back_home(home)))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+        for block, home in zip(blocks, block_homes):
+            block.to(home)
+        for p, home in param_homes.values():
+            p.data = p.data.to(home)
+        for m, name, home in buffer_homes:
+            if m._buffers.get(name) is not None:
+                m._buffers[name] = m._buffers[name].to(home)
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, device: Any = None) -> float:
@@ -63,8 +153,9 @@ def embedding_fidelity(dense: torch.Tensor, pruned: torch.Tensor) -> float:
     return float((dense * pruned).sum(1).mean())
 
 
-def accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
-    dev = next(model.parameters()).device
+def accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 256,
+             device: Any = None) -> float:
+    dev = device or next(model.parameters()).device
     correct = 0
     with torch.no_grad():
         for a in range(0, inputs.shape[0], batch_size):
@@ -136,8 +227,14 @@ def compare_latency(dense: nn.Module, pruned: nn.Module, input_ids: torch.Tensor
 def evaluate_model(model: nn.Module, tokenizer: Any = None, kind: str | None = None, source: str = "pydoc",
                    n_windows: int = 40, seq_len: int = 512, reference: torch.Tensor | None = None,
                    inputs: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                   speed: bool = False, device: Any = None) -> dict:
+                   speed: bool = False, device: Any = None, offload: bool | None = None) -> dict:
     """Quality (and optionally speed) of a model.
+
+    device: where to run it (default: where it is). The model moves there
+    whole and stays, unless it does not fit in the free memory of a CUDA
+    device (or offload=True): then it runs with its blocks offloaded
+    (`offloaded`), stays where it was, and its latency is not measured
+    (`speed_skipped` says so). offload=False always moves it whole.
 
     kind: "causal-lm" (perplexity on the evaluation half), "encoder" (cosine
     fidelity of embeddings to `reference`, the dense model's embeddings of the
@@ -156,30 +253,43 @@ def evaluate_model(model: nn.Module, tokenizer: Any = None, kind: str | None = N
         raise DataError(f"evaluating a {kind} model needs its tokenizer (models.load returns the pair): "
                         "evaluate_model(model, tokenizer)")
     result: dict[str, Any] = {"kind": kind, "parameters": count_parameters(model)}
+    placement: Any = contextlib.nullcontext()
+    dev = next(model.parameters()).device
     if device is not None:
         from .registry import resolve_device
 
-        model.to(resolve_device(device, ("cpu", "cuda"), what="evaluate_model"))
-    if kind == "causal-lm":
-        windows = data.windows(tokenizer, source, "evaluation", n_windows, seq_len)
-        result["perplexity"] = perplexity(model, windows)
-        result["eval_tokens"] = int(windows.numel())
-        if speed:
-            result["speed"] = latency(model, windows[:1, :seq_len], new_tokens=32)
-    elif kind == "encoder":
-        texts = held_out_paragraphs(source)
-        emb = sentence_embeddings(model, tokenizer, texts)
-        result["embeddings"] = emb
-        result["sentences"] = len(texts)
-        if reference is not None:
-            result["fidelity"] = embedding_fidelity(reference, emb)
-        if speed:
-            enc = tokenizer(texts[:32], padding="max_length", truncation=True, max_length=128, return_tensors="pt")
-            dev = next(model.parameters()).device
-            result["speed"] = {"prefill_seconds": _timed(lambda: model(**enc.to(dev)), dev, 2, 5), "batch": 32,
-                               "seq_len": 128}
-    else:
-        result["accuracy"] = accuracy(model, inputs, labels)
+        dev = torch.device(resolve_device(device, ("cpu", "cuda"), what="evaluate_model"))
+        if offload is None:
+            offload = not fits_on(model, dev)
+        if offload:
+            placement = offloaded(model, dev)
+        else:
+            model.to(dev)
+    result["offloaded"] = bool(offload) and device is not None
+    if speed and result["offloaded"]:
+        result["speed_skipped"] = f"the model does not fit on {dev} whole; latency is measured only when it does"
+        speed = False
+    with placement:
+        if kind == "causal-lm":
+            windows = data.windows(tokenizer, source, "evaluation", n_windows, seq_len)
+            result["perplexity"] = perplexity(model, windows, device=dev)
+            result["eval_tokens"] = int(windows.numel())
+            if speed:
+                result["speed"] = latency(model, windows[:1, :seq_len], new_tokens=32)
+        elif kind == "encoder":
+            texts = held_out_paragraphs(source)
+            emb = sentence_embeddings(model, tokenizer, texts, device=dev)
+            result["embeddings"] = emb
+            result["sentences"] = len(texts)
+            if reference is not None:
+                result["fidelity"] = embedding_fidelity(reference, emb)
+            if speed:
+                enc = tokenizer(texts[:32], padding="max_length", truncation=True, max_length=128,
+                                return_tensors="pt")
+                result["speed"] = {"prefill_seconds": _timed(lambda: model(**enc.to(dev)), dev, 2, 5), "batch": 32,
+                                   "seq_len": 128}
+        else:
+            result["accuracy"] = accuracy(model, inputs, labels, device=dev)
     return result
 
 
@@ -187,5 +297,5 @@ def relative_speedup(dense: dict, pruned: dict) -> float:
     return dense["prefill_seconds"] / pruned["prefill_seconds"]
 
 
-__all__ = ["perplexity", "sentence_embeddings", "embedding_fidelity", "accuracy", "latency", "evaluate_model",
+__all__ = ["offloaded", "fits_on", "model_bytes", "perplexity", "sentence_embeddings", "embedding_fidelity", "accuracy", "latency", "evaluate_model",
            "held_out_paragraphs", "relative_speedup"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -68,21 +69,33 @@ def prune_once(args: argparse.Namespace, sparsity: float, dense: dict | None = N
                    **_solver_params(args))
     pruned = measure(model, tok, kind, args, reference=dense.get("embeddings"), speed=False)
     if not args.no_speed:
-        speed_dense, speed_pruned = _speeds(args, model, tok, kind, seq_len)
-        dense = dict(dense, speed=speed_dense)
-        pruned["speed"] = speed_pruned
+        speeds = _speeds(args, model, tok, kind, seq_len)
+        if speeds is not None:
+            dense = dict(dense, speed=speeds[0])
+            pruned["speed"] = speeds[1]
+        else:
+            pruned["speed_skipped"] = f"the dense and pruned models do not fit on {args.device} together"
     return {"model": model, "tokenizer": tok, "kind": kind, "dense": dense, "pruned": pruned, "report": report,
             "sparsity": sparsity}
 
 
-def _speeds(args: argparse.Namespace, pruned_model, tok, kind: str, seq_len: int) -> tuple[dict, dict]:
-    """Dense and pruned latency measured in alternation (a fresh dense copy)."""
+def _speeds(args: argparse.Namespace, pruned_model, tok, kind: str, seq_len: int) -> tuple[dict, dict] | None:
+    """Dense and pruned latency measured in alternation (a fresh dense copy);
+    None, said on stderr, when the two do not fit on the device together."""
     import torch
+    from torch import nn
 
     from . import data, models
-    from .evaluation import compare_latency
+    from .evaluation import compare_latency, fits_on, model_bytes
 
-    dense_model, _ = models.load(args.model, dtype=torch.float32, device=args.device)
+    dense_model, _ = models.load(args.model, dtype=torch.float32)
+    if args.device is not None:
+        both = nn.ModuleList([dense_model, pruned_model])
+        if not fits_on(both, args.device):
+            print(f"speed not measured: the dense and pruned models ({model_bytes(both) / 2**30:.1f} GB) do not fit "
+                  f"on {args.device} together; pass --no-speed to skip this check", file=sys.stderr)
+            return None
+        both.to(args.device)
     if kind == "causal-lm":
         x = data.windows(tok, "pydoc" if args.calib == "pydoc" else args.calib, "evaluation", 1, seq_len)
         return compare_latency(dense_model, pruned_model, x, new_tokens=32)
@@ -101,6 +114,10 @@ def _summary(run: dict) -> dict:
         out.update({"ppl_dense": dense["perplexity"], "ppl_pruned": pruned["perplexity"]})
     if run["kind"] == "encoder":
         out["fidelity"] = pruned.get("fidelity")
+    if "speed_skipped" in pruned:
+        out["speed_skipped"] = pruned["speed_skipped"]
+    if pruned.get("offloaded"):
+        out["evaluated_offloaded"] = True
     if "speed" in dense and "speed" in pruned:
         out["prefill_speedup"] = dense["speed"]["prefill_seconds"] / pruned["speed"]["prefill_seconds"]
         if "generate_tokens_per_second" in pruned["speed"]:

@@ -143,6 +143,61 @@ def test_apply_on_cuda_keeps_the_cpu_groups_and_leaves_the_model_where_it_was(ar
     np.testing.assert_allclose(_out(on_gpu.cpu(), x).numpy(), _out(on_cpu, x).numpy(), atol=1e-4, rtol=1e-3)
 
 
+def _hook_counts(model):
+    return [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_offloaded_runs_the_same_model_and_leaves_no_hooks_behind(arch):
+    """`evaluation.offloaded` (a model larger than the GPU, one block there at a
+    time) computes what the model computes and removes its hooks on exit, also
+    after an error. Where the blocks go is checked on CUDA below."""
+    from osscar_opt.evaluation import offloaded
+
+    model = ARCHITECTURES[arch](layers=2).eval()
+    x = random_tokens(n=2, seq_len=24, seed=5)
+    before, hooks = _out(model, x), _hook_counts(model)
+    with offloaded(model, "cpu"):
+        assert _hook_counts(model) != hooks
+        during = _out(model, x)
+    assert torch.equal(during, before)
+    assert _hook_counts(model) == hooks
+    with pytest.raises(RuntimeError, match="stop here"):
+        with offloaded(model, "cpu"):
+            raise RuntimeError("stop here")
+    assert _hook_counts(model) == hooks
+    assert torch.equal(_out(model, x), before)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_offloaded_holds_one_block_on_the_gpu_at_a_time(arch):
+    """Inside `offloaded(model, "cuda")` every block is on the GPU during its
+    own forward and on the CPU during the others'; the outputs are the CPU's,
+    and everything is back on the CPU afterwards."""
+    from osscar_opt.evaluation import offloaded
+
+    model = ARCHITECTURES[arch](layers=3).eval()
+    x = random_tokens(n=2, seq_len=24, seed=5)
+    expected = _out(model, x)
+    adapter = adapter_for(model)
+    blocks = [adapter.block(i) for i in range(adapter.n_layers)]
+    seen = []
+
+    def probe(module, args):
+        seen.append([next(b.parameters()).device.type for b in blocks])
+
+    with offloaded(model, "cuda"):
+        handles = [b.register_forward_pre_hook(probe) for b in blocks]  # after offloaded's own: the block is there
+        got = _out(model, x.cuda()).cpu()
+        for h in handles:
+            h.remove()
+    assert seen == [["cuda" if j == i else "cpu" for j in range(len(blocks))] for i in range(len(blocks))]
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-4, rtol=1e-3)
+    assert {t.device.type for t in list(model.parameters()) + list(model.buffers())} == {"cpu"}
+
+
 def test_sequential_sees_the_pruned_upstream():
     """Layer 1's instance differs between sequential and dense activations."""
     tokens = random_tokens(n=8, seq_len=24)

@@ -153,3 +153,18 @@ def test_prune_sweep_writes_a_quality_versus_sparsity_table(tmp_path, capsys):
     assert [line.split(" | ")[0] for line in table] == ["| 0.10", "| 0.40"]
     assert f"{rows[1]['params_pruned']:,}" in table[1] and f"{rows[1]['fidelity']:.4f}" in table[1]
     assert not (out / "model").exists()
+
+
+def test_evaluate_model_offloaded_gives_the_same_perplexity_and_leaves_the_model(smollm2):
+    """evaluate_model(offload=True) runs the real model block by block (on the
+    CPU here; on CUDA in test_shaped) with the same perplexity, skips the
+    latency it cannot measure fairly, and leaves the model as it was."""
+    from osscar_opt.evaluation import evaluate_model
+
+    model, tok = smollm2
+    whole = evaluate_model(model, tok, n_windows=2, seq_len=128, device="cpu", offload=False)
+    blocks = evaluate_model(model, tok, n_windows=2, seq_len=128, device="cpu", offload=True, speed=True)
+    assert blocks["perplexity"] == whole["perplexity"] and math.isfinite(whole["perplexity"])
+    assert blocks["offloaded"] and not whole["offloaded"]
+    assert "speed" not in blocks and "does not fit on cpu whole" in blocks["speed_skipped"]
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())

@@ -85,6 +85,7 @@ def test_offload_prunes_with_the_gpu_capped_below_the_model_size(like, tmp_path)
     from transformers import LlamaForCausalLM
 
     from osscar_opt.apply import apply
+    from osscar_opt.evaluation import offloaded, perplexity
     from small_models import random_tokens
 
     make(like, tmp_path / "big", {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 64,
@@ -100,10 +101,17 @@ def test_offload_prunes_with_the_gpu_capped_below_the_model_size(like, tmp_path)
         torch.cuda.reset_peak_memory_stats()
         report = apply(model, random_tokens(n=8, seq_len=64), 0.5, device="cuda", progress=False)
         assert torch.cuda.max_memory_allocated() - held <= size / 2
+        # the pruned model evaluated under the same cap, its blocks offloaded
+        torch.cuda.reset_peak_memory_stats()
+        windows = random_tokens(n=4, seq_len=64)
+        with offloaded(model, "cuda"):
+            on_gpu = perplexity(model, windows, device="cuda")
+        assert torch.cuda.max_memory_allocated() - held <= size / 2
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
     assert report.params_after < report.params_before
     assert {p.device.type for p in model.parameters()} == {"cpu"}
+    assert on_gpu == pytest.approx(perplexity(model, windows), rel=1e-4)
 
 
 def test_latency_times_a_dense_and_a_pruned_folder_per_dtype_and_batch(like, tmp_path, capsys):

@@ -489,6 +489,10 @@ def test_saving_loading_and_evaluating_refuse_bad_paths_and_arguments(tmp_path):
         evaluate_model(model, None, kind="vision")
     with pytest.raises(DataError, match="inputs= and labels="):
         evaluate_model(SmallCNN(), kind="classifier")
+    cnn, images, labels = SmallCNN().eval(), torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    whole = evaluate_model(cnn, kind="classifier", inputs=images, labels=labels, device="cpu")
+    moved = evaluate_model(cnn, kind="classifier", inputs=images, labels=labels, device="cpu", offload=True)
+    assert moved["accuracy"] == whole["accuracy"] and moved["offloaded"]  # a CNN has no blocks: it moves whole
     with pytest.raises(SolverError, match="device 'gpu' is not supported by evaluate_model: use one of cpu, cuda"):
         evaluate_model(SmallCNN(), kind="classifier", inputs=torch.zeros(1, 1, 8, 8), labels=torch.zeros(1), device="gpu")
     short = tmp_path / "short.txt"

@@ -19,7 +19,10 @@ on the accelerator (apply's sequential mode):
     osscar-opt bench-shaped offload --model /tmp/shaped --cap-gb 1.0 --out results/offload.json
 
 It prints and writes the model's size, the cap, the peak allocated GPU
-memory and the seconds. `latency` times a dense and a pruned folder in
+memory and the seconds, then evaluates the pruned model's perplexity under
+the same cap with its blocks offloaded (`evaluation.offloaded`, what
+`prune --device cuda` does for a model larger than the GPU's free memory)
+and adds that pass's peak and seconds. `latency` times a dense and a pruned folder in
 alternation per dtype and batch size:
 
     osscar-opt bench-shaped latency --dense /tmp/shaped --pruned /tmp/shaped-pruned/model --out results/latency.json
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
@@ -129,6 +133,7 @@ def offload(model_dir: str | Path, cap_gb: float, sparsity: float = 0.5, nsample
 
     from .. import data, models
     from ..apply import apply
+    from ..evaluation import evaluate_model
     from ..registry import device_problem
 
     problem = device_problem(device, use_cpu="a machine with a CUDA GPU")
@@ -150,7 +155,16 @@ def offload(model_dir: str | Path, cap_gb: float, sparsity: float = 0.5, nsample
     report = apply(model, cal, sparsity, device=dev, progress=False)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(dev) / 2**30
+    # the pruned model's perplexity under the same cap, its blocks offloaded (random weights: only
+    # the memory and time mean something)
+    torch.cuda.reset_peak_memory_stats(dev)
+    start = time.perf_counter()
+    evaluated = evaluate_model(model, tok, n_windows=8, seq_len=seq_len, device=dev, offload=True)
+    eval_seconds = time.perf_counter() - start
+    eval_peak = torch.cuda.max_memory_allocated(dev) / 2**30
     return {"model": str(model_dir), "model_gb": round(size_gb, 3), "cap_gb": cap_gb, "peak_gpu_gb": round(peak, 3),
+            "eval_offloaded_peak_gpu_gb": round(eval_peak, 3), "eval_offloaded_seconds": round(eval_seconds, 2),
+            "eval_perplexity_finite": math.isfinite(evaluated["perplexity"]),
             "seconds": round(seconds, 2), "solve_seconds": round(report.solve_seconds, 2),
             "params_before": report.params_before, "params_after": report.params_after,
             "sparsity": sparsity, "calibration": f"pydoc {nsamples} x {seq_len}",
