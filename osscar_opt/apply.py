@@ -6,8 +6,9 @@ every layer and physically removes the pruned groups. Sequential by default
 the already-pruned upstream model; inside a block, attention is pruned before
 the FFN so the FFN sees the pruned attention. Blocks are moved to the device
 one at a time, so a model larger than the accelerator's memory works (with
-dense activations the whole model is on the device for its one pass); the
-model ends where it started.
+dense activations the whole model is on the device for its one pass when it
+fits, else its blocks take turns there, `placement.offloaded`); the model
+ends where it started.
 
 Targets: the published code refits each layer to its own dense output on
 those pruned inputs (targets="layer"), so the error left upstream is carried
@@ -26,6 +27,7 @@ Extraction and write-back use the same code as `osscar_opt.extract`:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,6 +43,7 @@ from .errors import OsscarError
 from .extract import (GramHooks, StateRecorder, _batches, as_calibration, as_structures, describe_calibration, keep_count,
                       run_model, site_instance, token_mask)
 from .instance import DAMPING, DEFAULT_TARGETS, TARGET_DAMPING, TARGETS, check_damping
+from .placement import fits_on, offloaded
 from .registry import solve
 
 # structures pruned first inside a block (attention precedes the FFN)
@@ -345,6 +348,7 @@ def apply(
     time_limit: float | None = None,
     targets: str | None = DEFAULT_TARGETS,
     target_damping: float | None = TARGET_DAMPING,
+    offload: bool | None = None,
     **solver_params: Any,
 ) -> PruneReport:
     """Prune `model` in place and return a report.
@@ -381,6 +385,11 @@ def apply(
         ridge lets it follow their noise when few heads are left (SmolLM2,
         4 of 9 heads kept at 50%: perplexity 80 with ridge 0.1, 27.6
         validated).
+    device: where the forward passes and the solver run (default: CPU). The
+        sequential mode holds one block there at a time.
+    offload: with dense activations (or a CNN), the whole model goes to
+        `device` (False), its blocks take turns there (True), or whole only
+        when it fits in the device's free memory (None, default).
     """
     from tqdm.auto import tqdm
 
@@ -461,11 +470,14 @@ def apply(
         # Dense activations (one pass), or sequential CNNs by one forward per site.
         todo = list(plan)
         home = next(model.parameters()).device  # where the model goes back when done, like the blocks below
+        whole = fits_on(model, dev) if offload is None else not offload  # else one block at a time there
         try:
             while todo:
                 batch_sites = todo if not sequential else todo[:1]
-                model.to(dev)
-                with GramHooks(model, [s.consumer for s, _ in batch_sites], device=dev) as hooks:
+                if whole:
+                    model.to(dev)
+                with (contextlib.nullcontext() if whole else offloaded(model, dev)), \
+                        GramHooks(model, [s.consumer for s, _ in batch_sites], device=dev) as hooks:
                     for batch in _batches(calibration, batch_size):
                         hooks.mask = token_mask(batch)
                         run_model(model, adapter, batch, dev, stop_after=None if isinstance(adapter, ConvAdapter)

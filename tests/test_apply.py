@@ -169,6 +169,23 @@ def test_offloaded_runs_the_same_model_and_leaves_no_hooks_behind(arch):
     assert torch.equal(_out(model, x), before)
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_dense_activations_with_offloaded_blocks_keep_the_same_groups(arch):
+    """apply(sequential=False, offload=True), the path a model larger than the
+    GPU takes with dense activations, prunes what the one whole-model pass
+    prunes and leaves no hooks behind."""
+    tokens = random_tokens(n=8, seq_len=24)
+    whole, blocks = ARCHITECTURES[arch](layers=2), ARCHITECTURES[arch](layers=2)
+    hooks = _hook_counts(blocks)
+    a = apply(whole, tokens, {"heads": 0.5, "neurons": 0.5}, sequential=False, offload=False, progress=False)
+    b = apply(blocks, tokens, {"heads": 0.5, "neurons": 0.5}, sequential=False, offload=True, progress=False)
+    assert [s.keep for s in b.sites] == [s.keep for s in a.sites]
+    assert [s.err for s in b.sites] == pytest.approx([s.err for s in a.sites], rel=1e-9, abs=1e-12)
+    assert _hook_counts(blocks) == hooks
+    x = random_tokens(n=2, seq_len=24, seed=5)
+    np.testing.assert_allclose(_out(blocks, x).numpy(), _out(whole, x).numpy(), atol=1e-6)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))

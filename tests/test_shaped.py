@@ -107,6 +107,13 @@ def test_offload_prunes_with_the_gpu_capped_below_the_model_size(like, tmp_path)
         with offloaded(model, "cuda"):
             on_gpu = perplexity(model, windows, device="cuda")
         assert torch.cuda.max_memory_allocated() - held <= size / 2
+        # dense activations: the model does not fit, so its blocks take turns on the GPU
+        dense_mode = LlamaForCausalLM.from_pretrained(tmp_path / "big")
+        torch.cuda.reset_peak_memory_stats()
+        dense_report = apply(dense_mode, random_tokens(n=8, seq_len=64), 0.5, sequential=False, device="cuda",
+                             progress=False)
+        assert torch.cuda.max_memory_allocated() - held <= size / 2
+        assert dense_report.params_after == report.params_after
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
     assert report.params_after < report.params_before
