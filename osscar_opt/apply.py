@@ -476,8 +476,10 @@ def apply(
                 batch_sites = todo if not sequential else todo[:1]
                 if whole:
                     model.to(dev)
+                # offloaded, every site's Gram matrix waits on the CPU (they would not fit beside the blocks)
                 with (contextlib.nullcontext() if whole else offloaded(model, dev)), \
-                        GramHooks(model, [s.consumer for s, _ in batch_sites], device=dev) as hooks:
+                        GramHooks(model, [s.consumer for s, _ in batch_sites], device=dev,
+                                  store=None if whole else "cpu") as hooks:
                     for batch in _batches(calibration, batch_size):
                         hooks.mask = token_mask(batch)
                         run_model(model, adapter, batch, dev, stop_after=None if isinstance(adapter, ConvAdapter)

@@ -81,9 +81,12 @@ class GramHooks(_Hooks):
     outlier_factor = 10.0
 
     def __init__(self, model: nn.Module, consumers: Iterable[str], device: Any = None,
-                 deltas: dict[str, tuple[tuple[str, str], list[torch.Tensor]]] | None = None):
+                 deltas: dict[str, tuple[tuple[str, str], list[torch.Tensor]]] | None = None, store: Any = None):
         self.model = model
         self.device = None if device is None else torch.device(device)
+        # where the plain sums are kept, when not where they are computed: many layers' Gram
+        # matrices at once on the CPU while their products run on the GPU
+        self.store = None if store is None else torch.device(store)
         self.sums: dict[str, torch.Tensor] = {}
         self.cross_sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
@@ -112,9 +115,13 @@ class GramHooks(_Hooks):
             rows = rows.to(dev, torch.float64)
             acc = self.sums.get(name)
             if acc is None:
-                acc = self.sums[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=dev)
+                acc = self.sums[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64,
+                                                    device=dev if keep_rows or self.store is None else self.store)
                 self.counts[name] = 0
-            acc.addmm_(rows.T, rows)
+            if acc.device == rows.device:
+                acc.addmm_(rows.T, rows)
+            else:
+                acc.add_((rows.T @ rows).to(acc.device))
             self.counts[name] += rows.shape[0]
             if keep_rows:
                 self._last[name] = rows

@@ -24,12 +24,19 @@ def model_bytes(model: nn.Module) -> int:
 
 def fits_on(model: nn.Module, device: Any, fraction: float = 0.8) -> bool:
     """Whether the model's tensors not yet on a CUDA `device` fit in `fraction`
-    of its free memory (the rest is left for activations); always True off CUDA."""
+    of the memory this process may still take there (the device's free memory
+    and torch's cached blocks, within a per-process memory fraction); the rest
+    is left for activations. Always True off CUDA."""
     dev = torch.device(device)
     if dev.type != "cuda":
         return True
-    free, _ = torch.cuda.mem_get_info(dev)
     there = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
+    free, total = torch.cuda.mem_get_info(there)
+    held = torch.cuda.memory_allocated(there)
+    free += torch.cuda.memory_reserved(there) - held  # cached by torch, free for new tensors
+    cap = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # set_per_process_memory_fraction
+    if cap is not None:
+        free = min(free, cap(there) * total - held)
     missing = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers())
                   if t.device != there)
     return missing <= fraction * free
