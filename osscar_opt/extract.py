@@ -13,6 +13,7 @@ every site becomes an `Instance` with
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -22,6 +23,7 @@ from torch import nn
 from .adapters import Adapter, Site, adapter_for, input_rows, weight_matrix
 from .data import Calibration, DataError
 from .instance import DAMPING, Instance, damped_gram
+from .placement import fits_on, offloaded
 
 
 def masked_rows(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -423,6 +425,7 @@ def extract(
     batch_size: int = 8,
     progress: bool = True,
     model_name: str | None = None,
+    offload: bool | None = None,
 ) -> list[Instance]:
     """Instances of every (layer, structure) site from dense-model activations.
 
@@ -430,7 +433,10 @@ def extract(
     CNN) batched along dim 0, or an iterable of ready batches. `keep` is the
     fraction (float) or number (int) of groups each instance keeps.
     `device`: where the forward passes run (the model is moved there and
-    back); None runs them where the model is.
+    back); None runs them where the model is. `offload`: the blocks take
+    turns on `device` and the Gram matrices wait on the CPU (True), the
+    whole model goes there (False), or whole only when it fits in the
+    device's free memory (None, default).
     """
     from tqdm.auto import tqdm
 
@@ -450,7 +456,8 @@ def extract(
     calibration = as_calibration(calibration)
     dev = None if device is None else torch.device(device)
     home = next((q.device for q in model.parameters()), None)  # where the model goes back when done
-    if dev is not None:
+    whole = dev is None or (fits_on(model, dev) if offload is None else not offload)
+    if dev is not None and whole:
         model.to(dev)
     try:
         model.eval()
@@ -460,7 +467,8 @@ def extract(
         if isinstance(calibration, (Calibration, torch.Tensor)):
             n = calibration.n_windows if isinstance(calibration, Calibration) else calibration.shape[0]
             n_batches = -(-n // batch_size)
-        with GramHooks(model, [s.consumer for s in sites], device=dev) as hooks:
+        with (contextlib.nullcontext() if whole else offloaded(model, dev)), \
+                GramHooks(model, [s.consumer for s in sites], device=dev, store=None if whole else "cpu") as hooks:
             for batch in tqdm(_batches(calibration, batch_size), total=n_batches, desc="calibration",
                               disable=not progress, leave=False):
                 hooks.mask = token_mask(batch)

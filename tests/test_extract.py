@@ -195,8 +195,24 @@ def test_extract_runs_where_the_model_is_and_leaves_it_there():
     reference = extract(tiny_llama(), tokens, structures=["neurons"], layers=[1], progress=False)[0]
     on_gpu = tiny_llama().to("cuda")
     moved = tiny_llama()
-    for model, device in ((on_gpu, None), (moved, "cuda")):
-        inst = extract(model, tokens, structures=["neurons"], layers=[1], device=device, progress=False)[0]
+    offloaded = tiny_llama()
+    for model, device, offload in ((on_gpu, None, None), (moved, "cuda", None), (offloaded, "cuda", True)):
+        inst = extract(model, tokens, structures=["neurons"], layers=[1], device=device, progress=False,
+                       offload=offload)[0]
         np.testing.assert_allclose(inst.H, reference.H, rtol=1e-4, atol=1e-6 * np.abs(reference.H).max())
     assert {p.device.type for p in on_gpu.parameters()} == {"cuda"}
     assert {p.device.type for p in moved.parameters()} == {"cpu"}
+    assert {p.device.type for p in offloaded.parameters()} == {"cpu"}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_extract_with_offloaded_blocks_gives_the_same_instances(arch):
+    """offload=True (blocks in turns on the device, Gram matrices on the CPU;
+    the path of a model larger than the GPU) extracts the same instances."""
+    tokens = random_tokens(n=4, seq_len=16)
+    whole = extract(ARCHITECTURES[arch](), tokens, device="cpu", offload=False, progress=False)
+    blocks = extract(ARCHITECTURES[arch](), tokens, device="cpu", offload=True, progress=False)
+    assert [i.meta["id"] for i in blocks] == [i.meta["id"] for i in whole]
+    for a, b in zip(whole, blocks):
+        np.testing.assert_array_equal(b.H, a.H)
+        np.testing.assert_array_equal(b.W, a.W)
