@@ -23,7 +23,7 @@ from torch import nn
 
 from . import data
 from .data import DataError
-from .placement import fits_on, model_bytes, offloaded
+from .placement import fits_on, offloaded
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, device: Any = None) -> float:
@@ -148,7 +148,7 @@ def evaluate_model(model: nn.Module, tokenizer: Any = None, kind: str | None = N
     device: where to run it (default: where it is). The model moves there
     whole and stays, unless it does not fit in the free memory of a CUDA
     device (or offload=True): then it runs with its blocks offloaded
-    (`offloaded`), stays where it was, and its latency is not measured
+    (`placement.offloaded`), stays where it was, and its latency is not measured
     (`speed_skipped` says so). offload=False always moves it whole.
 
     kind: "causal-lm" (perplexity on the evaluation half), "encoder" (cosine
@@ -182,7 +182,7 @@ def evaluate_model(model: nn.Module, tokenizer: Any = None, kind: str | None = N
             model.to(dev)
     result["offloaded"] = bool(offload) and device is not None
     if speed and result["offloaded"]:
-        result["speed_skipped"] = f"the model does not fit on {dev} whole; latency is measured only when it does"
+        result["speed_skipped"] = f"run block by block on {dev}: latency is measured only with the whole model there"
         speed = False
     with placement:
         if kind == "causal-lm":
@@ -212,5 +212,5 @@ def relative_speedup(dense: dict, pruned: dict) -> float:
     return dense["prefill_seconds"] / pruned["prefill_seconds"]
 
 
-__all__ = ["offloaded", "fits_on", "model_bytes", "perplexity", "sentence_embeddings", "embedding_fidelity", "accuracy", "latency", "evaluate_model",
+__all__ = ["perplexity", "sentence_embeddings", "embedding_fidelity", "accuracy", "latency", "evaluate_model",
            "held_out_paragraphs", "relative_speedup"]

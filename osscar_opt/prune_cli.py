@@ -86,7 +86,8 @@ def _speeds(args: argparse.Namespace, pruned_model, tok, kind: str, seq_len: int
     from torch import nn
 
     from . import data, models
-    from .evaluation import compare_latency, fits_on, model_bytes
+    from .evaluation import compare_latency
+    from .placement import fits_on, model_bytes
 
     dense_model, _ = models.load(args.model, dtype=torch.float32)
     if args.device is not None:

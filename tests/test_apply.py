@@ -152,7 +152,7 @@ def test_offloaded_runs_the_same_model_and_leaves_no_hooks_behind(arch):
     """`evaluation.offloaded` (a model larger than the GPU, one block there at a
     time) computes what the model computes and removes its hooks on exit, also
     after an error. Where the blocks go is checked on CUDA below."""
-    from osscar_opt.evaluation import offloaded
+    from osscar_opt.placement import offloaded
 
     model = ARCHITECTURES[arch](layers=2).eval()
     x = random_tokens(n=2, seq_len=24, seed=5)
@@ -193,7 +193,7 @@ def test_offloaded_holds_one_block_on_the_gpu_at_a_time(arch):
     """Inside `offloaded(model, "cuda")` every block is on the GPU during its
     own forward and on the CPU during the others'; the outputs are the CPU's,
     and everything is back on the CPU afterwards."""
-    from osscar_opt.evaluation import offloaded
+    from osscar_opt.placement import offloaded
 
     model = ARCHITECTURES[arch](layers=3).eval()
     x = random_tokens(n=2, seq_len=24, seed=5)

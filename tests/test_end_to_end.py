@@ -166,5 +166,5 @@ def test_evaluate_model_offloaded_gives_the_same_perplexity_and_leaves_the_model
     blocks = evaluate_model(model, tok, n_windows=2, seq_len=128, device="cpu", offload=True, speed=True)
     assert blocks["perplexity"] == whole["perplexity"] and math.isfinite(whole["perplexity"])
     assert blocks["offloaded"] and not whole["offloaded"]
-    assert "speed" not in blocks and "does not fit on cpu whole" in blocks["speed_skipped"]
+    assert "speed" not in blocks and "run block by block on cpu" in blocks["speed_skipped"]
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())

@@ -85,7 +85,8 @@ def test_offload_prunes_with_the_gpu_capped_below_the_model_size(like, tmp_path)
     from transformers import LlamaForCausalLM
 
     from osscar_opt.apply import apply
-    from osscar_opt.evaluation import offloaded, perplexity
+    from osscar_opt.evaluation import perplexity
+    from osscar_opt.placement import offloaded
     from small_models import random_tokens
 
     make(like, tmp_path / "big", {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 64,

@@ -20,7 +20,7 @@ on the accelerator (apply's sequential mode):
 
 It prints and writes the model's size, the cap, the peak allocated GPU
 memory and the seconds, then evaluates the pruned model's perplexity under
-the same cap with its blocks offloaded (`evaluation.offloaded`, what
+the same cap with its blocks offloaded (`placement.offloaded`, what
 `prune --device cuda` does for a model larger than the GPU's free memory)
 and adds that pass's peak and seconds. `latency` times a dense and a pruned folder in
 alternation per dtype and batch size:
