@@ -27,7 +27,6 @@ Extraction and write-back use the same code as `osscar_opt.extract`:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,7 +42,7 @@ from .errors import OsscarError
 from .extract import (GramHooks, StateRecorder, _batches, as_calibration, as_structures, describe_calibration, keep_count,
                       run_model, site_instance, token_mask)
 from .instance import DAMPING, DEFAULT_TARGETS, TARGET_DAMPING, TARGETS, check_damping
-from .placement import fits_on, offloaded
+from .placement import fits_on, placed
 from .registry import solve
 
 # structures pruned first inside a block (attention precedes the FFN)
@@ -474,12 +473,10 @@ def apply(
         try:
             while todo:
                 batch_sites = todo if not sequential else todo[:1]
-                if whole:
-                    model.to(dev)
+                _, where = placed(model, dev, offload=not whole)
                 # offloaded, every site's Gram matrix waits on the CPU (they would not fit beside the blocks)
-                with (contextlib.nullcontext() if whole else offloaded(model, dev)), \
-                        GramHooks(model, [s.consumer for s, _ in batch_sites], device=dev,
-                                  store=None if whole else "cpu") as hooks:
+                with where, GramHooks(model, [s.consumer for s, _ in batch_sites], device=dev,
+                                      store=None if whole else "cpu") as hooks:
                     for batch in _batches(calibration, batch_size):
                         hooks.mask = token_mask(batch)
                         run_model(model, adapter, batch, dev, stop_after=None if isinstance(adapter, ConvAdapter)

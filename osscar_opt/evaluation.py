@@ -23,7 +23,7 @@ from torch import nn
 
 from . import data
 from .data import DataError
-from .placement import fits_on, offloaded
+from .placement import placed
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, device: Any = None) -> float:
@@ -170,17 +170,13 @@ def evaluate_model(model: nn.Module, tokenizer: Any = None, kind: str | None = N
     result: dict[str, Any] = {"kind": kind, "parameters": count_parameters(model)}
     placement: Any = contextlib.nullcontext()
     dev = next(model.parameters()).device
+    whole = True
     if device is not None:
         from .registry import resolve_device
 
         dev = torch.device(resolve_device(device, ("cpu", "cuda"), what="evaluate_model"))
-        if offload is None:
-            offload = not fits_on(model, dev)
-        if offload:
-            placement = offloaded(model, dev)
-        else:
-            model.to(dev)
-    result["offloaded"] = bool(offload) and device is not None
+        whole, placement = placed(model, dev, offload)
+    result["offloaded"] = not whole
     if speed and result["offloaded"]:
         result["speed_skipped"] = f"run block by block on {dev}: latency is measured only with the whole model there"
         speed = False

@@ -23,7 +23,7 @@ from torch import nn
 from .adapters import Adapter, Site, adapter_for, input_rows, weight_matrix
 from .data import Calibration, DataError
 from .instance import DAMPING, Instance, damped_gram
-from .placement import fits_on, offloaded
+from .placement import placed
 
 
 def masked_rows(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -456,9 +456,7 @@ def extract(
     calibration = as_calibration(calibration)
     dev = None if device is None else torch.device(device)
     home = next((q.device for q in model.parameters()), None)  # where the model goes back when done
-    whole = dev is None or (fits_on(model, dev) if offload is None else not offload)
-    if dev is not None and whole:
-        model.to(dev)
+    whole, where = (True, contextlib.nullcontext()) if dev is None else placed(model, dev, offload)
     try:
         model.eval()
         name = model_name or getattr(getattr(model, "config", None), "osscar_name", None) or \
@@ -467,8 +465,8 @@ def extract(
         if isinstance(calibration, (Calibration, torch.Tensor)):
             n = calibration.n_windows if isinstance(calibration, Calibration) else calibration.shape[0]
             n_batches = -(-n // batch_size)
-        with (contextlib.nullcontext() if whole else offloaded(model, dev)), \
-                GramHooks(model, [s.consumer for s in sites], device=dev, store=None if whole else "cpu") as hooks:
+        with where, GramHooks(model, [s.consumer for s in sites], device=dev,
+                              store=None if whole else "cpu") as hooks:
             for batch in tqdm(_batches(calibration, batch_size), total=n_batches, desc="calibration",
                               disable=not progress, leave=False):
                 hooks.mask = token_mask(batch)

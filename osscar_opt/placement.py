@@ -3,8 +3,9 @@
 `offloaded(model, device)` runs a model on an accelerator holding one
 transformer block there at a time: the embeddings, rotary tables, final norm
 and head go to the device, each block moves there just before its forward
-and back just after. `apply` (dense activations) and `evaluate_model` use it
-when `fits_on` says the model does not fit in the device's free memory.
+and back just after. `placed` chooses between that and moving the model
+whole (`fits_on`); `evaluate_model`, `extract` and `apply` (dense
+activations) use it.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import torch
 from torch import nn
 
 
-def model_bytes(model: nn.Module) -> int:
-    """Bytes of the model's parameters and buffers (tied tensors counted once)."""
-    return sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+def model_bytes(model: nn.Module, unless_on: torch.device | None = None) -> int:
+    """Bytes of the model's parameters and buffers (tied tensors counted once),
+    leaving out those already on `unless_on`."""
+    return sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers())
+               if t.device != unless_on)
 
 
 def fits_on(model: nn.Module, device: Any, fraction: float = 0.8) -> bool:
@@ -37,9 +40,18 @@ def fits_on(model: nn.Module, device: Any, fraction: float = 0.8) -> bool:
     cap = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # set_per_process_memory_fraction
     if cap is not None:
         free = min(free, cap(there) * total - held)
-    missing = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers())
-                  if t.device != there)
-    return missing <= fraction * free
+    return model_bytes(model, unless_on=there) <= fraction * free
+
+
+def placed(model: nn.Module, device: Any, offload: bool | None = None) -> tuple[bool, Any]:
+    """(whole, context) for running `model` on `device`: whole (offload=False,
+    or None and it fits) moves it there now and the context does nothing;
+    otherwise the context runs it `offloaded`."""
+    whole = fits_on(model, device) if offload is None else not offload
+    if whole:
+        model.to(device)
+        return True, contextlib.nullcontext()
+    return False, offloaded(model, device)
 
 
 @contextlib.contextmanager
@@ -57,8 +69,7 @@ def offloaded(model: nn.Module, device: Any):
     dev = torch.device(device)
     adapter = adapter_for(model)
     if isinstance(adapter, ConvAdapter):
-        homes = {p: p.device for p in model.parameters()}
-        home = next(iter(homes.values()), dev)
+        home = next(model.parameters()).device
         model.to(dev)
         try:
             yield model
@@ -107,4 +118,4 @@ def offloaded(model: nn.Module, device: Any):
                 m._buffers[name] = m._buffers[name].to(home)
 
 
-__all__ = ["offloaded", "fits_on", "model_bytes"]
+__all__ = ["offloaded", "placed", "fits_on", "model_bytes"]
