@@ -167,6 +167,11 @@ class Adapter:
     def _site(self, structure: str, layer: int) -> Site:
         raise NotImplementedError
 
+    def dense_targets_unsupported(self) -> str | None:
+        """Why targets='dense' (a linear correction toward the dense residual
+        stream) cannot be fitted on this model, or None when it can."""
+        return None
+
     def residual_point(self, structure: str, layer: int) -> tuple[str, str]:
         """Where the hidden state that a site's consumer output is added to
         (the residual sum) can be read: (module path, "input") for the first
@@ -176,7 +181,8 @@ class Adapter:
 
 
 class LlamaAdapter(Adapter):
-    """Llama family (Llama, SmolLM2, Mistral, Qwen2, Qwen3, Gemma), grouped-query attention.
+    """Llama family (Llama, SmolLM2, Mistral, Qwen2, Qwen3, Gemma, Gemma2,
+    Gemma3 text), grouped-query attention.
 
     heads      query heads: head_dim input rows of o_proj each, partitioned by
                KV group so that every KV group keeps the same number
@@ -190,7 +196,7 @@ class LlamaAdapter(Adapter):
     """
 
     name = "llama"
-    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
     structures = ("heads", "query-heads", "kv-groups", "neurons")
     layer_paths = ("model.layers", "layers")
     body_paths = ("model",)
@@ -217,6 +223,13 @@ class LlamaAdapter(Adapter):
             return Site(layer, structure, f"{prefix}.self_attn.o_proj", n_heads, hd, None, extra)
         return Site(layer, structure, f"{prefix}.self_attn.o_proj", n_kv, hd * rep, None, extra)
 
+
+    def dense_targets_unsupported(self) -> str | None:
+        if hasattr(self.block(0), "post_feedforward_layernorm"):
+            return (f"{type(self.model).__name__} normalizes each attention and FFN output before adding it to "
+                    "the residual stream (Gemma2/3 sandwich norms), so the residual gap is not linear in the "
+                    "pruned layer's output")
+        return None
 
     def residual_point(self, structure: str, layer: int) -> tuple[str, str]:
         if structure == "neurons":
@@ -316,6 +329,9 @@ class ConvAdapter(Adapter):
     default_structures = ("channels",)
     _PASS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.Identity,
              nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Dropout2d)
+
+    def dense_targets_unsupported(self) -> str | None:
+        return "a CNN has no residual stream to correct toward"
 
     def __init__(self, model: nn.Module):
         self.model = model

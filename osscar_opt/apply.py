@@ -269,29 +269,55 @@ class _Stop(Exception):
 _CACHE_KWARGS = ("use_cache", "past_key_values", "past_key_value", "cache", "layer_past")
 
 
+def _layer_kinds(model: nn.Module, adapter: Adapter) -> list:
+    """Every block's kind: blocks of different kinds receive different keyword
+    inputs from the model (config.layer_types: sliding-window and full
+    attention layers take different masks, and Gemma3's also different
+    rotary tables). One kind (None) when the config names none."""
+    kinds = getattr(getattr(model, "config", None), "layer_types", None)
+    n = adapter.n_layers
+    if not isinstance(kinds, (list, tuple)) or len(kinds) < n:
+        return [None] * n
+    return list(kinds[:n])
+
+
 def _capture_block_inputs(model: nn.Module, adapter: Adapter, calibration: Any, batch_size: int,
                           device: Any) -> list[tuple[tuple, dict, Any]]:
-    """The (args, kwargs) that block 0 receives for every calibration batch,
-    with the batch's token mask."""
-    block = adapter.block(0)
+    """For every calibration batch: the positional inputs of block 0, the
+    keyword inputs of the first block of each layer kind ({kind: kwargs}),
+    and the batch's token mask. The forward stops at the last of those blocks."""
+    kinds = _layer_kinds(model, adapter)
+    firsts = {kind: kinds.index(kind) for kind in dict.fromkeys(kinds)}
+    last = max(firsts.values())
     captured: list[tuple[tuple, dict, Any]] = []
     mask = None
+    args0: tuple = ()
+    by_kind: dict = {}
 
-    def grab(module, args, kwargs):
-        captured.append((tuple(_to(a, "cpu") for a in args),
-                         {k: _to(v, "cpu") for k, v in kwargs.items() if k not in _CACHE_KWARGS}, mask))
-        raise _Stop
+    def grabber(kind, layer):
+        def grab(module, args, kwargs):
+            nonlocal args0
+            if layer == 0:
+                args0 = tuple(_to(a, "cpu") for a in args)
+            by_kind[kind] = {k: _to(v, "cpu") for k, v in kwargs.items() if k not in _CACHE_KWARGS}
+            if layer == last:
+                raise _Stop
+        return grab
 
-    handle = block.register_forward_pre_hook(grab, with_kwargs=True)
+    handles = [adapter.block(layer).register_forward_pre_hook(grabber(kind, layer), with_kwargs=True)
+               for kind, layer in firsts.items()]
     try:
         for batch in _batches(calibration, batch_size):
             mask = token_mask(batch)
+            by_kind = {}
             try:
                 run_model(model, adapter, batch, device)
             except _Stop:
                 pass
+            captured.append((args0, by_kind, mask))
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     if not captured:
         raise DataError("the calibration data produced no batches: give at least one window")
     return captured
@@ -319,16 +345,18 @@ def _to(x: Any, device: Any) -> Any:
 
 
 def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict, Any]], device: Any, keep_outputs: bool,
-               hooks: GramHooks | StateRecorder | None = None) -> list:
+               kind: Any = None, hooks: GramHooks | StateRecorder | None = None) -> list:
+    """Run one block (of layer kind `kind`) on captured inputs; with
+    keep_outputs, its outputs as the next block's inputs."""
     outs = []
     with torch.no_grad():
-        for args, kwargs, mask in inputs:
+        for args, by_kind, mask in inputs:
             if hooks is not None:
                 hooks.mask = mask
-            out = block(*_to(args, device), **_to(kwargs, device))
+            out = block(*_to(args, device), **_to(by_kind[kind], device))
             if keep_outputs:
                 hidden = out[0] if isinstance(out, (tuple, list)) else out
-                outs.append(((hidden.to("cpu"),) + tuple(args[1:]), kwargs, mask))
+                outs.append(((hidden.to("cpu"),) + tuple(args[1:]), by_kind, mask))
     return outs
 
 
@@ -372,8 +400,10 @@ def apply(
         dense output X W_hat; "dense" the dense model's residual stream where
         the site's output is added to it, so every site also corrects the
         error the sites pruned before it left there (a dense copy of the
-        current block runs alongside; transformers only). None (default):
-        "dense" for sequential pruning of a transformer, else "layer".
+        current block runs alongside; transformers whose sites add their
+        output to the residual stream unnormalized, so not Gemma2/3). None
+        (default): "dense" for sequential pruning where it can be fitted,
+        else "layer".
         SmolLM2 at 30 / 50 / 60%: perplexity 17.7 / 20.6 / 40.2 with dense
         targets, 19.9 / 25.2 / 51.2 with layer targets.
     target_damping: the ridge of the dense-target correction (fraction of
@@ -401,11 +431,14 @@ def apply(
     if targets is not None and targets not in TARGETS:
         raise PruneError(f"targets must be one of {', '.join(repr(t) for t in TARGETS)} or None, got {targets!r}")
     adapter = adapter_for(model)
-    if targets == "dense" and (not sequential or isinstance(adapter, ConvAdapter)):
-        raise PruneError("targets='dense' needs sequential=True on a transformer (with dense activations every "
-                         "site fits the dense model already): use targets='layer'")
+    unsupported = adapter.dense_targets_unsupported()
+    if targets == "dense" and not sequential:
+        raise PruneError("targets='dense' needs sequential=True (with dense activations every site fits the "
+                         "dense model already): use targets='layer'")
+    if targets == "dense" and unsupported:
+        raise PruneError(f"targets='dense' cannot be used here: {unsupported}; use targets='layer'")
     if targets is None:
-        targets = "dense" if sequential and not isinstance(adapter, ConvAdapter) else "layer"
+        targets = "dense" if sequential and not unsupported else "layer"
     structures = as_structures(structures)
     if structures is None:
         structures = adapter.default_structures
@@ -498,6 +531,7 @@ def apply(
         for site, frac in plan:
             by_layer.setdefault(site.layer, []).append((site, frac))
         last = max(by_layer) if by_layer else -1
+        kinds = _layer_kinds(model, adapter)
         block = home = None
         try:
             for layer in range(last + 1):
@@ -514,7 +548,7 @@ def apply(
                     prefix = adapter.block_name(layer)
                     local = {c: (_within(prefix, path), kind) for c, (path, kind) in points.items()}
                     with StateRecorder(dense_block, local) as rec:
-                        dense_inputs = _run_block(dense_block, dense_inputs, dev, keep_outputs=layer < last, hooks=rec)
+                        dense_inputs = _run_block(dense_block, dense_inputs, dev, layer < last, kinds[layer], rec)
                     recorded = rec.rows
                     del dense_block
                 for site, frac in sites:
@@ -522,13 +556,13 @@ def apply(
                     deltas = {site.consumer: (points[site.consumer], recorded[site.consumer])} if recorded else None
                     site = adapter.site(site.structure, layer)
                     with GramHooks(model, [site.consumer], device=dev, deltas=deltas) as hooks:
-                        _run_block(block, inputs, dev, keep_outputs=False, hooks=hooks)
+                        _run_block(block, inputs, dev, False, kinds[layer], hooks)
                         gram, samples = hooks.gram(site.consumer), hooks.samples(site.consumer)
                         correction, fit = hooks.correction(site.consumer, target_damping) if deltas else (None, None)
                     prune_site(site, frac, gram, samples, correction, fit)
                     bar.update()
                 if layer < last:
-                    inputs = _run_block(block, inputs, dev, keep_outputs=True)
+                    inputs = _run_block(block, inputs, dev, True, kinds[layer])
                 block.to(home)
                 block = None
         finally:  # after an error, the block being pruned goes back where it was

@@ -310,7 +310,7 @@ def _attention_plan(model: nn.Module, attn_path: str, q_heads: np.ndarray, kv_he
 
 
 class LlamaSurgeon(Surgeon):
-    """Llama/Mistral/Qwen2/Qwen3/Gemma: heads (q_proj rows, GQA-balanced), kv-groups
+    """Llama/Mistral/Qwen2/Qwen3/Gemma/Gemma2/Gemma3: heads (q_proj rows, GQA-balanced), kv-groups
     (q rows of the group's query heads + k/v rows of its kv head), neurons
     (gate_proj/up_proj rows, down_proj columns)."""
 

@@ -69,11 +69,12 @@ def test_apply_removes_groups_physically_and_matches_the_refit_dense_model(arch,
     np.testing.assert_allclose(_out(again, x).numpy(), _out(model, x).numpy(), atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "mistral", "qwen3", "gemma"])
+@pytest.mark.parametrize("kind", ["qwen2", "mistral", "qwen3", "gemma", "gemma2", "gemma3"])
 def test_llama_family_members_prune_reload_and_match_the_refit_dense_model(kind, tmp_path):
     """The llama adapter's other model types, each structure: physically
     smaller (biases too), the outputs of the refit dense model, the same
-    outputs after save and reload with per-layer sizes."""
+    outputs after save and reload with per-layer sizes. Gemma2/3 (sandwich
+    norms) are refit to layer targets by default and refuse dense ones."""
     from small_models import tiny_llama_like
 
     x = random_tokens(n=2, seq_len=24, seed=5)
@@ -83,6 +84,7 @@ def test_llama_family_members_prune_reload_and_match_the_refit_dense_model(kind,
         model = copy.deepcopy(dense)
         report = apply(model, random_tokens(n=8, seq_len=24), sparsity, progress=False)
         assert report.params_after < report.params_before
+        assert report.targets == ("layer" if kind in ("gemma2", "gemma3") else "dense")
         attn = model.model.layers[0].self_attn
         for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
             assert proj.bias is None or proj.bias.shape == (proj.out_features,)
@@ -95,6 +97,36 @@ def test_llama_family_members_prune_reload_and_match_the_refit_dense_model(kind,
         again = load_pruned(saved)
         assert type(again) is type(model)
         np.testing.assert_allclose(_out(again, x).numpy(), _out(model, x).numpy(), atol=1e-6)
+    if kind in ("gemma2", "gemma3"):
+        model = tiny_llama_like(kind)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(PruneError, match="sandwich norms.*use targets='layer'"):
+            apply(model, random_tokens(n=8, seq_len=24), 0.5, targets="dense", progress=False)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "gemma2", "gemma3"])
+def test_captured_block_inputs_replay_the_model_block_by_block(kind):
+    """The sequential driver re-runs each block on captured inputs: with each
+    layer kind's own keyword inputs (Gemma2/3 alternate sliding-window and
+    full attention, with different masks and, in Gemma3, rotary tables),
+    block after block reproduces the model's own hidden states."""
+    from small_models import tiny_llama_like
+
+    from osscar_opt.apply import _capture_block_inputs, _layer_kinds, _run_block
+
+    model = tiny_llama(layers=3) if kind == "llama" else tiny_llama_like(kind, layers=3)
+    adapter = adapter_for(model)
+    x = random_tokens(n=4, seq_len=24)
+    inputs = _capture_block_inputs(model, adapter, x, 2, None)
+    kinds = _layer_kinds(model, adapter)
+    assert len(set(kinds)) == (2 if kind.startswith("gemma") else 1)
+    with torch.no_grad():
+        hidden = model(x, output_hidden_states=True).hidden_states
+    for layer in range(adapter.n_layers - 1):
+        inputs = _run_block(adapter.block(layer), inputs, "cpu", True, kinds[layer])
+        replay = torch.cat([args[0] for args, _, _ in inputs])
+        torch.testing.assert_close(replay, hidden[layer + 1], atol=1e-5, rtol=1e-5)
 
 
 def test_apply_query_heads_keeps_the_exact_head_count_of_a_gqa_model(tmp_path):
