@@ -205,6 +205,9 @@ class LlamaAdapter(Adapter):
         attn = self.block(layer).self_attn
         return int(attn.head_dim)
 
+    def kv_heads(self, layer: int) -> int:
+        return int(self.block(layer).self_attn.k_proj.out_features) // self.head_dim(layer)
+
     def _site(self, structure: str, layer: int) -> Site:
         prefix = self.block_name(layer)
         if structure == "neurons":
@@ -213,7 +216,7 @@ class LlamaAdapter(Adapter):
         attn = self.block(layer).self_attn
         hd = self.head_dim(layer)
         n_heads = attn.o_proj.in_features // hd
-        n_kv = attn.k_proj.out_features // hd
+        n_kv = self.kv_heads(layer)
         rep = n_heads // n_kv
         extra = {"head_dim": hd, "heads": n_heads, "kv_heads": n_kv}
         if structure == "heads":
@@ -235,6 +238,17 @@ class LlamaAdapter(Adapter):
         if structure == "neurons":
             return self.block_name(layer), "output"
         return f"{self.block_name(layer)}.post_attention_layernorm", "input"
+
+
+class Phi3Adapter(LlamaAdapter):
+    """Phi-3 (Phi-3/3.5, Phi-4-mini): the Llama structures on fused projections,
+    q/k/v rows of qkv_proj and gate/up rows of gate_up_proj."""
+
+    name = "phi3"
+    model_types = ("phi3",)
+
+    def kv_heads(self, layer: int) -> int:
+        return int(self.block(layer).self_attn.num_key_value_heads)
 
 
 class BertAdapter(Adapter):
@@ -413,7 +427,7 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
     return cls
 
 
-for _cls in (LlamaAdapter, BertAdapter, OPTAdapter, GPT2Adapter, ConvAdapter):
+for _cls in (LlamaAdapter, Phi3Adapter, BertAdapter, OPTAdapter, GPT2Adapter, ConvAdapter):
     register_adapter(_cls)
 
 

@@ -17,7 +17,11 @@ W, d x m, zero outside the kept rows), `remove_groups` shrinks the model:
   so that KV head j appears c_j / g times (g = gcd of the c_j) and every
   copy serves g consecutive query heads: a valid GQA layer with
   num_key_value_heads = sum c_j / g, which may exceed the original count
-  (`load_pruned` grows those layers to match).
+  (`load_pruned` grows those layers to match);
+- Phi-3's fused projections lose the matching rows of each part (qkv_proj:
+  query, key and value heads; gate_up_proj: gate and up neurons), and its
+  attention, which reads the head count from the config, gets a
+  `LayerConfig` with the layer's own count.
 
 The pruned model computes exactly what the dense model computes with the
 removed groups' consumer input rows zeroed (and with the consumer weight
@@ -230,7 +234,7 @@ class Plan:
     consumer: str
     rows: np.ndarray  # kept rows of the consumer's weight matrix (refit weights)
     ops: list[_Op] = field(default_factory=list)
-    attrs: list[tuple[str, str, int]] = field(default_factory=list)  # (module path, attribute, value)
+    attrs: list[tuple[str, str, Any]] = field(default_factory=list)  # (module path, attribute, value)
 
 
 def _rows(groups: np.ndarray, size: int) -> np.ndarray:
@@ -389,6 +393,102 @@ class LlamaSurgeon(Surgeon):
             _remove(model, adapter, adapter.site("neurons", layer), np.arange(sizes["neurons"]), None)
 
 
+class LayerConfig:
+    """One layer's view of a shared model config: `overrides` (e.g. this
+    layer's num_attention_heads), everything else read from `base` as it is
+    now. Given to attention modules whose forward reads the head count from
+    the config (Phi-3 splits its fused qkv_proj at config.num_attention_heads
+    x head_dim), so that layers may keep different numbers of heads."""
+
+    def __init__(self, base: Any, **overrides: Any):
+        object.__setattr__(self, "_base", base.base if isinstance(base, LayerConfig) else base)
+        previous = base.overrides if isinstance(base, LayerConfig) else {}
+        object.__setattr__(self, "overrides", {**previous, **overrides})
+
+    @property
+    def base(self) -> Any:
+        return self._base
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("_base", "overrides"):  # copy/pickle probe before __init__
+            raise AttributeError(name)
+        overrides = self.__dict__["overrides"]
+        return overrides[name] if name in overrides else getattr(self.__dict__["_base"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"a LayerConfig is read-only (set {name} on the model's config)")
+
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+class Phi3Surgeon(LlamaSurgeon):
+    """Phi-3: the Llama structures on fused projections (qkv_proj rows: the
+    query heads, then the KV heads' k rows, then their v rows; gate_up_proj
+    rows: the gate half, then the up half). The attention module gets a
+    `LayerConfig` with its own num_attention_heads."""
+
+    name = "phi3"
+
+    @staticmethod
+    def _attention(model, attn_path, q_heads, kv_heads, hd):
+        attn = model.get_submodule(attn_path)
+        n_heads = attn.o_proj.in_features // hd
+        n_kv = int(attn.num_key_value_heads)
+        q_rows = _rows(q_heads, hd)
+        kv_rows = _rows(kv_heads, hd)
+        fused = np.concatenate([q_rows, n_heads * hd + kv_rows, (n_heads + n_kv) * hd + kv_rows])
+        plan = Plan(f"{attn_path}.o_proj", q_rows, [_Op(f"{attn_path}.qkv_proj", "outputs", fused),
+                                                    _Op(f"{attn_path}.o_proj", "inputs", q_rows)])
+        plan.attrs += [(attn_path, "num_key_value_groups", len(q_heads) // len(kv_heads)),
+                       (attn_path, "num_key_value_heads", len(kv_heads)),
+                       (attn_path, "config", LayerConfig(attn.config, num_attention_heads=len(q_heads)))]
+        return plan
+
+    def plan(self, model, adapter, site, keep):
+        prefix = adapter.block_name(site.layer)
+        if site.structure == "neurons":
+            mlp = model.get_submodule(f"{prefix}.mlp")
+            half = mlp.gate_up_proj.out_features // 2
+            return Plan(site.consumer, keep, [_Op(f"{prefix}.mlp.gate_up_proj", "outputs",
+                                                  np.concatenate([keep, half + keep])),
+                                              _Op(site.consumer, "inputs", keep)])
+        attn_path = f"{prefix}.self_attn"
+        attn = model.get_submodule(attn_path)
+        hd = int(attn.head_dim)
+        n_heads = attn.o_proj.in_features // hd
+        n_kv = int(attn.num_key_value_heads)
+        rep = n_heads // n_kv
+        if site.structure == "heads":
+            return self._attention(model, attn_path, keep, np.arange(n_kv), hd)
+        if site.structure == "query-heads":
+            return self._attention(model, attn_path, keep, kv_copies(keep, rep), hd)
+        return self._attention(model, attn_path, (keep[:, None] * rep + np.arange(rep)).ravel(), keep, hd)
+
+    def layer_sizes(self, model, adapter, layer):
+        block = adapter.block(layer)
+        hd = int(block.self_attn.head_dim)
+        return {"heads": block.self_attn.o_proj.in_features // hd,
+                "kv_heads": int(block.self_attn.num_key_value_heads),
+                "neurons": block.mlp.down_proj.in_features}
+
+    def uniform_fields(self, model, adapter, sizes, uniform):
+        # Phi3Config derives head_dim from hidden_size / num_attention_heads: only the FFN size is expressible
+        return [{"intermediate_size": sizes["neurons"]}] if "neurons" in uniform else []
+
+    def shrink_to(self, model, adapter, layer, sizes):
+        cur = self.layer_sizes(model, adapter, layer)
+        if sizes["kv_heads"] > cur["kv_heads"]:  # duplicated KV heads: only the shapes matter here
+            attn_path = f"{adapter.block_name(layer)}.self_attn"
+            hd = int(model.get_submodule(attn_path).head_dim)
+            _execute(model, self._attention(model, attn_path, np.arange(sizes["heads"]) % cur["heads"],
+                                            np.arange(sizes["kv_heads"]) % cur["kv_heads"], hd), None)
+        super().shrink_to(model, adapter, layer, sizes)
+
+
 class BertSurgeon(Surgeon):
     """BERT/RoBERTa: heads (query/key/value rows, attention.output.dense
     columns), neurons (intermediate.dense rows, output.dense columns)."""
@@ -518,7 +618,7 @@ def register_surgeon(surgeon: Surgeon) -> Surgeon:
     return surgeon
 
 
-for _s in (LlamaSurgeon(), BertSurgeon(), OPTSurgeon(), GPT2Surgeon(), ConvSurgeon()):
+for _s in (LlamaSurgeon(), Phi3Surgeon(), BertSurgeon(), OPTSurgeon(), GPT2Surgeon(), ConvSurgeon()):
     register_surgeon(_s)
 
 

@@ -69,7 +69,7 @@ def test_apply_removes_groups_physically_and_matches_the_refit_dense_model(arch,
     np.testing.assert_allclose(_out(again, x).numpy(), _out(model, x).numpy(), atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "mistral", "qwen3", "gemma", "gemma2", "gemma3"])
+@pytest.mark.parametrize("kind", ["qwen2", "mistral", "qwen3", "gemma", "gemma2", "gemma3", "phi3"])
 def test_llama_family_members_prune_reload_and_match_the_refit_dense_model(kind, tmp_path):
     """The llama adapter's other model types, each structure: physically
     smaller (biases too), the outputs of the refit dense model, the same
@@ -86,10 +86,17 @@ def test_llama_family_members_prune_reload_and_match_the_refit_dense_model(kind,
         assert report.params_after < report.params_before
         assert report.targets == ("layer" if kind in ("gemma2", "gemma3") else "dense")
         attn = model.model.layers[0].self_attn
-        for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
-            assert proj.bias is None or proj.bias.shape == (proj.out_features,)
-        assert (attn.q_proj.bias is not None) == (kind == "qwen2")
-        assert attn.o_proj.in_features == attn.q_proj.out_features < 4 * 16
+        if kind == "phi3":  # fused: qkv rows of the kept query heads and KV heads, gate and up halves alike
+            hd = attn.head_dim
+            assert attn.qkv_proj.out_features == attn.o_proj.in_features + 2 * attn.num_key_value_heads * hd
+            assert attn.config.num_attention_heads * hd == attn.o_proj.in_features < 4 * 16
+            for block in model.model.layers:
+                assert block.mlp.gate_up_proj.out_features == 2 * block.mlp.down_proj.in_features
+        else:
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                assert proj.bias is None or proj.bias.shape == (proj.out_features,)
+            assert (attn.q_proj.bias is not None) == (kind == "qwen2")
+            assert attn.o_proj.in_features == attn.q_proj.out_features < 4 * 16
         reference = _refit_reference(dense, model, report)
         np.testing.assert_allclose(_out(model, x).numpy(), _out(reference, x).numpy(), atol=2e-5, rtol=1e-4)
         assert not np.allclose(_out(model, x).numpy(), _out(dense, x).numpy(), atol=1e-3)

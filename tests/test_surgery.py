@@ -505,3 +505,27 @@ def test_saving_loading_and_evaluating_refuse_bad_paths_and_arguments(tmp_path):
 
     with pytest.raises(DataError, match="calibration half of .*short.txt' has no paragraph"):  # encoder calibration
         data.paragraph_texts(str(short), "calibration")
+
+
+def test_layer_config_overrides_one_field_and_follows_the_model_config():
+    """Phi-3 attention reads its head count from the config: a pruned layer
+    gets a LayerConfig with its own count; everything else (e.g. a later
+    change of attention implementation) still comes from the model's config,
+    also after deepcopy and pickling, and it cannot be written by mistake."""
+    import pickle
+
+    from small_models import tiny_llama_like
+
+    from osscar_opt.surgery import LayerConfig
+
+    model = tiny_llama_like("phi3")
+    layer = LayerConfig(model.config, num_attention_heads=2)
+    again = LayerConfig(layer, num_key_value_heads=1)  # stacking keeps one base and merges the overrides
+    assert again.base is model.config and again.overrides == {"num_attention_heads": 2, "num_key_value_heads": 1}
+    assert layer.num_attention_heads == 2 and model.config.num_attention_heads == 4
+    model.config.rms_norm_eps = 1e-3
+    assert layer.rms_norm_eps == 1e-3 and layer.hidden_size == model.config.hidden_size
+    with pytest.raises(AttributeError, match="read-only"):
+        layer.num_attention_heads = 3
+    for copied in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert copied.num_attention_heads == 2 and copied.hidden_size == model.config.hidden_size
