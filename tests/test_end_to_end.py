@@ -168,3 +168,38 @@ def test_evaluate_model_offloaded_gives_the_same_perplexity_and_leaves_the_model
     assert blocks["offloaded"] and not whole["offloaded"]
     assert "speed" not in blocks and "run block by block on cpu" in blocks["speed_skipped"]
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "phi3"])
+def test_prune_command_takes_a_local_model_folder(kind, tmp_path, capsys):
+    """`osscar-opt prune --model FOLDER` on a Hugging Face folder of a family
+    added beside SmolLM2's (a small Gemma2 / Phi-3 built in-process, saved with
+    MiniLM's tokenizer): finite perplexities, a smaller model that reloads,
+    Gemma2 refit to layer targets (its sandwich norms), Phi-3 to dense ones."""
+    import json
+
+    from small_models import tiny_llama_like
+
+    from osscar_opt.cli import main
+    from osscar_opt.surgery import load_pruned
+
+    _, tok = models.load("minilm-l6")
+    folder, out = tmp_path / kind, tmp_path / "pruned"
+    dense = tiny_llama_like(kind, vocab=len(tok))
+    dense.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    assert main(["prune", "--model", str(folder), "--sparsity", "0.5", "--nsamples", "4", "--seq-len", "64",
+                 "--eval-windows", "4", "--no-speed", "--out", str(out)]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["last_report"]["targets"] == ("layer" if kind == "gemma2" else "dense")
+    row = report["summary"][0]
+    assert row["params_pruned"] < row["params_dense"]
+    assert math.isfinite(row["ppl_pruned"]) and math.isfinite(row["ppl_dense"])
+    model = load_pruned(out / "model")
+    assert type(model) is type(dense)
+    assert model.model.layers[0].self_attn.o_proj.in_features == 2 * 16  # 1 of 2 query heads per KV group
+    assert model.model.layers[1].mlp.down_proj.in_features == 48
+    x = tok(["pruning keeps the model small"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.isfinite(model(x).logits).all()
