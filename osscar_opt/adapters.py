@@ -1,8 +1,8 @@
 """Architecture adapters: where the prunable groups of a model live.
 
 A *site* is one structure of one layer: the module whose input rows are
-pruned (the consumer: o_proj / out_proj / c_proj for heads, down_proj / fc2 /
-output.dense for neurons, a Conv2d for input channels), how its rows form
+pruned (the consumer: o_proj / out_proj / c_proj / dense for heads, down_proj / fc2 /
+output.dense / dense_4h_to_h for neurons, a Conv2d for input channels), how its rows form
 groups, and which modules produce those rows (removed together with them).
 
 One small adapter class per architecture family, kept in a dict keyed by name
@@ -330,6 +330,35 @@ class GPT2Adapter(Adapter):
         return (prefix, "output") if structure == "neurons" else (f"{prefix}.ln_2", "input")
 
 
+class GPTNeoXAdapter(Adapter):
+    """GPT-NeoX (Pythia): heads of attention.dense (3 x head_size rows of the
+    fused query_key_value each, q/k/v interleaved per head), neurons of
+    mlp.dense_4h_to_h; parallel residual (the default) or sequential."""
+
+    name = "gpt_neox"
+    model_types = ("gpt_neox",)
+    structures = ("heads", "neurons")
+    layer_paths = ("gpt_neox.layers", "layers")
+    body_paths = ("gpt_neox",)
+
+    def _site(self, structure: str, layer: int) -> Site:
+        prefix = self.block_name(layer)
+        if structure == "neurons":
+            up = _get(self.model, f"{prefix}.mlp.dense_h_to_4h")
+            return Site(layer, structure, f"{prefix}.mlp.dense_4h_to_h", up.out_features, 1)
+        attn = _get(self.model, f"{prefix}.attention")
+        hd = int(attn.head_size)
+        return Site(layer, structure, f"{prefix}.attention.dense", attn.dense.in_features // hd, hd, None,
+                    {"head_dim": hd})
+
+    def residual_point(self, structure: str, layer: int) -> tuple[str, str]:
+        prefix = self.block_name(layer)
+        if structure == "neurons" or self.block(layer).use_parallel_residual:
+            # parallel: x + attn(ln1(x)) + mlp(ln2(x)), both outputs join the residual at the block output
+            return prefix, "output"
+        return f"{prefix}.post_attention_layernorm", "input"
+
+
 class ConvAdapter(Adapter):
     """Plain CNNs: input channels of a Conv2d (kh*kw rows each) whose producer
     is another Conv2d reached only through BatchNorm2d and element-wise or
@@ -427,7 +456,7 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
     return cls
 
 
-for _cls in (LlamaAdapter, Phi3Adapter, BertAdapter, OPTAdapter, GPT2Adapter, ConvAdapter):
+for _cls in (LlamaAdapter, Phi3Adapter, BertAdapter, OPTAdapter, GPT2Adapter, GPTNeoXAdapter, ConvAdapter):
     register_adapter(_cls)
 
 

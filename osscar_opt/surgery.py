@@ -43,11 +43,11 @@ Config: after surgery `config.osscar_layer_sizes` lists every layer's sizes
 (heads, kv_heads, neurons). Sizes that are the same in every layer and that
 the standard config can express are also written to the standard fields
 (`num_attention_heads`/`num_key_value_heads`/`head_dim`/`intermediate_size`
-for Llama, `intermediate_size` for BERT, `ffn_dim` for OPT, `n_inner` for
-GPT-2) unless the config class's own validation rejects them (LlamaConfig
+for Llama, `intermediate_size` for Phi-3, BERT and GPT-NeoX, `ffn_dim` for
+OPT, `n_inner` for GPT-2) unless the config class's own validation rejects them (LlamaConfig
 wants hidden_size % num_attention_heads == 0); then `save_pretrained` +
-`from_pretrained` reloads the model. BERT,
-OPT and GPT-2 derive the head size from hidden_size / num_attention_heads, so
+`from_pretrained` reloads the model. Phi-3, BERT,
+OPT, GPT-2 and GPT-NeoX derive the head size from hidden_size / num_attention_heads, so
 a head-pruned model of those families (and any model whose layers differ)
 cannot be described by the standard fields: they keep sizes at least as large
 as every layer, `config.osscar_note` says so, and plain `from_pretrained`
@@ -591,6 +591,39 @@ class GPT2Surgeon(Surgeon):
         return [{"n_inner": sizes["neurons"]}] if "neurons" in uniform else []
 
 
+class GPTNeoXSurgeon(Surgeon):
+    """GPT-NeoX: heads (their 3 x head_size rows of query_key_value, q/k/v
+    interleaved per head; attention.dense columns), neurons (dense_h_to_4h
+    rows, dense_4h_to_h columns). The forward reads the head count from the
+    shapes, so no attribute changes."""
+
+    name = "gpt_neox"
+    shrink_keys = (("heads", "heads"), ("neurons", "neurons"))
+
+    def plan(self, model, adapter, site, keep):
+        prefix = adapter.block_name(site.layer)
+        if site.structure == "neurons":
+            return Plan(site.consumer, keep, [_Op(f"{prefix}.mlp.dense_h_to_4h", "outputs", keep),
+                                              _Op(site.consumer, "inputs", keep)])
+        attn_path = f"{prefix}.attention"
+        hd = int(model.get_submodule(attn_path).head_size)
+        rows = _rows(keep, hd)
+        return Plan(site.consumer, rows, [_Op(f"{attn_path}.query_key_value", "outputs", _rows(keep, 3 * hd)),
+                                          _Op(site.consumer, "inputs", rows)])
+
+    def layer_sizes(self, model, adapter, layer):
+        block = adapter.block(layer)
+        return {"heads": block.attention.dense.in_features // int(block.attention.head_size),
+                "neurons": block.mlp.dense_h_to_4h.out_features}
+
+    def standard_sizes(self, config):
+        return {"heads": config.num_attention_heads, "neurons": config.intermediate_size}
+
+    def uniform_fields(self, model, adapter, sizes, uniform):
+        # the head size is hidden_size / num_attention_heads: heads cannot be rewritten
+        return [{"intermediate_size": sizes["neurons"]}] if "neurons" in uniform else []
+
+
 class ConvSurgeon(Surgeon):
     """CNNs: the producer conv's output channels (and bias), every BatchNorm
     between, the consumer conv's input channels."""
@@ -618,7 +651,8 @@ def register_surgeon(surgeon: Surgeon) -> Surgeon:
     return surgeon
 
 
-for _s in (LlamaSurgeon(), Phi3Surgeon(), BertSurgeon(), OPTSurgeon(), GPT2Surgeon(), ConvSurgeon()):
+for _s in (LlamaSurgeon(), Phi3Surgeon(), BertSurgeon(), OPTSurgeon(), GPT2Surgeon(), GPTNeoXSurgeon(),
+           ConvSurgeon()):
     register_surgeon(_s)
 
 
@@ -933,6 +967,25 @@ def _shrink(model: nn.Module, sizes: list[dict], source: str) -> None:
     sync_config(model, adapter)
 
 
+def _model_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint's keys renamed the way transformers' from_pretrained
+    renames them for this model (save_pretrained writes some heads under their
+    hub names, e.g. GPT-NeoX's lm_head as embed_out); unchanged where the keys
+    already match or transformers has no renaming for the model."""
+    own = set(model.state_dict())
+    if set(state) <= own:
+        return state
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+        renamings = [c for c in get_model_conversion_mapping(model, add_legacy=False) if isinstance(c, WeightRenaming)]
+        renamed = {rename_source_key(k, renamings, [])[0]: v for k, v in state.items()}
+    except Exception:  # noqa: BLE001 - another transformers version or a plain module: the keys as saved
+        return state
+    return renamed if len(renamed) == len(state) and set(renamed) <= own else state
+
+
 def _load_weights(model: nn.Module, path: Path, dtype: torch.dtype | None) -> None:
     st = require("safetensors.torch", "models", "loading a pruned model")
     files = sorted(path.glob("*.safetensors"))
@@ -941,6 +994,7 @@ def _load_weights(model: nn.Module, path: Path, dtype: torch.dtype | None) -> No
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(st.load_file(str(f)))
+    state = _model_keys(model, state)
     floating = [t.dtype for t in state.values() if t.is_floating_point()]
     model.to(dtype or (floating[0] if floating else torch.float32))
     result = model.load_state_dict(state, strict=False)

@@ -43,6 +43,16 @@ def tiny_gpt2(layers=2, heads=4, hidden=48, ffn=80, vocab=128):
     return GPT2LMHeadModel(cfg).eval()
 
 
+def tiny_gpt_neox(layers=2, heads=4, hidden=48, ffn=80, vocab=128, parallel=True):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=ffn, max_position_embeddings=256, use_parallel_residual=parallel,
+                        tie_word_embeddings=False)
+    return GPTNeoXForCausalLM(cfg).eval()
+
+
 class SmallCNN(nn.Module):
     """8x8 digit classifier: three convolutions, BatchNorm, pooling, linear head."""
 
@@ -108,6 +118,7 @@ ARCHITECTURES = {
     "bert": tiny_bert,
     "opt": tiny_opt,
     "gpt2": tiny_gpt2,
+    "gpt_neox": tiny_gpt_neox,
 }
 
 

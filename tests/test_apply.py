@@ -293,6 +293,11 @@ _RESIDUAL_SUM = {
     ("opt", "neurons"): ("model.decoder.layers.1", "output"),
     ("gpt2", "heads"): ("transformer.h.1.ln_2", "input"),
     ("gpt2", "neurons"): ("transformer.h.1", "output"),
+    # parallel residual: x + attn(ln1(x)) + mlp(ln2(x)), both added at the block output
+    ("gpt_neox", "heads"): ("gpt_neox.layers.1", "output"),
+    ("gpt_neox", "neurons"): ("gpt_neox.layers.1", "output"),
+    ("gpt_neox-sequential", "heads"): ("gpt_neox.layers.1.post_attention_layernorm", "input"),
+    ("gpt_neox-sequential", "neurons"): ("gpt_neox.layers.1", "output"),
 }
 
 
@@ -306,7 +311,12 @@ def test_dense_targets_fit_the_dense_residual_stream(arch, structure):
     (`enumerate`), so the gap is the smallest over every support and the
     default mode's is larger. Layer 0 sees the same inputs in both models, so
     its instance is the default mode's."""
-    dense = ARCHITECTURES[arch](layers=2, ffn=16)
+    if arch == "gpt_neox-sequential":
+        from small_models import tiny_gpt_neox
+
+        dense = tiny_gpt_neox(layers=2, ffn=16, parallel=False)
+    else:
+        dense = ARCHITECTURES[arch](layers=2, ffn=16)
     a, b = copy.deepcopy(dense), copy.deepcopy(dense)
     tokens = random_tokens(n=8, seq_len=24)
     kw = dict(structures=[structure], damping=1e-8, solver="enumerate", progress=False)
