@@ -172,6 +172,11 @@ class Adapter:
         stream) cannot be fitted on this model, or None when it can."""
         return None
 
+    def residual_scale(self, structure: str, layer: int) -> float:
+        """The factor a site's consumer output is multiplied by where it is
+        added to the residual stream (1 but for e.g. Granite's residual_multiplier)."""
+        return 1.0
+
     def residual_point(self, structure: str, layer: int) -> tuple[str, str]:
         """Where the hidden state that a site's consumer output is added to
         (the residual sum) can be read: (module path, "input") for the first
@@ -182,7 +187,9 @@ class Adapter:
 
 class LlamaAdapter(Adapter):
     """Llama family (Llama, SmolLM2, Mistral, Qwen2, Qwen3, Gemma, Gemma2,
-    Gemma3 text), grouped-query attention.
+    Gemma3 text, OLMo, Granite, StableLM), grouped-query attention; sequential
+    or parallel residual (StableLM's option: attention and FFN both added at
+    the block output).
 
     heads      query heads: head_dim input rows of o_proj each, partitioned by
                KV group so that every KV group keeps the same number
@@ -196,7 +203,8 @@ class LlamaAdapter(Adapter):
     """
 
     name = "llama"
-    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "granite",
+                   "stablelm")
     structures = ("heads", "query-heads", "kv-groups", "neurons")
     layer_paths = ("model.layers", "layers")
     body_paths = ("model",)
@@ -234,9 +242,12 @@ class LlamaAdapter(Adapter):
                     "pruned layer's output")
         return None
 
+    def residual_scale(self, structure: str, layer: int) -> float:
+        return float(getattr(self.block(layer), "residual_multiplier", 1.0))  # Granite
+
     def residual_point(self, structure: str, layer: int) -> tuple[str, str]:
-        if structure == "neurons":
-            return self.block_name(layer), "output"
+        if structure == "neurons" or getattr(self.block(layer), "post_attention_layernorm", None) is None:
+            return self.block_name(layer), "output"  # also both outputs of a parallel-residual block
         return f"{self.block_name(layer)}.post_attention_layernorm", "input"
 
 

@@ -559,6 +559,8 @@ def apply(
                         _run_block(block, inputs, dev, False, kinds[layer], hooks)
                         gram, samples = hooks.gram(site.consumer), hooks.samples(site.consumer)
                         correction, fit = hooks.correction(site.consumer, target_damping) if deltas else (None, None)
+                    if correction is not None:  # the change of the consumer's output, not of the residual sum
+                        correction = correction / adapter.residual_scale(site.structure, layer)
                     prune_site(site, frac, gram, samples, correction, fit)
                     bar.update()
                 if layer < last:

@@ -313,6 +313,25 @@ def _attention_plan(model: nn.Module, attn_path: str, q_heads: np.ndarray, kv_he
     return plan
 
 
+_HEAD_NORMS = ("q_norm", "k_norm", "q_layernorm", "k_layernorm")
+
+
+def _check_head_norms(model: nn.Module, attn_path: str, hd: int) -> None:
+    """Query/key norms shared by every head (one head_dim-sized norm: Qwen3,
+    Gemma3) survive head removal; norms with parameters per head or across
+    all heads (StableLM's qk_layernorm, OLMo2) would have to change with it."""
+    attn = model.get_submodule(attn_path)
+    for name in _HEAD_NORMS:
+        norm = getattr(attn, name, None)
+        if not isinstance(norm, nn.Module):
+            continue
+        sizes = [int(p.numel()) for p in norm.parameters()]
+        if len(sizes) > 2 or any(n != hd for n in sizes):
+            raise SurgeryError(f"{attn_path}.{name} has parameters per head or across heads "
+                               f"({sum(sizes)} for head_dim {hd}): removing heads is not supported for this "
+                               "model; prune neurons only (structures=['neurons'])")
+
+
 class LlamaSurgeon(Surgeon):
     """Llama/Mistral/Qwen2/Qwen3/Gemma/Gemma2/Gemma3: heads (q_proj rows, GQA-balanced), kv-groups
     (q rows of the group's query heads + k/v rows of its kv head), neurons
@@ -333,6 +352,7 @@ class LlamaSurgeon(Surgeon):
         attn_path = f"{prefix}.self_attn"
         attn = model.get_submodule(attn_path)
         hd = int(attn.head_dim)
+        _check_head_norms(model, attn_path, hd)
         n_heads = attn.q_proj.out_features // hd
         n_kv = attn.k_proj.out_features // hd
         rep = n_heads // n_kv
@@ -860,6 +880,41 @@ def _config_accepts(config: Any, fields: dict[str, int]) -> bool:
     return True
 
 
+def _block_shapes(model_class: type, config: Any, prefix: str) -> dict[str, tuple] | None:
+    """Parameter shapes of one block of a model built from `config` on the meta device (no memory)."""
+    try:
+        with torch.device("meta"):
+            fresh = model_class(config)
+    except Exception:  # noqa: BLE001 - a model class that cannot be built this way: no check possible
+        return None
+    return {k: tuple(v.shape) for k, v in fresh.state_dict().items() if k.startswith(prefix + ".")}
+
+
+def _config_builds_this(model: nn.Module, adapter: Adapter, fields: dict[str, int]) -> bool:
+    """Whether writing `fields` makes from_pretrained build block 0 closer to this model: some
+    parameter shapes that differed now match, and none that matched differs (StableLM derives
+    head_dim from hidden_size / heads and ignores a written head_dim: its pruned heads cannot be
+    described by the config)."""
+    config = model.config
+    if all(getattr(config, name, None) == int(value) for name, value in fields.items()):
+        return True
+    trial = copy.deepcopy(config)
+    for name, value in fields.items():
+        setattr(trial, name, int(value))
+    prefix = adapter.block_name(0)
+    before = _block_shapes(type(model), config, prefix)
+    if before is None:
+        return True  # the class cannot be built this way here: trust the config class's own validation
+    after = _block_shapes(type(model), trial, prefix)
+    if after is None:
+        return False  # the class refuses these values (StableLM: hidden_size % heads != 0)
+    mine = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith(prefix + ".")}
+    wrong_before = {k for k, shape in before.items() if mine.get(k) != shape}
+    wrong_after = {k for k, shape in after.items() if mine.get(k) != shape}
+    # the fields must fix shapes and break none (with StableLM's derived head_dim they fix nothing)
+    return wrong_after < wrong_before
+
+
 def sync_config(model: nn.Module, adapter: Adapter | None = None) -> None:
     """Make model.config describe the pruned model (see the module docstring).
 
@@ -876,7 +931,7 @@ def sync_config(model: nn.Module, adapter: Adapter | None = None) -> None:
     sizes = layer_sizes(model, adapter)
     uniform = {key for key in sizes[0] if all(s[key] == sizes[0][key] for s in sizes)}
     for fields in surgeon.uniform_fields(model, adapter, sizes[0], uniform):
-        if _config_accepts(config, fields):
+        if _config_accepts(config, fields) and _config_builds_this(model, adapter, fields):
             for name, value in fields.items():
                 setattr(config, name, int(value))
     config.osscar_layer_sizes = [dict(s) for s in sizes]

@@ -78,18 +78,22 @@ def random_tokens(n=6, seq_len=32, vocab=128, seed=0):
     return torch.randint(0, vocab, (n, seq_len), generator=g)
 
 
-def tiny_llama_like(kind: str, layers=2, heads=4, kv_heads=2, head_dim=16, hidden=64, ffn=96, vocab=128):
+def tiny_llama_like(kind: str, layers=2, heads=4, kv_heads=2, head_dim=16, hidden=64, ffn=96, vocab=128, **config):
     """Other members of the Llama family the llama adapter takes: Qwen2 (q/k/v
     biases), Mistral (sliding-window attention), Qwen3 (per-head q/k RMSNorm),
     Gemma (GeLU gate, scaled embeddings), Gemma2 (sandwich norms, logit
-    soft-capping, sliding-window and full attention layers in turn) and Gemma3
-    (Gemma2's layout with per-head q/k norms and a rotary table per layer kind)
-    and Phi-3 (fused qkv_proj and gate_up_proj, head_dim = hidden / heads).
-    The sliding windows (8 tokens) are shorter than the test windows."""
+    soft-capping, sliding-window and full attention layers in turn), Gemma3
+    (Gemma2's layout with per-head q/k norms and a rotary table per layer kind),
+    OLMo (parameter-free LayerNorm), Granite (residual_multiplier 0.5 here),
+    StableLM (LayerNorm, partial rotary; `use_parallel_residual=True` for the
+    parallel block, `qk_layernorm=True` for norms per head) and Phi-3 (fused
+    qkv_proj and gate_up_proj). Where the config has no head_dim, the hidden
+    size is heads x head_dim. The sliding windows (8 tokens) are shorter than
+    the test windows. `config`: further config fields."""
     import transformers
 
     names = {"qwen2": "Qwen2", "mistral": "Mistral", "qwen3": "Qwen3", "gemma": "Gemma", "gemma2": "Gemma2",
-             "gemma3": "Gemma3Text", "phi3": "Phi3"}[kind]
+             "gemma3": "Gemma3Text", "phi3": "Phi3", "olmo": "Olmo", "granite": "Granite", "stablelm": "StableLm"}[kind]
     config_cls = getattr(transformers, f"{names}Config", None)
     model_cls = getattr(transformers, f"{names.removesuffix('Text')}ForCausalLM", None)
     if config_cls is None or model_cls is None:  # Qwen3 needs transformers >= 4.51, Gemma3 >= 4.50
@@ -103,13 +107,16 @@ def tiny_llama_like(kind: str, layers=2, heads=4, kv_heads=2, head_dim=16, hidde
     elif kind in ("gemma2", "gemma3"):
         extra = {"sliding_window": 8, "layer_types": [("sliding_attention", "full_attention")[i % 2]
                                                       for i in range(layers)]}
-    if kind == "phi3":
+    elif kind == "granite":
+        extra = {"residual_multiplier": 0.5}
+    if kind in ("phi3", "olmo", "granite", "stablelm"):
         hidden = heads * head_dim
     else:
         extra["head_dim"] = head_dim
     cfg = config_cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
                      num_attention_heads=heads, num_key_value_heads=kv_heads,
-                     max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
+                     max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                     **{**extra, **config})
     return model_cls(cfg).eval()
 
 

@@ -69,7 +69,8 @@ def test_apply_removes_groups_physically_and_matches_the_refit_dense_model(arch,
     np.testing.assert_allclose(_out(again, x).numpy(), _out(model, x).numpy(), atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "mistral", "qwen3", "gemma", "gemma2", "gemma3", "phi3"])
+@pytest.mark.parametrize("kind", ["qwen2", "mistral", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo",
+                                  "granite", "stablelm"])
 def test_llama_family_members_prune_reload_and_match_the_refit_dense_model(kind, tmp_path):
     """The llama adapter's other model types, each structure: physically
     smaller (biases too), the outputs of the refit dense model, the same
@@ -298,6 +299,11 @@ _RESIDUAL_SUM = {
     ("gpt_neox", "neurons"): ("gpt_neox.layers.1", "output"),
     ("gpt_neox-sequential", "heads"): ("gpt_neox.layers.1.post_attention_layernorm", "input"),
     ("gpt_neox-sequential", "neurons"): ("gpt_neox.layers.1", "output"),
+    # Granite adds residual_multiplier x the output (0.5 here)
+    ("granite", "heads"): ("model.layers.1.post_attention_layernorm", "input"),
+    ("granite", "neurons"): ("model.layers.1", "output"),
+    ("stablelm-parallel", "heads"): ("model.layers.1", "output"),
+    ("stablelm-parallel", "neurons"): ("model.layers.1", "output"),
 }
 
 
@@ -311,10 +317,14 @@ def test_dense_targets_fit_the_dense_residual_stream(arch, structure):
     (`enumerate`), so the gap is the smallest over every support and the
     default mode's is larger. Layer 0 sees the same inputs in both models, so
     its instance is the default mode's."""
-    if arch == "gpt_neox-sequential":
-        from small_models import tiny_gpt_neox
+    from small_models import tiny_gpt_neox, tiny_llama_like
 
+    if arch == "gpt_neox-sequential":
         dense = tiny_gpt_neox(layers=2, ffn=16, parallel=False)
+    elif arch == "granite":
+        dense = tiny_llama_like("granite", ffn=16)
+    elif arch == "stablelm-parallel":
+        dense = tiny_llama_like("stablelm", ffn=16, use_parallel_residual=True)
     else:
         dense = ARCHITECTURES[arch](layers=2, ffn=16)
     a, b = copy.deepcopy(dense), copy.deepcopy(dense)
@@ -364,6 +374,26 @@ def test_cnn_trained_on_digits_keeps_its_accuracy():
     assert report.targets == "layer"
     assert count_parameters(model) < params
     assert before > 0.9 and after > before - 0.1, (before, after)
+
+
+@pytest.mark.parametrize("structure", ["heads", "kv-groups"])
+def test_head_norms_across_heads_refuse_head_removal_before_any_change(structure):
+    """StableLM with qk_layernorm normalizes every head with its own LayerNorm
+    (a list of them per layer): removing heads would leave the wrong norms on
+    the kept ones, so head removal is refused before any layer changes, with
+    the way out (neurons only), which then works."""
+    from small_models import tiny_llama_like
+
+    from osscar_opt.surgery import SurgeryError
+
+    model = tiny_llama_like("stablelm", qk_layernorm=True)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = random_tokens(n=4, seq_len=24)
+    with pytest.raises(SurgeryError, match=r"self_attn.q_layernorm has parameters per head.*structures=\['neurons'\]"):
+        apply(model, tokens, {structure: 0.5, "neurons": 0.5}, progress=False)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    report = apply(model, tokens, {"neurons": 0.5}, progress=False)
+    assert [s.kept for s in report.sites] == [48, 48]
 
 
 def test_bad_inputs_leave_the_model_untouched():
