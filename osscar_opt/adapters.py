@@ -187,9 +187,9 @@ class Adapter:
 
 class LlamaAdapter(Adapter):
     """Llama family (Llama, SmolLM2, Mistral, Qwen2, Qwen3, Gemma, Gemma2,
-    Gemma3 text, OLMo, Granite, StableLM), grouped-query attention; sequential
-    or parallel residual (StableLM's option: attention and FFN both added at
-    the block output).
+    Gemma3 text, OLMo, OLMo2, Granite, StableLM, Cohere), grouped-query
+    attention; sequential or parallel residual (Cohere, StableLM's option:
+    attention and FFN both added at the block output).
 
     heads      query heads: head_dim input rows of o_proj each, partitioned by
                KV group so that every KV group keeps the same number
@@ -203,8 +203,8 @@ class LlamaAdapter(Adapter):
     """
 
     name = "llama"
-    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "granite",
-                   "stablelm")
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2",
+                   "granite", "stablelm", "cohere")
     structures = ("heads", "query-heads", "kv-groups", "neurons")
     layer_paths = ("model.layers", "layers")
     body_paths = ("model",)
@@ -238,8 +238,8 @@ class LlamaAdapter(Adapter):
     def dense_targets_unsupported(self) -> str | None:
         if hasattr(self.block(0), "post_feedforward_layernorm"):
             return (f"{type(self.model).__name__} normalizes each attention and FFN output before adding it to "
-                    "the residual stream (Gemma2/3 sandwich norms), so the residual gap is not linear in the "
-                    "pruned layer's output")
+                    "the residual stream (sandwich norms, as in Gemma2/3 and OLMo2), so the residual gap is not "
+                    "linear in the pruned layer's output")
         return None
 
     def residual_scale(self, structure: str, layer: int) -> float:

@@ -401,7 +401,7 @@ def apply(
         the site's output is added to it, so every site also corrects the
         error the sites pruned before it left there (a dense copy of the
         current block runs alongside; transformers whose sites add their
-        output to the residual stream unnormalized, so not Gemma2/3). None
+        output to the residual stream unnormalized, so not Gemma2/3, OLMo2). None
         (default): "dense" for sequential pruning where it can be fitted,
         else "layer".
         SmolLM2 at 30 / 50 / 60%: perplexity 17.7 / 20.6 / 40.2 with dense

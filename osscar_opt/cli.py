@@ -395,7 +395,7 @@ def _prune_args(p: argparse.ArgumentParser):
     p.add_argument("--targets", choices=TARGETS, default=DEFAULT_TARGETS,
                    help="what each layer's refit reproduces: 'layer' its own dense output (the published mode), "
                         "'dense' the dense model's residual stream, correcting upstream error (default for "
-                        "sequential pruning of a transformer other than Gemma2/3)")
+                        "sequential pruning of a transformer other than Gemma2/3 and OLMo2)")
     p.add_argument("--target-damping", type=target_damping, default=TARGET_DAMPING,
                    help="ridge of the dense-target correction, fraction of the mean diagonal, or 'validated' "
                         "(default: ridge and shrinkage chosen per layer by two-fold validation)")

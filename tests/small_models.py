@@ -84,7 +84,8 @@ def tiny_llama_like(kind: str, layers=2, heads=4, kv_heads=2, head_dim=16, hidde
     Gemma (GeLU gate, scaled embeddings), Gemma2 (sandwich norms, logit
     soft-capping, sliding-window and full attention layers in turn), Gemma3
     (Gemma2's layout with per-head q/k norms and a rotary table per layer kind),
-    OLMo (parameter-free LayerNorm), Granite (residual_multiplier 0.5 here),
+    OLMo (parameter-free LayerNorm), OLMo2 (sandwich norms, q/k norms across
+    all heads), Cohere (parallel residual), Granite (residual_multiplier 0.5 here),
     StableLM (LayerNorm, partial rotary; `use_parallel_residual=True` for the
     parallel block, `qk_layernorm=True` for norms per head) and Phi-3 (fused
     qkv_proj and gate_up_proj). Where the config has no head_dim, the hidden
@@ -93,7 +94,7 @@ def tiny_llama_like(kind: str, layers=2, heads=4, kv_heads=2, head_dim=16, hidde
     import transformers
 
     names = {"qwen2": "Qwen2", "mistral": "Mistral", "qwen3": "Qwen3", "gemma": "Gemma", "gemma2": "Gemma2",
-             "gemma3": "Gemma3Text", "phi3": "Phi3", "olmo": "Olmo", "granite": "Granite", "stablelm": "StableLm"}[kind]
+             "gemma3": "Gemma3Text", "phi3": "Phi3", "olmo": "Olmo", "granite": "Granite", "stablelm": "StableLm", "olmo2": "Olmo2", "cohere": "Cohere"}[kind]
     config_cls = getattr(transformers, f"{names}Config", None)
     model_cls = getattr(transformers, f"{names.removesuffix('Text')}ForCausalLM", None)
     if config_cls is None or model_cls is None:  # Qwen3 needs transformers >= 4.51, Gemma3 >= 4.50
@@ -109,7 +110,7 @@ def tiny_llama_like(kind: str, layers=2, heads=4, kv_heads=2, head_dim=16, hidde
                                                       for i in range(layers)]}
     elif kind == "granite":
         extra = {"residual_multiplier": 0.5}
-    if kind in ("phi3", "olmo", "granite", "stablelm"):
+    if kind in ("phi3", "olmo", "olmo2", "granite", "stablelm", "cohere"):
         hidden = heads * head_dim
     else:
         extra["head_dim"] = head_dim

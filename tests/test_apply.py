@@ -70,7 +70,7 @@ def test_apply_removes_groups_physically_and_matches_the_refit_dense_model(arch,
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "mistral", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo",
-                                  "granite", "stablelm"])
+                                  "granite", "stablelm", "cohere"])
 def test_llama_family_members_prune_reload_and_match_the_refit_dense_model(kind, tmp_path):
     """The llama adapter's other model types, each structure: physically
     smaller (biases too), the outputs of the refit dense model, the same
@@ -304,6 +304,8 @@ _RESIDUAL_SUM = {
     ("granite", "neurons"): ("model.layers.1", "output"),
     ("stablelm-parallel", "heads"): ("model.layers.1", "output"),
     ("stablelm-parallel", "neurons"): ("model.layers.1", "output"),
+    ("cohere", "heads"): ("model.layers.1", "output"),  # parallel: one input norm, no post-attention norm
+    ("cohere", "neurons"): ("model.layers.1", "output"),
 }
 
 
@@ -321,8 +323,8 @@ def test_dense_targets_fit_the_dense_residual_stream(arch, structure):
 
     if arch == "gpt_neox-sequential":
         dense = tiny_gpt_neox(layers=2, ffn=16, parallel=False)
-    elif arch == "granite":
-        dense = tiny_llama_like("granite", ffn=16)
+    elif arch in ("granite", "cohere"):
+        dense = tiny_llama_like(arch, ffn=16)
     elif arch == "stablelm-parallel":
         dense = tiny_llama_like("stablelm", ffn=16, use_parallel_residual=True)
     else:
@@ -376,24 +378,31 @@ def test_cnn_trained_on_digits_keeps_its_accuracy():
     assert before > 0.9 and after > before - 0.1, (before, after)
 
 
-@pytest.mark.parametrize("structure", ["heads", "kv-groups"])
-def test_head_norms_across_heads_refuse_head_removal_before_any_change(structure):
+@pytest.mark.parametrize("kind,structure", [("stablelm", "heads"), ("stablelm", "kv-groups"), ("olmo2", "heads")])
+def test_head_norms_across_heads_refuse_head_removal_before_any_change(kind, structure):
     """StableLM with qk_layernorm normalizes every head with its own LayerNorm
-    (a list of them per layer): removing heads would leave the wrong norms on
-    the kept ones, so head removal is refused before any layer changes, with
-    the way out (neurons only), which then works."""
+    (a list of them per layer), OLMo2 all heads together: removing heads would
+    change what the kept heads' norms compute, so head removal is refused
+    before any layer changes, with the way out (neurons only), which then
+    works (OLMo2 with layer targets: its sandwich norms)."""
     from small_models import tiny_llama_like
 
     from osscar_opt.surgery import SurgeryError
 
-    model = tiny_llama_like("stablelm", qk_layernorm=True)
+    dense = tiny_llama_like(kind, **({"qk_layernorm": True} if kind == "stablelm" else {}))
+    model = copy.deepcopy(dense)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     tokens = random_tokens(n=4, seq_len=24)
-    with pytest.raises(SurgeryError, match=r"self_attn.q_layernorm has parameters per head.*structures=\['neurons'\]"):
+    with pytest.raises(SurgeryError, match=r"self_attn.q_(layer)?norm has parameters per head or across heads.*"
+                                           r"structures=\['neurons'\]"):
         apply(model, tokens, {structure: 0.5, "neurons": 0.5}, progress=False)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     report = apply(model, tokens, {"neurons": 0.5}, progress=False)
     assert [s.kept for s in report.sites] == [48, 48]
+    assert report.targets == ("layer" if kind == "olmo2" else "dense")
+    x = random_tokens(n=2, seq_len=24, seed=5)
+    np.testing.assert_allclose(_out(model, x).numpy(), _out(_refit_reference(dense, model, report), x).numpy(),
+                               atol=2e-5, rtol=1e-4)
 
 
 def test_bad_inputs_leave_the_model_untouched():
