@@ -1,7 +1,7 @@
 """Architecture adapters: where the prunable groups of a model live.
 
 A *site* is one structure of one layer: the module whose input rows are
-pruned (the consumer: o_proj / out_proj / c_proj / dense for heads, down_proj / fc2 /
+pruned (the consumer: o_proj / out_proj / c_proj / dense for heads, down_proj / fc2 / c_proj /
 output.dense / dense_4h_to_h for neurons, a Conv2d for input channels), how its rows form
 groups, and which modules produce those rows (removed together with them).
 
@@ -208,6 +208,10 @@ class LlamaAdapter(Adapter):
     structures = ("heads", "query-heads", "kv-groups", "neurons")
     layer_paths = ("model.layers", "layers")
     body_paths = ("model",)
+    # module names inside self_attn and mlp (members of the family that name them otherwise override)
+    out_proj: ClassVar[str] = "o_proj"  # the heads' consumer
+    ffn_in: ClassVar[tuple[str, ...]] = ("gate_proj", "up_proj")  # the neurons' producers
+    ffn_out: ClassVar[str] = "down_proj"  # the neurons' consumer
 
     def head_dim(self, layer: int) -> int:
         attn = self.block(layer).self_attn
@@ -219,21 +223,21 @@ class LlamaAdapter(Adapter):
     def _site(self, structure: str, layer: int) -> Site:
         prefix = self.block_name(layer)
         if structure == "neurons":
-            down = _get(self.model, f"{prefix}.mlp.down_proj")
-            return Site(layer, structure, f"{prefix}.mlp.down_proj", down.in_features, 1)
+            down = _get(self.model, f"{prefix}.mlp.{self.ffn_out}")
+            return Site(layer, structure, f"{prefix}.mlp.{self.ffn_out}", down.in_features, 1)
         attn = self.block(layer).self_attn
         hd = self.head_dim(layer)
-        n_heads = attn.o_proj.in_features // hd
+        n_heads = getattr(attn, self.out_proj).in_features // hd
         n_kv = self.kv_heads(layer)
         rep = n_heads // n_kv
         extra = {"head_dim": hd, "heads": n_heads, "kv_heads": n_kv}
+        consumer = f"{prefix}.self_attn.{self.out_proj}"
         if structure == "heads":
             parts = tuple(h // rep for h in range(n_heads))
-            return Site(layer, structure, f"{prefix}.self_attn.o_proj", n_heads, hd, parts, extra)
+            return Site(layer, structure, consumer, n_heads, hd, parts, extra)
         if structure == "query-heads":
-            return Site(layer, structure, f"{prefix}.self_attn.o_proj", n_heads, hd, None, extra)
-        return Site(layer, structure, f"{prefix}.self_attn.o_proj", n_kv, hd * rep, None, extra)
-
+            return Site(layer, structure, consumer, n_heads, hd, None, extra)
+        return Site(layer, structure, consumer, n_kv, hd * rep, None, extra)
 
     def dense_targets_unsupported(self) -> str | None:
         if hasattr(self.block(0), "post_feedforward_layernorm"):
@@ -260,6 +264,26 @@ class Phi3Adapter(LlamaAdapter):
 
     def kv_heads(self, layer: int) -> int:
         return int(self.block(layer).self_attn.num_key_value_heads)
+
+
+class Starcoder2Adapter(LlamaAdapter):
+    """StarCoder2: the Llama structures, neurons of mlp.c_proj (c_fc rows produce them)."""
+
+    name = "starcoder2"
+    model_types = ("starcoder2",)
+    ffn_in = ("c_fc",)
+    ffn_out = "c_proj"
+
+
+class PhiAdapter(LlamaAdapter):
+    """Phi-1/1.5/2: the Llama structures on self_attn.dense (heads) and
+    mlp.fc2 (neurons, fc1 rows produce them); parallel residual."""
+
+    name = "phi"
+    model_types = ("phi",)
+    out_proj = "dense"
+    ffn_in = ("fc1",)
+    ffn_out = "fc2"
 
 
 class BertAdapter(Adapter):
@@ -467,7 +491,8 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
     return cls
 
 
-for _cls in (LlamaAdapter, Phi3Adapter, BertAdapter, OPTAdapter, GPT2Adapter, GPTNeoXAdapter, ConvAdapter):
+for _cls in (LlamaAdapter, Phi3Adapter, Starcoder2Adapter, PhiAdapter, BertAdapter, OPTAdapter, GPT2Adapter,
+             GPTNeoXAdapter, ConvAdapter):
     register_adapter(_cls)
 
 

@@ -298,15 +298,16 @@ def kv_copies(keep: np.ndarray, rep: int) -> np.ndarray:
     return np.repeat(np.arange(counts.size), counts // g)
 
 
-def _attention_plan(model: nn.Module, attn_path: str, q_heads: np.ndarray, kv_heads: np.ndarray, hd: int) -> Plan:
-    """Keep query heads `q_heads` (q_proj outputs, o_proj inputs) and KV heads
+def _attention_plan(model: nn.Module, attn_path: str, q_heads: np.ndarray, kv_heads: np.ndarray, hd: int,
+                    out: str = "o_proj") -> Plan:
+    """Keep query heads `q_heads` (q_proj outputs, `out` inputs) and KV heads
     `kv_heads` (k_proj/v_proj outputs, repeats allowed) of a Llama attention;
     every KV head serves len(q_heads) / len(kv_heads) consecutive query heads."""
     q_rows, kv_rows = _rows(q_heads, hd), _rows(kv_heads, hd)
-    plan = Plan(f"{attn_path}.o_proj", q_rows, [_Op(f"{attn_path}.q_proj", "outputs", q_rows),
-                                                _Op(f"{attn_path}.k_proj", "outputs", kv_rows),
-                                                _Op(f"{attn_path}.v_proj", "outputs", kv_rows),
-                                                _Op(f"{attn_path}.o_proj", "inputs", q_rows)])
+    plan = Plan(f"{attn_path}.{out}", q_rows, [_Op(f"{attn_path}.q_proj", "outputs", q_rows),
+                                               _Op(f"{attn_path}.k_proj", "outputs", kv_rows),
+                                               _Op(f"{attn_path}.v_proj", "outputs", kv_rows),
+                                               _Op(f"{attn_path}.{out}", "inputs", q_rows)])
     _set_attr_if_present(plan, model, attn_path, ("num_key_value_groups",), len(q_heads) // len(kv_heads))
     _set_attr_if_present(plan, model, attn_path, ("num_heads",), len(q_heads))
     _set_attr_if_present(plan, model, attn_path, ("num_key_value_heads",), len(kv_heads))
@@ -333,9 +334,10 @@ def _check_head_norms(model: nn.Module, attn_path: str, hd: int) -> None:
 
 
 class LlamaSurgeon(Surgeon):
-    """Llama/Mistral/Qwen2/Qwen3/Gemma/Gemma2/Gemma3: heads (q_proj rows, GQA-balanced), kv-groups
-    (q rows of the group's query heads + k/v rows of its kv head), neurons
-    (gate_proj/up_proj rows, down_proj columns)."""
+    """The llama adapter's families (and StarCoder2, Phi with their module
+    names): heads (q_proj rows, GQA-balanced), kv-groups (q rows of the
+    group's query heads + k/v rows of its kv head), neurons (gate_proj/up_proj
+    rows, down_proj columns)."""
 
     name = "llama"
     growable = ("kv_heads",)  # query-heads duplicates KV heads
@@ -344,9 +346,8 @@ class LlamaSurgeon(Surgeon):
         prefix = adapter.block_name(site.layer)
         if site.structure == "neurons":
             mlp = f"{prefix}.mlp"
-            plan = Plan(site.consumer, keep, [_Op(f"{mlp}.gate_proj", "outputs", keep),
-                                              _Op(f"{mlp}.up_proj", "outputs", keep),
-                                              _Op(site.consumer, "inputs", keep)])
+            plan = Plan(site.consumer, keep, [_Op(f"{mlp}.{name}", "outputs", keep) for name in adapter.ffn_in]
+                        + [_Op(site.consumer, "inputs", keep)])
             _set_attr_if_present(plan, model, mlp, ("intermediate_size",), keep.size)
             return plan
         attn_path = f"{prefix}.self_attn"
@@ -366,16 +367,17 @@ class LlamaSurgeon(Surgeon):
         if site.structure == "query-heads":
             kv_of_copy = kv_copies(keep, rep)
             # sorted keep: the query heads of one KV group are consecutive, like the copies of its KV head
-            return _attention_plan(model, attn_path, keep, kv_of_copy, hd)
+            return _attention_plan(model, attn_path, keep, kv_of_copy, hd, adapter.out_proj)
         # kv-groups: group g = kv head g and query heads g*rep .. g*rep+rep-1
-        return _attention_plan(model, attn_path, (keep[:, None] * rep + np.arange(rep)).ravel(), keep, hd)
+        return _attention_plan(model, attn_path, (keep[:, None] * rep + np.arange(rep)).ravel(), keep, hd,
+                               adapter.out_proj)
 
     def layer_sizes(self, model, adapter, layer):
         block = adapter.block(layer)
         hd = int(block.self_attn.head_dim)
         return {"heads": block.self_attn.q_proj.out_features // hd,
                 "kv_heads": block.self_attn.k_proj.out_features // hd,
-                "neurons": block.mlp.down_proj.in_features}
+                "neurons": getattr(block.mlp, adapter.ffn_out).in_features}
 
     def standard_sizes(self, config):
         return {"heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
@@ -399,7 +401,7 @@ class LlamaSurgeon(Surgeon):
             attn_path = f"{adapter.block_name(layer)}.self_attn"
             plan = _attention_plan(model, attn_path, np.arange(sizes["heads"]) % cur["heads"],
                                    np.arange(sizes["kv_heads"]) % cur["kv_heads"],
-                                   int(model.get_submodule(attn_path).head_dim))
+                                   int(model.get_submodule(attn_path).head_dim), adapter.out_proj)
             _execute(model, plan, None)
             cur = self.layer_sizes(model, adapter, layer)
         if sizes["kv_heads"] < cur["kv_heads"]:
@@ -677,11 +679,14 @@ for _s in (LlamaSurgeon(), Phi3Surgeon(), BertSurgeon(), OPTSurgeon(), GPT2Surge
 
 
 def _surgeon(adapter: Adapter) -> Surgeon:
-    try:
-        return SURGEONS[adapter.name]
-    except KeyError:
-        raise SurgeryError(f"no surgery for {adapter.name!r} models: add one with "
-                           "osscar_opt.surgery.register_surgeon") from None
+    """The surgeon registered under the adapter's name, else under a parent
+    adapter class's (StarCoder2 and Phi use the Llama surgery with their own module names)."""
+    for cls in type(adapter).__mro__:
+        name = getattr(cls, "name", None)
+        if name in SURGEONS:
+            return SURGEONS[name]
+    raise SurgeryError(f"no surgery for {adapter.name!r} models: add one with "
+                       "osscar_opt.surgery.register_surgeon")
 
 
 # ---------------------------------------------------------------- validation

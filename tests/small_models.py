@@ -87,14 +87,16 @@ def tiny_llama_like(kind: str, layers=2, heads=4, kv_heads=2, head_dim=16, hidde
     OLMo (parameter-free LayerNorm), OLMo2 (sandwich norms, q/k norms across
     all heads), Cohere (parallel residual), Granite (residual_multiplier 0.5 here),
     StableLM (LayerNorm, partial rotary; `use_parallel_residual=True` for the
-    parallel block, `qk_layernorm=True` for norms per head) and Phi-3 (fused
-    qkv_proj and gate_up_proj). Where the config has no head_dim, the hidden
+    parallel block, `qk_layernorm=True` for norms per head), StarCoder2
+    (c_fc / c_proj FFN, biases), Phi-2 (dense / fc1 / fc2, parallel residual)
+    and Phi-3 (fused qkv_proj and gate_up_proj). Where the config has no head_dim, the hidden
     size is heads x head_dim. The sliding windows (8 tokens) are shorter than
     the test windows. `config`: further config fields."""
     import transformers
 
     names = {"qwen2": "Qwen2", "mistral": "Mistral", "qwen3": "Qwen3", "gemma": "Gemma", "gemma2": "Gemma2",
-             "gemma3": "Gemma3Text", "phi3": "Phi3", "olmo": "Olmo", "granite": "Granite", "stablelm": "StableLm", "olmo2": "Olmo2", "cohere": "Cohere"}[kind]
+             "gemma3": "Gemma3Text", "phi3": "Phi3", "olmo": "Olmo", "granite": "Granite", "stablelm": "StableLm", "olmo2": "Olmo2", "cohere": "Cohere",
+             "starcoder2": "Starcoder2", "phi": "Phi"}[kind]
     config_cls = getattr(transformers, f"{names}Config", None)
     model_cls = getattr(transformers, f"{names.removesuffix('Text')}ForCausalLM", None)
     if config_cls is None or model_cls is None:  # Qwen3 needs transformers >= 4.51, Gemma3 >= 4.50
@@ -110,7 +112,7 @@ def tiny_llama_like(kind: str, layers=2, heads=4, kv_heads=2, head_dim=16, hidde
                                                       for i in range(layers)]}
     elif kind == "granite":
         extra = {"residual_multiplier": 0.5}
-    if kind in ("phi3", "olmo", "olmo2", "granite", "stablelm", "cohere"):
+    if kind in ("phi3", "olmo", "olmo2", "granite", "stablelm", "cohere", "starcoder2", "phi"):
         hidden = heads * head_dim
     else:
         extra["head_dim"] = head_dim

@@ -70,7 +70,7 @@ def test_apply_removes_groups_physically_and_matches_the_refit_dense_model(arch,
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "mistral", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo",
-                                  "granite", "stablelm", "cohere"])
+                                  "granite", "stablelm", "cohere", "starcoder2", "phi"])
 def test_llama_family_members_prune_reload_and_match_the_refit_dense_model(kind, tmp_path):
     """The llama adapter's other model types, each structure: physically
     smaller (biases too), the outputs of the refit dense model, the same
@@ -96,8 +96,9 @@ def test_llama_family_members_prune_reload_and_match_the_refit_dense_model(kind,
         else:
             for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
                 assert proj.bias is None or proj.bias.shape == (proj.out_features,)
-            assert (attn.q_proj.bias is not None) == (kind == "qwen2")
-            assert attn.o_proj.in_features == attn.q_proj.out_features < 4 * 16
+            assert (attn.q_proj.bias is not None) == (kind in ("qwen2", "starcoder2", "phi"))
+            out = attn.dense if kind == "phi" else attn.o_proj
+            assert out.in_features == attn.q_proj.out_features < 4 * 16
         reference = _refit_reference(dense, model, report)
         np.testing.assert_allclose(_out(model, x).numpy(), _out(reference, x).numpy(), atol=2e-5, rtol=1e-4)
         assert not np.allclose(_out(model, x).numpy(), _out(dense, x).numpy(), atol=1e-3)
@@ -306,6 +307,10 @@ _RESIDUAL_SUM = {
     ("stablelm-parallel", "neurons"): ("model.layers.1", "output"),
     ("cohere", "heads"): ("model.layers.1", "output"),  # parallel: one input norm, no post-attention norm
     ("cohere", "neurons"): ("model.layers.1", "output"),
+    ("phi", "heads"): ("model.layers.1", "output"),  # parallel
+    ("phi", "neurons"): ("model.layers.1", "output"),
+    ("starcoder2", "heads"): ("model.layers.1.post_attention_layernorm", "input"),
+    ("starcoder2", "neurons"): ("model.layers.1", "output"),
 }
 
 
@@ -323,7 +328,7 @@ def test_dense_targets_fit_the_dense_residual_stream(arch, structure):
 
     if arch == "gpt_neox-sequential":
         dense = tiny_gpt_neox(layers=2, ffn=16, parallel=False)
-    elif arch in ("granite", "cohere"):
+    elif arch in ("granite", "cohere", "phi", "starcoder2"):
         dense = tiny_llama_like(arch, ffn=16)
     elif arch == "stablelm-parallel":
         dense = tiny_llama_like("stablelm", ffn=16, use_parallel_residual=True)
