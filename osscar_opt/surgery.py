@@ -417,8 +417,8 @@ class LlamaSurgeon(Surgeon):
 
 class LayerConfig:
     """One layer's view of a shared model config: `overrides` (e.g. this
-    layer's num_attention_heads), everything else read from `base` as it is
-    now. Given to attention modules whose forward reads the head count from
+    layer's num_attention_heads), everything else read from and written to
+    `base`. Given to attention modules whose forward reads the head count from
     the config (Phi-3 splits its fused qkv_proj at config.num_attention_heads
     x head_dim), so that layers may keep different numbers of heads."""
 
@@ -438,7 +438,10 @@ class LayerConfig:
         return overrides[name] if name in overrides else getattr(self.__dict__["_base"], name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"a LayerConfig is read-only (set {name} on the model's config)")
+        if name in self.__dict__["overrides"]:
+            raise AttributeError(f"{name} is this layer's own value in a LayerConfig: it follows the layer's "
+                                 "modules and cannot be set")
+        setattr(self.__dict__["_base"], name, value)  # like a write to the shared config it stands for
 
     def __getstate__(self) -> dict:
         return dict(self.__dict__)

@@ -511,7 +511,8 @@ def test_layer_config_overrides_one_field_and_follows_the_model_config():
     """Phi-3 attention reads its head count from the config: a pruned layer
     gets a LayerConfig with its own count; everything else (e.g. a later
     change of attention implementation) still comes from the model's config,
-    also after deepcopy and pickling, and it cannot be written by mistake."""
+    also after deepcopy and pickling; writes go to the model's config, except
+    to the layer's own count."""
     import pickle
 
     from small_models import tiny_llama_like
@@ -525,7 +526,9 @@ def test_layer_config_overrides_one_field_and_follows_the_model_config():
     assert layer.num_attention_heads == 2 and model.config.num_attention_heads == 4
     model.config.rms_norm_eps = 1e-3
     assert layer.rms_norm_eps == 1e-3 and layer.hidden_size == model.config.hidden_size
-    with pytest.raises(AttributeError, match="read-only"):
+    with pytest.raises(AttributeError, match="this layer's own value"):
         layer.num_attention_heads = 3
+    layer.use_cache = False  # any other field is the model's: written through
+    assert model.config.use_cache is False and layer.num_attention_heads == 2
     for copied in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
         assert copied.num_attention_heads == 2 and copied.hidden_size == model.config.hidden_size
