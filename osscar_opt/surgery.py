@@ -44,10 +44,12 @@ Config: after surgery `config.osscar_layer_sizes` lists every layer's sizes
 the standard config can express are also written to the standard fields
 (`num_attention_heads`/`num_key_value_heads`/`head_dim`/`intermediate_size`
 for Llama, `intermediate_size` for Phi-3, BERT and GPT-NeoX, `ffn_dim` for
-OPT, `n_inner` for GPT-2) unless the config class's own validation rejects them (LlamaConfig
-wants hidden_size % num_attention_heads == 0); then `save_pretrained` +
-`from_pretrained` reloads the model. Phi-3, BERT,
-OPT, GPT-2 and GPT-NeoX derive the head size from hidden_size / num_attention_heads, so
+OPT, `n_inner` for GPT-2) unless the config class's own validation rejects
+them (LlamaConfig wants hidden_size % num_attention_heads == 0) or a model
+built from them on the meta device would not match the pruned shapes better
+(StableLM ignores a written head_dim); then `save_pretrained` +
+`from_pretrained` reloads the model. Phi-3, BERT, OPT, GPT-2, GPT-NeoX and
+StableLM derive the head size from hidden_size / num_attention_heads, so
 a head-pruned model of those families (and any model whose layers differ)
 cannot be described by the standard fields: they keep sizes at least as large
 as every layer, `config.osscar_note` says so, and plain `from_pretrained`
