@@ -106,6 +106,18 @@ def _first_path(model: nn.Module, candidates: tuple[str, ...]) -> str | None:
     return None
 
 
+def text_config(config):
+    """The config of the language model: the text sub-config of a multimodal
+    model (Gemma3's vision-language models), else the config itself."""
+    get = getattr(config, "get_text_config", None)
+    if callable(get):
+        try:
+            return get()
+        except Exception:  # noqa: BLE001 - an older or custom config: take it as it is
+            return config
+    return config
+
+
 # ------------------------------------------------------------------ adapters
 class Adapter:
     """Base class: subclass, set the class attributes, `register_adapter`."""
@@ -187,7 +199,8 @@ class Adapter:
 
 class LlamaAdapter(Adapter):
     """Llama family (Llama, SmolLM2, Mistral, Qwen2, Qwen3, Gemma, Gemma2,
-    Gemma3 text, OLMo, OLMo2, Granite, StableLM, Cohere), grouped-query
+    Gemma3, its text tower within the vision-language model too, OLMo, OLMo2,
+    Granite, StableLM, Cohere), grouped-query
     attention; sequential or parallel residual (Cohere, StableLM's option:
     attention and FFN both added at the block output).
 
@@ -203,10 +216,10 @@ class LlamaAdapter(Adapter):
     """
 
     name = "llama"
-    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2",
-                   "granite", "stablelm", "cohere")
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo",
+                   "olmo2", "granite", "stablelm", "cohere")
     structures = ("heads", "query-heads", "kv-groups", "neurons")
-    layer_paths = ("model.layers", "layers")
+    layer_paths = ("model.layers", "layers", "model.language_model.layers")  # the last: Gemma3's text tower
     body_paths = ("model",)
     # module names inside self_attn and mlp (members of the family that name them otherwise override)
     out_proj: ClassVar[str] = "o_proj"  # the heads' consumer

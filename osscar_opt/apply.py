@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapters import Adapter, ConvAdapter, Site, adapter_for, weight_matrix
+from .adapters import Adapter, ConvAdapter, Site, adapter_for, text_config, weight_matrix
 from .data import DataError
 from .errors import OsscarError
 from .extract import (GramHooks, StateRecorder, _batches, as_calibration, as_structures, describe_calibration, keep_count,
@@ -274,7 +274,8 @@ def _layer_kinds(model: nn.Module, adapter: Adapter) -> list:
     inputs from the model (config.layer_types: sliding-window and full
     attention layers take different masks, and Gemma3's also different
     rotary tables). One kind (None) when the config names none."""
-    kinds = getattr(getattr(model, "config", None), "layer_types", None)
+    config = getattr(model, "config", None)
+    kinds = getattr(text_config(config), "layer_types", None) if config is not None else None
     n = adapter.n_layers
     if not isinstance(kinds, (list, tuple)) or len(kinds) < n:
         return [None] * n

@@ -77,7 +77,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapters import Adapter, Site, adapter_for, is_conv1d, set_weight_matrix, weight_matrix
+from .adapters import Adapter, Site, adapter_for, is_conv1d, set_weight_matrix, text_config, weight_matrix
 from .errors import OsscarError, require
 
 
@@ -866,7 +866,7 @@ def plain_loadable(model: nn.Module) -> bool:
     if config is None:
         return False
     adapter = adapter_for(model)
-    expected = _surgeon(adapter).standard_sizes(config)
+    expected = _surgeon(adapter).standard_sizes(text_config(config))
     return expected is not None and all(s == expected for s in layer_sizes(model, adapter))
 
 
@@ -879,7 +879,7 @@ def _config_accepts(config: Any, fields: dict[str, int]) -> bool:
     """Whether the config class's own validation (transformers 5 strict configs) accepts these values."""
     trial = copy.deepcopy(config)
     for name, value in fields.items():
-        setattr(trial, name, int(value))
+        setattr(text_config(trial), name, int(value))
     validate = getattr(trial, "validate", None)
     if validate is None:
         return True
@@ -906,11 +906,11 @@ def _config_builds_this(model: nn.Module, adapter: Adapter, fields: dict[str, in
     head_dim from hidden_size / heads and ignores a written head_dim: its pruned heads cannot be
     described by the config)."""
     config = model.config
-    if all(getattr(config, name, None) == int(value) for name, value in fields.items()):
+    if all(getattr(text_config(config), name, None) == int(value) for name, value in fields.items()):
         return True
     trial = copy.deepcopy(config)
     for name, value in fields.items():
-        setattr(trial, name, int(value))
+        setattr(text_config(trial), name, int(value))
     prefix = adapter.block_name(0)
     before = _block_shapes(type(model), config, prefix)
     if before is None:
@@ -943,9 +943,9 @@ def sync_config(model: nn.Module, adapter: Adapter | None = None) -> None:
     for fields in surgeon.uniform_fields(model, adapter, sizes[0], uniform):
         if _config_accepts(config, fields) and _config_builds_this(model, adapter, fields):
             for name, value in fields.items():
-                setattr(config, name, int(value))
+                setattr(text_config(config), name, int(value))  # a multimodal model's language part
     config.osscar_layer_sizes = [dict(s) for s in sizes]
-    expected = surgeon.standard_sizes(config)
+    expected = surgeon.standard_sizes(text_config(config))
     if expected is not None and all(s == expected for s in sizes):
         if hasattr(config, "osscar_note"):
             del config.osscar_note

@@ -123,6 +123,30 @@ def tiny_llama_like(kind: str, layers=2, heads=4, kv_heads=2, head_dim=16, hidde
     return model_cls(cfg).eval()
 
 
+def tiny_gemma3_vlm(layers=2, vocab=300):
+    """Gemma3's vision-language model (SigLIP tower, projector, Gemma3 text
+    tower): the language model sits at model.language_model and its sizes in
+    config.text_config; sliding-window and full attention layers in turn."""
+    import transformers
+
+    if not hasattr(transformers, "Gemma3ForConditionalGeneration"):
+        import pytest
+
+        pytest.skip(f"transformers {transformers.__version__} has no Gemma3 models")
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                sliding_window=8, layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(layers)],
+                pad_token_id=0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=vocab - 1,
+                       boi_token_index=vocab - 3, eoi_token_index=vocab - 2)
+    return Gemma3ForConditionalGeneration(cfg).eval()
+
+
 ARCHITECTURES = {
     "llama": tiny_llama,
     "bert": tiny_bert,

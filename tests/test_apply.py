@@ -114,7 +114,33 @@ def test_llama_family_members_prune_reload_and_match_the_refit_dense_model(kind,
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "gemma2", "gemma3"])
+def test_gemma3_vision_language_model_prunes_its_text_tower(tmp_path):
+    """Gemma3's vision-language model: heads and neurons of the text tower
+    (model.language_model) are pruned with layer targets (sandwich norms),
+    the vision tower and projector are left as they were, the outputs equal
+    the refit dense model's, and the model reloads with the same outputs;
+    the text sub-config carries the sizes."""
+    from small_models import tiny_gemma3_vlm
+
+    dense = tiny_gemma3_vlm()
+    model = copy.deepcopy(dense)
+    tokens = random_tokens(n=8, seq_len=24, vocab=290)
+    report = apply(model, tokens, {"heads": 0.5, "neurons": 0.5}, progress=False)
+    assert report.targets == "layer" and [s.module for s in report.sites][:2] == [
+        "model.language_model.layers.0.self_attn.o_proj", "model.language_model.layers.0.mlp.down_proj"]
+    assert model.config.text_config.num_attention_heads == 2 and model.config.text_config.intermediate_size == 48
+    for name, t in dense.model.vision_tower.state_dict().items():
+        assert torch.equal(t, model.model.vision_tower.state_dict()[name])
+    x = random_tokens(n=2, seq_len=24, vocab=290, seed=5)
+    np.testing.assert_allclose(_out(model, x).numpy(), _out(_refit_reference(dense, model, report), x).numpy(),
+                               atol=2e-5, rtol=1e-4)
+    save_pruned(model, None, tmp_path / "vlm")
+    again = load_pruned(tmp_path / "vlm")
+    assert type(again) is type(model)
+    np.testing.assert_allclose(_out(again, x).numpy(), _out(model, x).numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "gemma2", "gemma3", "gemma3-vlm"])
 def test_captured_block_inputs_replay_the_model_block_by_block(kind):
     """The sequential driver re-runs each block on captured inputs: with each
     layer kind's own keyword inputs (Gemma2/3 alternate sliding-window and
@@ -124,7 +150,10 @@ def test_captured_block_inputs_replay_the_model_block_by_block(kind):
 
     from osscar_opt.apply import _capture_block_inputs, _layer_kinds, _run_block
 
-    model = tiny_llama(layers=3) if kind == "llama" else tiny_llama_like(kind, layers=3)
+    from small_models import tiny_gemma3_vlm
+
+    model = tiny_llama(layers=3) if kind == "llama" else tiny_gemma3_vlm(layers=3) if kind == "gemma3-vlm" \
+        else tiny_llama_like(kind, layers=3)
     adapter = adapter_for(model)
     x = random_tokens(n=4, seq_len=24)
     inputs = _capture_block_inputs(model, adapter, x, 2, None)
