@@ -344,41 +344,40 @@ class LlamaSurgeon(Surgeon):
     name = "llama"
     growable = ("kv_heads",)  # query-heads duplicates KV heads
 
+    def attention_plan(self, model, adapter, attn_path, q_heads, kv_heads, hd) -> Plan:
+        """Keep query heads `q_heads` and KV heads `kv_heads` (repeats allowed)."""
+        return _attention_plan(model, attn_path, q_heads, kv_heads, hd, adapter.out_proj)
+
+    def ffn_ops(self, model, adapter, mlp, keep) -> list[_Op]:
+        """The producers' outputs that feed the kept neurons."""
+        return [_Op(f"{mlp}.{name}", "outputs", keep) for name in adapter.ffn_in]
+
     def plan(self, model, adapter, site, keep):
         prefix = adapter.block_name(site.layer)
         if site.structure == "neurons":
             mlp = f"{prefix}.mlp"
-            plan = Plan(site.consumer, keep, [_Op(f"{mlp}.{name}", "outputs", keep) for name in adapter.ffn_in]
+            plan = Plan(site.consumer, keep, self.ffn_ops(model, adapter, mlp, keep)
                         + [_Op(site.consumer, "inputs", keep)])
             _set_attr_if_present(plan, model, mlp, ("intermediate_size",), keep.size)
             return plan
         attn_path = f"{prefix}.self_attn"
-        attn = model.get_submodule(attn_path)
-        hd = int(attn.head_dim)
+        hd = int(model.get_submodule(attn_path).head_dim)
         _check_head_norms(model, attn_path, hd)
-        n_heads = attn.q_proj.out_features // hd
-        n_kv = attn.k_proj.out_features // hd
-        rep = n_heads // n_kv
-        if site.structure == "heads":
-            rows = _rows(keep, hd)
-            plan = Plan(site.consumer, rows, [_Op(f"{attn_path}.q_proj", "outputs", rows),
-                                              _Op(site.consumer, "inputs", rows)])
-            _set_attr_if_present(plan, model, attn_path, ("num_key_value_groups",), keep.size // n_kv)
-            _set_attr_if_present(plan, model, attn_path, ("num_heads",), keep.size)
-            return plan
+        n_kv = adapter.kv_heads(site.layer)
+        rep = adapter.site("heads", site.layer).n_groups // n_kv
+        if site.structure == "heads":  # the same KV heads, fewer query heads in each group
+            return self.attention_plan(model, adapter, attn_path, keep, np.arange(n_kv), hd)
         if site.structure == "query-heads":
-            kv_of_copy = kv_copies(keep, rep)
             # sorted keep: the query heads of one KV group are consecutive, like the copies of its KV head
-            return _attention_plan(model, attn_path, keep, kv_of_copy, hd, adapter.out_proj)
+            return self.attention_plan(model, adapter, attn_path, keep, kv_copies(keep, rep), hd)
         # kv-groups: group g = kv head g and query heads g*rep .. g*rep+rep-1
-        return _attention_plan(model, attn_path, (keep[:, None] * rep + np.arange(rep)).ravel(), keep, hd,
-                               adapter.out_proj)
+        return self.attention_plan(model, adapter, attn_path, (keep[:, None] * rep + np.arange(rep)).ravel(), keep,
+                                   hd)
 
     def layer_sizes(self, model, adapter, layer):
         block = adapter.block(layer)
-        hd = int(block.self_attn.head_dim)
-        return {"heads": block.self_attn.q_proj.out_features // hd,
-                "kv_heads": block.self_attn.k_proj.out_features // hd,
+        return {"heads": getattr(block.self_attn, adapter.out_proj).in_features // adapter.head_dim(layer),
+                "kv_heads": adapter.kv_heads(layer),
                 "neurons": getattr(block.mlp, adapter.ffn_out).in_features}
 
     def standard_sizes(self, config):
@@ -401,9 +400,8 @@ class LlamaSurgeon(Surgeon):
         if sizes["kv_heads"] > cur["kv_heads"]:
             # duplicated KV heads (query-heads): only the shapes matter, the weights are loaded next
             attn_path = f"{adapter.block_name(layer)}.self_attn"
-            plan = _attention_plan(model, attn_path, np.arange(sizes["heads"]) % cur["heads"],
-                                   np.arange(sizes["kv_heads"]) % cur["kv_heads"],
-                                   int(model.get_submodule(attn_path).head_dim), adapter.out_proj)
+            plan = self.attention_plan(model, adapter, attn_path, np.arange(sizes["heads"]) % cur["heads"],
+                                       np.arange(sizes["kv_heads"]) % cur["kv_heads"], adapter.head_dim(layer))
             _execute(model, plan, None)
             cur = self.layer_sizes(model, adapter, layer)
         if sizes["kv_heads"] < cur["kv_heads"]:
@@ -460,8 +458,7 @@ class Phi3Surgeon(LlamaSurgeon):
 
     name = "phi3"
 
-    @staticmethod
-    def _attention(model, attn_path, q_heads, kv_heads, hd):
+    def attention_plan(self, model, adapter, attn_path, q_heads, kv_heads, hd):
         attn = model.get_submodule(attn_path)
         n_heads = attn.o_proj.in_features // hd
         n_kv = int(attn.num_key_value_heads)
@@ -475,45 +472,13 @@ class Phi3Surgeon(LlamaSurgeon):
                        (attn_path, "config", LayerConfig(attn.config, num_attention_heads=len(q_heads)))]
         return plan
 
-    def plan(self, model, adapter, site, keep):
-        prefix = adapter.block_name(site.layer)
-        if site.structure == "neurons":
-            mlp = model.get_submodule(f"{prefix}.mlp")
-            half = mlp.gate_up_proj.out_features // 2
-            return Plan(site.consumer, keep, [_Op(f"{prefix}.mlp.gate_up_proj", "outputs",
-                                                  np.concatenate([keep, half + keep])),
-                                              _Op(site.consumer, "inputs", keep)])
-        attn_path = f"{prefix}.self_attn"
-        attn = model.get_submodule(attn_path)
-        hd = int(attn.head_dim)
-        n_heads = attn.o_proj.in_features // hd
-        n_kv = int(attn.num_key_value_heads)
-        rep = n_heads // n_kv
-        if site.structure == "heads":
-            return self._attention(model, attn_path, keep, np.arange(n_kv), hd)
-        if site.structure == "query-heads":
-            return self._attention(model, attn_path, keep, kv_copies(keep, rep), hd)
-        return self._attention(model, attn_path, (keep[:, None] * rep + np.arange(rep)).ravel(), keep, hd)
-
-    def layer_sizes(self, model, adapter, layer):
-        block = adapter.block(layer)
-        hd = int(block.self_attn.head_dim)
-        return {"heads": block.self_attn.o_proj.in_features // hd,
-                "kv_heads": int(block.self_attn.num_key_value_heads),
-                "neurons": block.mlp.down_proj.in_features}
+    def ffn_ops(self, model, adapter, mlp, keep):
+        half = model.get_submodule(f"{mlp}.gate_up_proj").out_features // 2
+        return [_Op(f"{mlp}.gate_up_proj", "outputs", np.concatenate([keep, half + keep]))]
 
     def uniform_fields(self, model, adapter, sizes, uniform):
         # Phi3Config derives head_dim from hidden_size / num_attention_heads: only the FFN size is expressible
         return [{"intermediate_size": sizes["neurons"]}] if "neurons" in uniform else []
-
-    def shrink_to(self, model, adapter, layer, sizes):
-        cur = self.layer_sizes(model, adapter, layer)
-        if sizes["kv_heads"] > cur["kv_heads"]:  # duplicated KV heads: only the shapes matter here
-            attn_path = f"{adapter.block_name(layer)}.self_attn"
-            hd = int(model.get_submodule(attn_path).head_dim)
-            _execute(model, self._attention(model, attn_path, np.arange(sizes["heads"]) % cur["heads"],
-                                            np.arange(sizes["kv_heads"]) % cur["kv_heads"], hd), None)
-        super().shrink_to(model, adapter, layer, sizes)
 
 
 class BertSurgeon(Surgeon):
