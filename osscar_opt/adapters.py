@@ -1,9 +1,10 @@
 """Architecture adapters: where the prunable groups of a model live.
 
 A *site* is one structure of one layer: the module whose input rows are
-pruned (the consumer: o_proj / out_proj / c_proj / dense for heads, down_proj / fc2 / c_proj /
-output.dense / dense_4h_to_h for neurons, a Conv2d for input channels), how its rows form
-groups, and which modules produce those rows (removed together with them).
+pruned (the consumer: o_proj / out_proj / c_proj / dense for heads,
+down_proj / fc2 / c_proj / output.dense / dense_4h_to_h for neurons, a
+Conv2d for input channels), how its rows form groups, and which modules
+produce those rows (removed together with them).
 
 One small adapter class per architecture family, kept in a dict keyed by name
 that users can extend with `register_adapter` (the Torch-Pruning pattern).
@@ -199,10 +200,10 @@ class Adapter:
 
 class LlamaAdapter(Adapter):
     """Llama family (Llama, SmolLM2, Mistral, Qwen2, Qwen3, Gemma, Gemma2,
-    Gemma3, its text tower within the vision-language model too, OLMo, OLMo2,
-    Granite, StableLM, Cohere), grouped-query
-    attention; sequential or parallel residual (Cohere, StableLM's option:
-    attention and FFN both added at the block output).
+    Gemma3 with the text tower of its vision-language models, OLMo, OLMo2,
+    Granite, StableLM, Cohere), grouped-query attention; sequential or
+    parallel residual (Cohere, StableLM's option: attention and FFN both
+    added at the block output). Subclasses set other module names.
 
     heads      query heads: head_dim input rows of o_proj each, partitioned by
                KV group so that every KV group keeps the same number
