@@ -840,21 +840,6 @@ _NOTE = ("layers of this pruned model differ from what the standard config field
          "from_pretrained fails with a size mismatch")
 
 
-def _config_accepts(config: Any, fields: dict[str, int]) -> bool:
-    """Whether the config class's own validation (transformers 5 strict configs) accepts these values."""
-    trial = copy.deepcopy(config)
-    for name, value in fields.items():
-        setattr(text_config(trial), name, int(value))
-    validate = getattr(trial, "validate", None)
-    if validate is None:
-        return True
-    try:
-        validate()
-    except Exception:  # noqa: BLE001 - any validation failure means "not expressible"
-        return False
-    return True
-
-
 def _block_shapes(model_class: type, config: Any, prefix: str) -> dict[str, tuple] | None:
     """Parameter shapes of one block of a model built from `config` on the meta device (no memory)."""
     try:
@@ -865,17 +850,24 @@ def _block_shapes(model_class: type, config: Any, prefix: str) -> dict[str, tupl
     return {k: tuple(v.shape) for k, v in fresh.state_dict().items() if k.startswith(prefix + ".")}
 
 
-def _config_builds_this(model: nn.Module, adapter: Adapter, fields: dict[str, int]) -> bool:
-    """Whether writing `fields` makes from_pretrained build block 0 closer to this model: some
-    parameter shapes that differed now match, and none that matched differs (StableLM derives
-    head_dim from hidden_size / heads and ignores a written head_dim: its pruned heads cannot be
-    described by the config)."""
+def _config_describes(model: nn.Module, adapter: Adapter, fields: dict[str, int]) -> bool:
+    """Whether `fields` may be written to the model's config: the config class's own
+    validation (transformers 5 strict configs) accepts them, and from_pretrained would build
+    block 0 closer to this model: some parameter shapes that differed now match, and none that
+    matched differs (StableLM derives head_dim from hidden_size / heads and ignores a written
+    head_dim: its pruned heads cannot be described by the config)."""
     config = model.config
     if all(getattr(text_config(config), name, None) == int(value) for name, value in fields.items()):
         return True
     trial = copy.deepcopy(config)
     for name, value in fields.items():
         setattr(text_config(trial), name, int(value))
+    validate = getattr(trial, "validate", None)
+    try:
+        if validate is not None:
+            validate()
+    except Exception:  # noqa: BLE001 - any validation failure means "not expressible"
+        return False
     prefix = adapter.block_name(0)
     before = _block_shapes(type(model), config, prefix)
     if before is None:
@@ -906,7 +898,7 @@ def sync_config(model: nn.Module, adapter: Adapter | None = None) -> None:
     sizes = layer_sizes(model, adapter)
     uniform = {key for key in sizes[0] if all(s[key] == sizes[0][key] for s in sizes)}
     for fields in surgeon.uniform_fields(model, adapter, sizes[0], uniform):
-        if _config_accepts(config, fields) and _config_builds_this(model, adapter, fields):
+        if _config_describes(model, adapter, fields):
             for name, value in fields.items():
                 setattr(text_config(config), name, int(value))  # a multimodal model's language part
     config.osscar_layer_sizes = [dict(s) for s in sizes]
