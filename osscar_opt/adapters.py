@@ -47,10 +47,23 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+def is_experts(module: nn.Module | None) -> bool:
+    """transformers' stacked mixture-of-experts weights (Mixtral, OLMoE,
+    Qwen2/3-MoE `*Experts`): gate_up_proj (experts, 2 x neurons, hidden) with
+    the gate half first, down_proj (experts, hidden, neurons)."""
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter) and gate_up.dim() == 3 \
+        and down.dim() == 3
+
+
 def weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The consumer's weight as W_hat (d x m): rows are input features."""
+    """The consumer's weight as W_hat (d x m): rows are input features (for
+    stacked experts, expert e's neurons are rows e x neurons .. (e + 1) x neurons - 1)."""
     if isinstance(module, nn.Linear):
         return module.weight.detach().T
+    if is_experts(module):
+        down = module.down_proj.detach()
+        return down.transpose(1, 2).reshape(-1, down.shape[1])
     if is_conv1d(module):
         return module.weight.detach()
     if isinstance(module, nn.Conv2d):
@@ -61,6 +74,12 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
 
 def set_weight_matrix(module: nn.Module, W: torch.Tensor) -> None:
     """Write W (d x m, rows = input features) back into the consumer module."""
+    if is_experts(module):
+        old = module.down_proj
+        new = W.reshape(old.shape[0], -1, old.shape[1]).transpose(1, 2)
+        module.down_proj = nn.Parameter(new.to(device=old.device, dtype=old.dtype).contiguous(),
+                                        requires_grad=old.requires_grad)
+        return
     dtype, device = module.weight.dtype, module.weight.device
     if isinstance(module, nn.Linear):
         new = W.T
@@ -190,10 +209,11 @@ class Adapter:
         added to the residual stream (1 but for e.g. Granite's residual_multiplier)."""
         return 1.0
 
-    def residual_point(self, structure: str, layer: int) -> tuple[str, str]:
+    def residual_point(self, structure: str, layer: int) -> tuple[str, str] | None:
         """Where the hidden state that a site's consumer output is added to
         (the residual sum) can be read: (module path, "input") for the first
-        input of that module, (block path, "output") for the block's output."""
+        input of that module, (block path, "output") for the block's output;
+        None where that structure's sites keep layer targets (MoE experts)."""
         raise UnsupportedModelError(f"{self.name} models do not say where their residual sums are: "
                                     "use targets='layer'")
 
@@ -298,6 +318,100 @@ class PhiAdapter(LlamaAdapter):
     out_proj = "dense"
     ffn_in = ("fc1",)
     ffn_out = "fc2"
+
+
+# transformers runs stacked experts with grouped_mm by default, which needs 16-byte aligned rows:
+# experts keep a multiple of 8 neurons (bf16/fp16; fp32 needs 4)
+EXPERT_MULTIPLE = 8
+
+
+class MoEAdapter(LlamaAdapter):
+    """Mixture-of-experts members of the Llama family (Mixtral, OLMoE,
+    Qwen2-MoE, Qwen3-MoE), every layer's FFN a routed MoE block with stacked
+    experts: the Llama attention structures, and
+
+    neurons         FFN neurons of every routed expert of a layer. The stacked
+                    weights need the same number of neurons in every expert,
+                    so the groups (experts x neurons, expert e's neurons at
+                    e x neurons ..) are partitioned by expert with one budget
+                    each (a multiple of 8 neurons: transformers' default
+                    grouped_mm kernel needs 16-byte aligned rows), and each
+                    expert is its own instance (`expert_sites`):
+                    its Gram matrix sums the neuron activations of the tokens
+                    routed to it, weighted by their routing weights (the
+                    factor its output is added with); refit to its own output
+                    (layer targets)
+    shared-neurons  neurons of the shared expert (Qwen2-MoE), layer targets
+    """
+
+    name = "moe"
+    model_types = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
+    structures = LlamaAdapter.structures + ("shared-neurons",)
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        kind = getattr(getattr(model, "config", None), "model_type", "")
+        for layer in range(self.n_layers):
+            experts = getattr(self.block(layer).mlp, "experts", None)
+            if not is_experts(experts):
+                raise UnsupportedModelError(
+                    f"layer {layer} of this {kind} model has a dense FFN among MoE layers (mlp_only_layers / "
+                    "decoder_sparse_step): models that mix dense and MoE layers are not supported")
+            layout = {"is_transposed": False, "has_bias": False, "is_concatenated": True, "has_gate": True}
+            odd = [f"{k}={getattr(experts, k)}" for k, v in layout.items() if getattr(experts, k, v) != v]
+            if odd:
+                raise UnsupportedModelError(f"the experts of this {kind} model are stored with {', '.join(odd)}: "
+                                            "only concatenated gate/up weights without biases are supported")
+        self.default_structures = ("heads", "neurons") + (("shared-neurons",) if self.has_shared_expert else ())
+
+    @property
+    def has_shared_expert(self) -> bool:
+        return isinstance(getattr(self.block(0).mlp, "shared_expert", None), nn.Module)
+
+    def check_structure(self, structure: str) -> None:
+        super().check_structure(structure)
+        if structure == "shared-neurons" and not self.has_shared_expert:
+            raise UnsupportedModelError(f"this {self.model.config.model_type} model has no shared expert: "
+                                        "choose from heads, query-heads, kv-groups, neurons")
+
+    def _site(self, structure: str, layer: int) -> Site:
+        mlp = f"{self.block_name(layer)}.mlp"
+        if structure == "neurons":
+            down = self.block(layer).mlp.experts.down_proj
+            n_experts, n = int(down.shape[0]), int(down.shape[2])
+            return Site(layer, structure, f"{mlp}.experts", n_experts * n, 1,
+                        tuple(np.repeat(np.arange(n_experts), n).tolist()),
+                        {"experts": n_experts, "multiple": EXPERT_MULTIPLE})
+        if structure == "shared-neurons":
+            down = _get(self.model, f"{mlp}.shared_expert.down_proj")
+            return Site(layer, structure, f"{mlp}.shared_expert.down_proj", down.in_features, 1)
+        return super()._site(structure, layer)
+
+    def residual_point(self, structure: str, layer: int) -> tuple[str, str] | None:
+        # routed experts (and the gated shared expert) are scaled per token: their sites keep layer targets
+        return None if structure in ("neurons", "shared-neurons") else super().residual_point(structure, layer)
+
+
+def expert_sites(site: Site) -> list[Site]:
+    """One site per expert of a stacked-experts site (`MoEAdapter` neurons):
+    the expert's neurons as groups 0..n-1, `extra["expert"]` its index;
+    [site] for any other site."""
+    n_experts = site.extra.get("experts")
+    if not n_experts:
+        return [site]
+    n = site.n_groups // n_experts
+    return [Site(site.layer, site.structure, site.consumer, n, site.group_size, None,
+                 {**site.extra, "expert": e, "offset": e * n}) for e in range(n_experts)]
+
+
+def site_weight(model: nn.Module, site: Site) -> torch.Tensor:
+    """W_hat (d x m) of a site: the consumer's weight matrix, or the rows of
+    one expert for a site from `expert_sites`."""
+    W = weight_matrix(_get(model, site.consumer))
+    if "expert" in site.extra:
+        start = site.extra["offset"] * site.group_size
+        return W[start: start + site.n_groups * site.group_size]
+    return W
 
 
 class BertAdapter(Adapter):
@@ -505,7 +619,7 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
     return cls
 
 
-for _cls in (LlamaAdapter, Phi3Adapter, Starcoder2Adapter, PhiAdapter, BertAdapter, OPTAdapter, GPT2Adapter,
+for _cls in (LlamaAdapter, MoEAdapter, Phi3Adapter, Starcoder2Adapter, PhiAdapter, BertAdapter, OPTAdapter, GPT2Adapter,
              GPTNeoXAdapter, ConvAdapter):
     register_adapter(_cls)
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapters import Adapter, ConvAdapter, Site, adapter_for, text_config, weight_matrix
+from .adapters import Adapter, ConvAdapter, Site, adapter_for, expert_sites, site_weight, text_config
 from .data import DataError
 from .errors import OsscarError
 from .extract import (GramHooks, StateRecorder, _batches, as_calibration, as_structures, describe_calibration, keep_count,
@@ -46,7 +46,7 @@ from .placement import fits_on, placed
 from .registry import solve
 
 # structures pruned first inside a block (attention precedes the FFN)
-_ORDER = {"heads": 0, "query-heads": 0, "kv-groups": 0, "neurons": 1, "channels": 1}
+_ORDER = {"heads": 0, "query-heads": 0, "kv-groups": 0, "neurons": 1, "shared-neurons": 1, "channels": 1}
 ATTENTION_STRUCTURES = ("heads", "query-heads", "kv-groups")  # each removes o_proj inputs: one per call
 
 
@@ -66,6 +66,9 @@ class SiteReport:
     seconds: float
     keep: list[int]
     target_fit: dict | None = None  # dense targets: the correction's ridge and shrinkage (GramHooks.correction)
+    # stacked MoE experts (one instance each): per expert its kept count, err, status, seconds and the
+    # calibration tokens routed to it; err above is their mean, seconds their sum
+    experts: list[dict] | None = None
 
 
 @dataclass
@@ -209,8 +212,9 @@ def check_sizes(solver: str, solver_params: dict, model: nn.Module, plan: Sequen
         return
     impl, params, seen = cls(), make_params(cls, solver_params), set()
     for site, frac in plan:
+        site = expert_sites(site)[0]  # stacked experts: each expert is an instance of its own
         k, budget = keep_count(site, _keep_for(site, frac))
-        d, m = weight_matrix(model.get_submodule(site.consumer)).shape
+        d, m = site_weight(model, site).shape
         parts = None if site.partition is None else tuple(np.asarray(site.partition).tolist())
         key = (d, m, site.group_size, k, parts, None if budget is None else tuple(budget))
         if key in seen:
@@ -250,8 +254,12 @@ def _check_tokens(model: nn.Module, adapter: Adapter, calibration: Any) -> Any:
 
 
 def _keep_for(site: Site, fraction: float) -> int | float:
-    """Groups kept: (1 - sparsity) of them, at least one (per KV group for GQA heads)."""
+    """Groups kept: (1 - sparsity) of them, at least one (per KV group for GQA heads);
+    a site that asks for a multiple (stacked MoE experts: 8) keeps the nearest one."""
     keep_frac = 1.0 - fraction
+    multiple = site.extra.get("multiple")
+    if multiple and site.partition is None and site.n_groups > multiple:
+        return int(min(site.n_groups, max(multiple, multiple * round(keep_frac * site.n_groups / multiple))))
     if site.partition is not None:
         sizes = np.bincount(np.asarray(site.partition))
         budget = [max(1, int(round(keep_frac * s))) for s in sizes]
@@ -393,6 +401,10 @@ def apply(
         heads in every KV group (round(keep x heads per group) each);
         "query-heads" keeps round(keep x heads) anywhere and duplicates KV
         heads where the groups differ; "kv-groups" removes whole KV groups.
+        MoE models: "neurons" prunes every routed expert, each solved on
+        its own routed tokens and keeping the same number (the nearest
+        multiple of 8), refit to layer targets; "shared-neurons" the shared
+        expert (Qwen2-MoE).
     solver: any registered solver name; solver_params go to it.
     sequential: each layer sees the already-pruned upstream (default), else
         every layer is pruned on the dense model's activations.
@@ -485,18 +497,32 @@ def apply(
     meta = {"model": name, "architecture": adapter.name, "calibration": report.calibration,
             "activations": "sequential" if sequential else "dense"}
 
-    def prune_site(site: Site, frac: float, gram: np.ndarray, samples: int,
+    def prune_site(site: Site, frac: float, stats: list[tuple[np.ndarray, int]],
                    correction: np.ndarray | None = None, fit: dict | None = None) -> None:
-        keep = _keep_for(site, frac)
-        inst = site_instance(model, site, gram, samples, keep=keep, damping=damping, meta=meta,
-                             correction=correction)
-        sol = solve(inst, solver, device=device, time_limit=time_limit, **solver_params)
-        if sol.status.value == "ERROR":
-            raise PruneError(f"solver {solver!r} failed on layer {site.layer} {site.structure}: {sol.message}")
-        remove_groups(model, site, sol.keep, sol.weights)
-        report.solve_seconds += sol.seconds
-        report.sites.append(SiteReport(site.layer, site.structure, site.consumer, site.n_groups, int(sol.keep.size),
-                                       sol.deployed_err, str(sol.status), sol.seconds, sol.keep.tolist(), fit))
+        views = expert_sites(site)  # [site], or one site per expert of stacked MoE experts
+        keeps, weights, rows = [], [], []
+        for view, (gram, samples) in zip(views, stats):
+            inst = site_instance(model, view, gram, samples, keep=_keep_for(view, frac), damping=damping,
+                                 meta=meta, correction=correction)
+            sol = solve(inst, solver, device=device, time_limit=time_limit, **solver_params)
+            where = f" expert {view.extra['expert']}" if "expert" in view.extra else ""
+            if sol.status.value == "ERROR":
+                raise PruneError(f"solver {solver!r} failed on layer {site.layer} {site.structure}{where}: "
+                                 f"{sol.message}")
+            offset = view.extra.get("offset", 0)
+            keeps.append(offset + np.asarray(sol.keep, dtype=np.int64))
+            if sol.weights is not None:
+                weights.append(np.asarray(sol.weights))
+            rows.append({"expert": view.extra.get("expert"), "kept": int(sol.keep.size), "err": sol.deployed_err,
+                         "status": str(sol.status), "seconds": sol.seconds, "samples": samples})
+            report.solve_seconds += sol.seconds
+        keep = np.concatenate(keeps)
+        remove_groups(model, site, keep, np.concatenate(weights) if len(weights) == len(views) else None)
+        status = ",".join(dict.fromkeys(r["status"] for r in rows))
+        report.sites.append(SiteReport(site.layer, site.structure, site.consumer, site.n_groups, int(keep.size),
+                                       float(np.mean([r["err"] for r in rows])), status,
+                                       float(sum(r["seconds"] for r in rows)), keep.tolist(), fit,
+                                       rows if len(views) > 1 else None))
 
     bar = tqdm(total=len(plan), desc=f"pruning ({solver})", disable=not progress, leave=False)
     if not sequential or isinstance(adapter, ConvAdapter):
@@ -515,9 +541,9 @@ def apply(
                         hooks.mask = token_mask(batch)
                         run_model(model, adapter, batch, dev, stop_after=None if isinstance(adapter, ConvAdapter)
                                   else max(s.layer for s, _ in batch_sites))
-                    grams = {s.consumer: (hooks.gram(s.consumer), hooks.samples(s.consumer)) for s, _ in batch_sites}
+                    stats = {s.consumer: hooks.site_stats(s) for s, _ in batch_sites}
                 for site, frac in batch_sites:
-                    prune_site(site, frac, *grams[site.consumer])
+                    prune_site(site, frac, stats[site.consumer])
                     bar.update()
                 todo = todo[len(batch_sites):]
                 if not sequential:
@@ -542,6 +568,7 @@ def apply(
                 sites = by_layer.get(layer, [])
                 points = {s.consumer: adapter.residual_point(s.structure, layer) for s, _ in sites} \
                     if dense_inputs is not None else {}
+                points = {c: p for c, p in points.items() if p is not None}  # None: layer targets (MoE experts)
                 recorded: dict[str, list[torch.Tensor]] = {}
                 if dense_inputs is not None:
                     # a dense copy of the block on the dense flow: its residual sums, then its outputs
@@ -554,15 +581,16 @@ def apply(
                     del dense_block
                 for site, frac in sites:
                     # the site's current shape (an earlier site of this block may have changed nothing here)
-                    deltas = {site.consumer: (points[site.consumer], recorded[site.consumer])} if recorded else None
+                    deltas = {site.consumer: (points[site.consumer], recorded[site.consumer])} \
+                        if site.consumer in recorded else None
                     site = adapter.site(site.structure, layer)
                     with GramHooks(model, [site.consumer], device=dev, deltas=deltas) as hooks:
                         _run_block(block, inputs, dev, False, kinds[layer], hooks)
-                        gram, samples = hooks.gram(site.consumer), hooks.samples(site.consumer)
+                        stats = hooks.site_stats(site)
                         correction, fit = hooks.correction(site.consumer, target_damping) if deltas else (None, None)
                     if correction is not None:  # the change of the consumer's output, not of the residual sum
                         correction = correction / adapter.residual_scale(site.structure, layer)
-                    prune_site(site, frac, gram, samples, correction, fit)
+                    prune_site(site, frac, stats, correction, fit)
                     bar.update()
                 if layer < last:
                     inputs = _run_block(block, inputs, dev, True, kinds[layer])

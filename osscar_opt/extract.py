@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapters import Adapter, Site, adapter_for, input_rows, weight_matrix
+from .adapters import Adapter, Site, adapter_for, expert_sites, input_rows, is_experts, site_weight
 from .data import Calibration, DataError
 from .instance import DAMPING, Instance, damped_gram
 from .placement import placed
@@ -103,6 +103,11 @@ class GramHooks(_Hooks):
         self.mask: torch.Tensor | None = None
         for name in dict.fromkeys(consumers):
             module = model.get_submodule(name)
+            if is_experts(module):  # one Gram matrix per expert, under f"{name}[{e}]"
+                if name in (deltas or {}):
+                    raise DataError(f"{name}: stacked experts take layer targets, not a dense-target correction")
+                self._handles.append(module.register_forward_hook(self._expert_hook(name), with_kwargs=True))
+                continue
             self._handles.append(module.register_forward_hook(self._hook(name, name in (deltas or {}))))
         for name, (point, rows) in (deltas or {}).items():
             self._handles.append(on_state(model, point, self._delta_hook(name, rows)))
@@ -133,6 +138,51 @@ class GramHooks(_Hooks):
                     self.half_counts[name] = 0
                 self.half_sums[name].addmm_(half.T, half)
                 self.half_counts[name] += half.shape[0]
+
+        return hook
+
+    def _expert_hook(self, name: str):
+        """Each expert's input rows: the neuron activations act(gate) * up of
+        the tokens routed to it, times their routing weights (the factor the
+        expert's output is added with), so X_e'X_e weighs each token as the
+        MoE block does. Computed again from the experts' own weights; padded
+        tokens left out."""
+        def hook(module, args, kwargs, output):
+            given = dict(zip(("hidden_states", "top_k_index", "top_k_weights"), args), **kwargs)
+            x, index, weights = (given.get(k) for k in ("hidden_states", "top_k_index", "top_k_weights"))
+            if not all(isinstance(t, torch.Tensor) for t in (x, index, weights)):
+                raise DataError(f"{name} was called without (hidden_states, top_k_index, top_k_weights): "
+                                "this experts module is not supported")
+            x, index, weights = x.detach(), index.detach(), weights.detach()
+            real = None
+            if self.mask is not None and self.mask.numel() == x.shape[0]:
+                real = self.mask.to(x.device).reshape(-1).bool()
+            dev = self.device or x.device
+            n_experts, _, n = module.down_proj.shape
+            gate_fn = getattr(module, "_apply_gate", None)
+            for e in range(n_experts):
+                key = f"{name}[{e}]"
+                if key not in self.sums:
+                    self.sums[key] = torch.zeros(n, n, dtype=torch.float64, device=self.store or dev)
+                    self.counts[key] = 0
+                token, slot = torch.where(index == e)
+                if real is not None:
+                    token, slot = token[real[token]], slot[real[token]]
+                if token.numel() == 0:
+                    continue
+                gate_up = nn.functional.linear(x[token], module.gate_up_proj[e].detach())
+                if callable(gate_fn):
+                    act = gate_fn(gate_up)
+                else:
+                    gate, up = gate_up.chunk(2, dim=-1)
+                    act = module.act_fn(gate) * up
+                rows = (act * weights[token, slot, None]).to(dev, torch.float64)
+                acc = self.sums[key]
+                if acc.device == rows.device:
+                    acc.addmm_(rows.T, rows)
+                else:
+                    acc.add_((rows.T @ rows).to(acc.device))
+                self.counts[key] += rows.shape[0]
 
         return hook
 
@@ -193,6 +243,22 @@ class GramHooks(_Hooks):
 
     def samples(self, name: str) -> int:
         return self.counts.get(name, 0)
+
+    def site_stats(self, site: Site) -> list[tuple[np.ndarray, int]]:
+        """(X'X/n, n) of each site of `expert_sites(site)`: the consumer's
+        own, or one per expert. An expert no calibration token was routed to
+        gets the identity (its neurons are then chosen by their weights alone)."""
+        views = expert_sites(site)
+        if len(views) == 1 and "expert" not in views[0].extra:
+            return [(self.gram(site.consumer), self.samples(site.consumer))]
+        out = []
+        for view in views:
+            key = f"{site.consumer}[{view.extra['expert']}]"
+            if key not in self.sums:
+                raise DataError(f"no activations reached {site.consumer}: the calibration data never ran through it")
+            n = self.counts[key]
+            out.append((self.gram(key) if n else np.eye(view.n_groups * view.group_size), n))
+        return out
 
 
 CORRECTION_RIDGES = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # the ridges `fit_correction` chooses from
@@ -299,8 +365,7 @@ def site_instance(
     same state in the dense model on the same tokens, the instance fits the
     dense model's residual stream instead of the layer's own output.
     """
-    module = model.get_submodule(site.consumer)
-    W = weight_matrix(module).to("cpu", torch.float64).numpy()
+    W = site_weight(model, site).to("cpu", torch.float64).numpy()
     H = damped_gram(gram, damping)
     if correction is not None:
         if correction.shape != W.shape:
@@ -314,6 +379,8 @@ def site_instance(
         "layer": site.layer, "structure": site.structure, "module": site.consumer,
         "group_size": site.group_size, "damping": damping, "samples": samples,
     })
+    if "expert" in site.extra:
+        info["expert"] = site.extra["expert"]
     if isinstance(keep, float):
         info["keep_fraction"] = keep
     return Instance(H, W, k, group_size=site.group_size, partition=partition, meta=info)
@@ -432,6 +499,8 @@ def extract(
     `calibration` is a `Calibration`, a tensor of token ids (or images for a
     CNN) batched along dim 0, or an iterable of ready batches. `keep` is the
     fraction (float) or number (int) of groups each instance keeps.
+    The stacked experts of an MoE layer give one instance per expert (id
+    suffix -e<expert>), each keeping `keep` of its own neurons.
     `device`: where the forward passes run (the model is moved there and
     back); None runs them where the model is. `offload`: the blocks take
     turns on `device` and the Gram matrices wait on the CPU (True), the
@@ -449,6 +518,7 @@ def extract(
         raise DataError("no layers selected: pass layers=None for all or a list of layer indices")
     sites = adapter.sites(structures, layers)
     for site in sites:  # a keep out of range fails here, not after the calibration pass
+        site = expert_sites(site)[0]  # stacked experts: keep is per expert
         k, _ = keep_count(site, keep)
         if not 0 <= k <= site.n_groups:
             raise DataError(f"keep={keep} is out of range for {site.consumer}: it has {site.n_groups} groups "
@@ -475,10 +545,11 @@ def extract(
                     "calibration": describe_calibration(calibration), "activations": "dense"}
             out = []
             for site in sites:
-                inst = site_instance(model, site, hooks.gram(site.consumer), hooks.samples(site.consumer),
-                                     keep, damping, meta)
-                inst.meta["id"] = f"{name}-{site.id}"
-                out.append(inst)
+                for view, (gram, samples) in zip(expert_sites(site), hooks.site_stats(site)):
+                    inst = site_instance(model, view, gram, samples, keep, damping, meta)
+                    expert = f"-e{view.extra['expert']}" if "expert" in view.extra else ""
+                    inst.meta["id"] = f"{name}-{site.id}{expert}"
+                    out.append(inst)
     finally:  # the model goes back where it was, also after an error
         if dev is not None and home is not None:
             model.to(home)

@@ -77,7 +77,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapters import Adapter, Site, adapter_for, is_conv1d, set_weight_matrix, text_config, weight_matrix
+from .adapters import (EXPERT_MULTIPLE, Adapter, Site, adapter_for, is_conv1d, is_experts, set_weight_matrix,
+                       text_config, weight_matrix)
 from .errors import OsscarError, require
 
 
@@ -197,6 +198,46 @@ class BatchNormPruner(ModulePruner):
     keep_inputs = keep_outputs
 
 
+class ExpertsPruner(ModulePruner):
+    """Stacked MoE experts (`adapters.is_experts`): gate_up_proj (E, 2n, h),
+    gate half first, and down_proj (E, h, n). Outputs and inputs are the
+    experts' neurons, expert e's at e x n .. (e + 1) x n - 1; every expert
+    must keep the same number (one stacked tensor)."""
+
+    def n_outputs(self, module):
+        n_experts, _, n = module.down_proj.shape
+        return n_experts * n
+
+    n_inputs = n_outputs
+
+    @staticmethod
+    def _per_expert(module, index):
+        n_experts, _, n = module.down_proj.shape
+        expert = index // n
+        counts = torch.bincount(expert, minlength=n_experts)
+        if index.numel() % n_experts or torch.any(counts != counts[0]):
+            raise SurgeryError(f"kept neurons per expert are {counts.tolist()}: stacked experts must keep the "
+                               "same number in every expert")
+        return (index - expert * n).reshape(n_experts, -1)
+
+    def keep_outputs(self, module, index):
+        idx = self._per_expert(module, index)
+        n = module.down_proj.shape[2]
+        old = module.gate_up_proj
+        rows = torch.cat([idx, n + idx], dim=1).to(old.device)
+        new = torch.stack([old.detach()[e].index_select(0, rows[e]) for e in range(idx.shape[0])])
+        module.gate_up_proj = nn.Parameter(new.contiguous(), requires_grad=old.requires_grad)
+        if hasattr(module, "intermediate_dim"):
+            module.intermediate_dim = int(idx.shape[1])
+
+    def keep_inputs(self, module, index):
+        idx = self._per_expert(module, index)
+        old = module.down_proj
+        idx = idx.to(old.device)
+        new = torch.stack([old.detach()[e].index_select(1, idx[e]) for e in range(idx.shape[0])])
+        module.down_proj = nn.Parameter(new.contiguous(), requires_grad=old.requires_grad)
+
+
 PRUNERS: dict[type, ModulePruner] = {
     nn.Linear: LinearPruner(),
     nn.Conv2d: Conv2dPruner(),
@@ -216,6 +257,9 @@ def pruner_for(module: nn.Module) -> ModulePruner:
             return PRUNERS[cls]
     if is_conv1d(module):  # transformers' Conv1D, registered on first sight (no import at load)
         PRUNERS[type(module)] = Conv1DPruner()
+        return PRUNERS[type(module)]
+    if is_experts(module):  # transformers' stacked MoE experts (one class per model type)
+        PRUNERS[type(module)] = ExpertsPruner()
         return PRUNERS[type(module)]
     raise SurgeryError(f"no pruner for {type(module).__name__}: register one with "
                        "osscar_opt.surgery.register_pruner(ModuleType, ModulePruner())")
@@ -481,6 +525,71 @@ class Phi3Surgeon(LlamaSurgeon):
         return [{"intermediate_size": sizes["neurons"]}] if "neurons" in uniform else []
 
 
+class MoESurgeon(LlamaSurgeon):
+    """The MoE adapter's families: the Llama attention; neurons of the
+    stacked experts (gate_up_proj rows of both halves, down_proj columns,
+    the same number per expert) and of the shared expert (Qwen2-MoE)."""
+
+    name = "moe"
+
+    @staticmethod
+    def _neuron_field(config) -> str:
+        # Qwen2/3-MoE size their experts by moe_intermediate_size (intermediate_size: dense FFNs)
+        return "moe_intermediate_size" if hasattr(config, "moe_intermediate_size") else "intermediate_size"
+
+    def plan(self, model, adapter, site, keep):
+        if site.structure == "neurons":
+            per_expert = keep.size // site.extra["experts"]
+            eager = getattr(text_config(model.config), "_experts_implementation", None) == "eager"
+            if per_expert % EXPERT_MULTIPLE and per_expert * site.extra["experts"] != site.n_groups and not eager:
+                raise SurgeryError(f"layer {site.layer} neurons: {per_expert} neurons per expert; transformers' "
+                                   f"default grouped_mm experts kernel needs a multiple of {EXPERT_MULTIPLE}: keep "
+                                   "one, or run the experts eagerly (model.config._experts_implementation = 'eager')")
+            return Plan(site.consumer, keep, [_Op(site.consumer, "outputs", keep), _Op(site.consumer, "inputs", keep)])
+        if site.structure == "shared-neurons":
+            mlp = f"{adapter.block_name(site.layer)}.mlp.shared_expert"
+            plan = Plan(site.consumer, keep, [_Op(f"{mlp}.gate_proj", "outputs", keep),
+                                              _Op(f"{mlp}.up_proj", "outputs", keep),
+                                              _Op(site.consumer, "inputs", keep)])
+            _set_attr_if_present(plan, model, mlp, ("intermediate_size",), keep.size)
+            return plan
+        return super().plan(model, adapter, site, keep)
+
+    def layer_sizes(self, model, adapter, layer):
+        mlp = adapter.block(layer).mlp
+        sizes = {"heads": getattr(adapter.block(layer).self_attn, adapter.out_proj).in_features
+                 // adapter.head_dim(layer),
+                 "kv_heads": adapter.kv_heads(layer), "neurons": int(mlp.experts.down_proj.shape[2])}
+        if adapter.has_shared_expert:
+            sizes["shared_neurons"] = mlp.shared_expert.down_proj.in_features
+        return sizes
+
+    def standard_sizes(self, config):
+        sizes = {"heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
+                 "neurons": getattr(config, self._neuron_field(config))}
+        if getattr(config, "shared_expert_intermediate_size", None):
+            sizes["shared_neurons"] = config.shared_expert_intermediate_size
+        return sizes
+
+    def uniform_fields(self, model, adapter, sizes, uniform):
+        out = [f for f in super().uniform_fields(model, adapter, sizes, uniform - {"neurons"})]
+        if "neurons" in uniform:
+            out.append({self._neuron_field(text_config(model.config)): sizes["neurons"]})
+        if "shared_neurons" in uniform:
+            out.append({"shared_expert_intermediate_size": sizes["shared_neurons"]})
+        return out
+
+    def shrink_to(self, model, adapter, layer, sizes):
+        cur = self.layer_sizes(model, adapter, layer)
+        super().shrink_to(model, adapter, layer, {**sizes, "neurons": cur["neurons"]})  # the attention
+        if sizes["neurons"] < cur["neurons"]:
+            n_experts = int(adapter.block(layer).mlp.experts.down_proj.shape[0])
+            keep = (np.arange(n_experts)[:, None] * cur["neurons"] + np.arange(sizes["neurons"])).ravel()
+            _remove(model, adapter, adapter.site("neurons", layer), keep, None)
+        if "shared_neurons" in sizes and sizes["shared_neurons"] < cur["shared_neurons"]:
+            _remove(model, adapter, adapter.site("shared-neurons", layer), np.arange(sizes["shared_neurons"]), None)
+
+
 class BertSurgeon(Surgeon):
     """BERT/RoBERTa: heads (query/key/value rows, attention.output.dense
     columns), neurons (intermediate.dense rows, output.dense columns)."""
@@ -643,7 +752,7 @@ def register_surgeon(surgeon: Surgeon) -> Surgeon:
     return surgeon
 
 
-for _s in (LlamaSurgeon(), Phi3Surgeon(), BertSurgeon(), OPTSurgeon(), GPT2Surgeon(), GPTNeoXSurgeon(),
+for _s in (LlamaSurgeon(), MoESurgeon(), Phi3Surgeon(), BertSurgeon(), OPTSurgeon(), GPT2Surgeon(), GPTNeoXSurgeon(),
            ConvSurgeon()):
     register_surgeon(_s)
 
@@ -1008,6 +1117,25 @@ def _model_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, t
     return renamed if len(renamed) == len(state) and set(renamed) <= own else state
 
 
+def _convert_and_load(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    """Load a checkpoint whose tensors transformers converts on loading
+    (save_pretrained writes Mixtral's stacked experts back as one w1/w2/w3
+    Linear per expert): transformers' own conversion into this model.
+    False where that loader is unavailable or leaves any key unmatched."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+
+        dtype = next(model.parameters()).dtype
+        config = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(model), dtype=dtype)
+        info = convert_and_load_state_dict_in_model(model, state, config)[0]
+    except Exception:  # noqa: BLE001 - another transformers version: the plain load and its error message
+        return False
+    return not (info.missing_keys or info.unexpected_keys or info.mismatched_keys or info.error_msgs
+                or info.conversion_errors)
+
+
 def _load_weights(model: nn.Module, path: Path, dtype: torch.dtype | None) -> None:
     st = require("safetensors.torch", "models", "loading a pruned model")
     files = sorted(path.glob("*.safetensors"))
@@ -1019,6 +1147,8 @@ def _load_weights(model: nn.Module, path: Path, dtype: torch.dtype | None) -> No
     state = _model_keys(model, state)
     floating = [t.dtype for t in state.values() if t.is_floating_point()]
     model.to(dtype or (floating[0] if floating else torch.float32))
+    if not set(state) <= set(model.state_dict()) and _convert_and_load(model, state):
+        return
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise SurgeryError(f"{path} holds weights the model lacks ({result.unexpected_keys[0]}, ...): "

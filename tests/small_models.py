@@ -147,6 +147,34 @@ def tiny_gemma3_vlm(layers=2, vocab=300):
     return Gemma3ForConditionalGeneration(cfg).eval()
 
 
+def tiny_moe(kind: str, layers=2, heads=4, kv_heads=2, head_dim=16, ffn=48, experts=4, vocab=128, **config):
+    """Mixture-of-experts members of the Llama family, 4 experts of 48
+    neurons, 2 routed per token: Mixtral, OLMoE (q/k norms across all heads),
+    Qwen2-MoE (a gated shared expert of 80 neurons beside the routed ones),
+    Qwen3-MoE (per-head q/k norms). `config`: further config fields."""
+    import transformers
+
+    names = {"mixtral": "Mixtral", "olmoe": "Olmoe", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe"}[kind]
+    config_cls = getattr(transformers, f"{names}Config", None)
+    model_cls = getattr(transformers, f"{names}ForCausalLM", None)
+    if config_cls is None or model_cls is None:
+        import pytest
+
+        pytest.skip(f"transformers {transformers.__version__} has no {names} models")
+    torch.manual_seed(0)
+    extra = {"mixtral": {"num_local_experts": experts, "intermediate_size": ffn, "head_dim": head_dim},
+             "olmoe": {"num_experts": experts, "intermediate_size": ffn},
+             "qwen2_moe": {"num_experts": experts, "moe_intermediate_size": ffn, "intermediate_size": 96,
+                           "shared_expert_intermediate_size": 80},
+             "qwen3_moe": {"num_experts": experts, "moe_intermediate_size": ffn, "intermediate_size": 96,
+                           "head_dim": head_dim}}[kind]
+    cfg = config_cls(vocab_size=vocab, hidden_size=heads * head_dim, num_hidden_layers=layers,
+                     num_attention_heads=heads, num_key_value_heads=kv_heads, num_experts_per_tok=2,
+                     max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                     **{**extra, **config})
+    return model_cls(cfg).eval()
+
+
 ARCHITECTURES = {
     "llama": tiny_llama,
     "bert": tiny_bert,

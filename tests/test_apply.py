@@ -140,6 +140,129 @@ def test_gemma3_vision_language_model_prunes_its_text_tower(tmp_path):
     np.testing.assert_allclose(_out(again, x).numpy(), _out(model, x).numpy(), atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_moe_models_prune_every_expert_reload_and_match_the_refit_dense_model(kind, tmp_path):
+    """MoE models: each routed expert is solved on its own tokens and keeps
+    the same number of neurons (stacked weights), the shared expert
+    (Qwen2-MoE) its own share; heads with dense targets, experts with layer
+    targets; the outputs equal the refit dense model's; per-layer sizes
+    reload with load_pruned, uniform ones also with plain from_pretrained
+    (Mixtral's checkpoint holds one w1/w2/w3 per expert, converted on load).
+    Experts keep a multiple of 8 neurons (62.5% of 48 is 30: 32 kept).
+    OLMoE's q/k norms span all heads: heads are refused, neurons prune."""
+    import transformers
+    from small_models import tiny_moe
+
+    from osscar_opt.surgery import SurgeryError
+
+    x = random_tokens(n=2, seq_len=24, seed=5)
+    tokens = random_tokens(n=8, seq_len=24)
+    dense = tiny_moe(kind)
+    if kind == "olmoe":
+        model = copy.deepcopy(dense)
+        with pytest.raises(SurgeryError, match=r"q_norm has parameters per head or across heads"):
+            apply(model, tokens, 0.5, progress=False)
+        assert all(torch.equal(v, dense.state_dict()[k]) for k, v in model.state_dict().items())
+    heads = {} if kind == "olmoe" else {"heads": 0.5}
+    shared = {"shared-neurons": 0.25} if kind == "qwen2_moe" else {}
+    for neurons, uniform in (({0: 0.5, 1: 0.375}, False), (0.5, True)):
+        model = copy.deepcopy(dense)
+        report = apply(model, tokens, {**heads, "neurons": neurons, **shared}, progress=False)
+        assert report.targets == "dense" and report.params_after < report.params_before
+        for site in report.sites:
+            if site.structure == "neurons":
+                per_expert = 24 if uniform or site.layer == 0 else 32
+                experts = model.model.layers[site.layer].mlp.experts
+                assert tuple(experts.down_proj.shape) == (4, 64, per_expert)
+                assert tuple(experts.gate_up_proj.shape) == (4, 2 * per_expert, 64)
+                assert site.groups == 4 * 48 and site.kept == 4 * per_expert and site.target_fit is None
+                assert [e["kept"] for e in site.experts] == [per_expert] * 4
+                assert sum(e["samples"] for e in site.experts) == 2 * 8 * 24  # two experts per token
+                assert site.err == pytest.approx(np.mean([e["err"] for e in site.experts]))
+            elif site.structure == "heads":
+                assert site.kept == 2 and site.target_fit is not None
+            else:
+                assert site.structure == "shared-neurons" and site.kept == 60 and site.target_fit is None
+                assert model.model.layers[site.layer].mlp.shared_expert.up_proj.out_features == 60
+        np.testing.assert_allclose(_out(model, x).numpy(), _out(_refit_reference(dense, model, report), x).numpy(),
+                                   atol=2e-5, rtol=1e-4)
+        assert not np.allclose(_out(model, x).numpy(), _out(dense, x).numpy(), atol=1e-3)
+        saved = save_pruned(model, None, tmp_path / kind, overwrite=True)
+        again = load_pruned(saved)
+        np.testing.assert_allclose(_out(again, x).numpy(), _out(model, x).numpy(), atol=1e-6)
+        assert (getattr(again.config, "osscar_note", None) is None) == uniform
+        if uniform:
+            plain = transformers.AutoModelForCausalLM.from_pretrained(saved).eval()
+            np.testing.assert_allclose(_out(plain, x).numpy(), _out(model, x).numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_expert_gram_is_what_the_moe_output_feels(kind):
+    """The Gram matrix of an expert weighs its tokens as the MoE block does:
+    changing that expert's down_proj weights by D changes the block's output
+    on the calibration tokens by exactly n_e tr(D' G_e D) in squared norm
+    (n_e tokens routed to it), measured by running the model itself."""
+    from small_models import tiny_moe
+
+    from osscar_opt.adapters import expert_sites
+    from osscar_opt.extract import GramHooks, token_mask
+
+    model = tiny_moe(kind)
+    tokens = random_tokens(n=4, seq_len=24)
+    mask = torch.ones(4, 24, dtype=torch.long)
+    mask[0, 20:] = 0  # padded tokens stay out of the Gram matrices
+    site = adapter_for(model).site("neurons", 0)
+    with GramHooks(model, [site.consumer]) as hooks:
+        hooks.mask = token_mask({"input_ids": tokens, "attention_mask": mask})
+        with torch.no_grad():
+            model(input_ids=tokens, attention_mask=mask)
+    stats = hooks.site_stats(site)
+    assert len(stats) == 4 and sum(n for _, n in stats) == 2 * (4 * 24 - 4)
+
+    def routed_output(m):
+        out = []
+        handle = m.model.layers[0].mlp.experts.register_forward_hook(lambda mod, a, o: out.append(o.detach()))
+        with torch.no_grad():
+            m(input_ids=tokens, attention_mask=mask)
+        handle.remove()
+        return out[0].double()[mask.reshape(-1).bool()]
+
+    base = routed_output(model)
+    g = torch.Generator().manual_seed(1)
+    for view, (gram, n) in zip(expert_sites(site), stats):
+        e = view.extra["expert"]
+        D = torch.randn(48, 64, generator=g, dtype=torch.float64) * 0.1
+        changed = copy.deepcopy(model)
+        with torch.no_grad():
+            changed.model.layers[0].mlp.experts.down_proj[e] += D.T.float()
+        felt = float(((routed_output(changed) - base) ** 2).sum())
+        assert felt == pytest.approx(n * float(np.trace(D.numpy().T @ gram @ D.numpy())), rel=1e-3)
+
+
+def test_moe_bad_inputs():
+    """A structure the MoE model lacks, and models that mix dense and MoE
+    layers, are refused with the reason."""
+    from small_models import tiny_moe
+
+    with pytest.raises(UnsupportedModelError, match="no shared expert"):
+        apply(tiny_moe("mixtral"), random_tokens(), {"shared-neurons": 0.5}, progress=False)
+    with pytest.raises(UnsupportedModelError, match="dense FFN among MoE layers"):
+        adapter_for(tiny_moe("qwen3_moe", mlp_only_layers=[1]))
+    # 30 neurons per expert: refused for the default grouped_mm kernel, taken when the experts run eagerly
+    from osscar_opt.surgery import SurgeryError, remove_groups
+
+    model = tiny_moe("mixtral")
+    site = adapter_for(model).site("neurons", 0)
+    keep = (np.arange(4)[:, None] * 48 + np.arange(30)).ravel()
+    with pytest.raises(SurgeryError, match="multiple of 8.*_experts_implementation = 'eager'"):
+        remove_groups(model, site, keep)
+    assert model.model.layers[0].mlp.experts.down_proj.shape[2] == 48
+    model.config._experts_implementation = "eager"
+    remove_groups(model, site, keep)
+    assert model.model.layers[0].mlp.experts.down_proj.shape[2] == 30
+    assert torch.isfinite(_out(model, random_tokens(n=2, seq_len=24))).all()
+
+
 @pytest.mark.parametrize("kind", ["llama", "mistral", "gemma2", "gemma3", "gemma3-vlm"])
 def test_captured_block_inputs_replay_the_model_block_by_block(kind):
     """The sequential driver re-runs each block on captured inputs: with each

@@ -216,3 +216,23 @@ def test_extract_with_offloaded_blocks_gives_the_same_instances(arch):
     for a, b in zip(whole, blocks):
         np.testing.assert_array_equal(b.H, a.H)
         np.testing.assert_array_equal(b.W, a.W)
+
+
+def test_moe_experts_are_one_instance_each():
+    """Stacked experts give one instance per expert: its own rows of the
+    stacked down_proj as W_hat, its routed tokens as samples, `keep` of its
+    own neurons; the shared expert (Qwen2-MoE) an instance of its own."""
+    from small_models import tiny_moe
+
+    model = tiny_moe("qwen2_moe")
+    insts = extract(model, random_tokens(n=4, seq_len=24), structures=("neurons", "shared-neurons"), layers=[1],
+                    keep=16, progress=False)
+    name = insts[0].meta["model"]
+    assert [i.meta["id"] for i in insts] == [f"{name}-l1-neurons-e{e}" for e in range(4)] + [
+        f"{name}-l1-shared-neurons"]
+    down = model.model.layers[1].mlp.experts.down_proj.detach().double()
+    for e, inst in enumerate(insts[:4]):
+        assert inst.meta["expert"] == e and inst.keep == 16 and inst.n_groups == 48
+        np.testing.assert_allclose(inst.W, down[e].T.numpy(), rtol=1e-12)
+    assert sum(i.meta["samples"] for i in insts[:4]) == 2 * 4 * 24
+    assert insts[4].n_groups == 80 and insts[4].meta["samples"] == 4 * 24
