@@ -194,7 +194,12 @@ class Adapter:
 
     def sites(self, structures, layers=None) -> list[Site]:
         layers = range(self.n_layers) if layers is None else layers
-        return [self.site(s, layer) for layer in layers for s in structures]
+        return [self.site(s, layer) for layer in layers for s in structures if self.has_site(s, layer)]
+
+    def has_site(self, structure: str, layer: int) -> bool:
+        """Whether this layer has that (supported) structure: False only where
+        layers differ (the shared expert of an MoE model's dense layers)."""
+        return True
 
     def _site(self, structure: str, layer: int) -> Site:
         raise NotImplementedError
@@ -326,70 +331,103 @@ EXPERT_MULTIPLE = 8
 
 
 class MoEAdapter(LlamaAdapter):
-    """Mixture-of-experts members of the Llama family (Mixtral, OLMoE,
-    Qwen2-MoE, Qwen3-MoE), every layer's FFN a routed MoE block with stacked
-    experts: the Llama attention structures, and
+    """Mixture-of-experts models with transformers' stacked experts (Mixtral,
+    OLMoE, Qwen2-MoE, Qwen3-MoE, GLM-4.5 (glm4_moe), DeepSeek-V2/V3, dots1,
+    ERNIE-4.5-MoE): MoE layers, and dense FFN layers where the model mixes
+    them (first_k_dense_replace, mlp_only_layers). The Llama attention
+    structures (not for multi-head latent attention: DeepSeek), and
 
-    neurons         FFN neurons of every routed expert of a layer. The stacked
-                    weights need the same number of neurons in every expert,
-                    so the groups (experts x neurons, expert e's neurons at
-                    e x neurons ..) are partitioned by expert with one budget
-                    each (a multiple of 8 neurons: transformers' default
-                    grouped_mm kernel needs 16-byte aligned rows), and each
-                    expert is its own instance (`expert_sites`):
-                    its Gram matrix sums the neuron activations of the tokens
-                    routed to it, weighted by their routing weights (the
-                    factor its output is added with); refit to its own output
-                    (layer targets)
-    shared-neurons  neurons of the shared expert (Qwen2-MoE), layer targets
+    neurons         in an MoE layer, FFN neurons of every routed expert. The
+                    stacked weights need the same number of neurons in every
+                    expert, so the groups (experts x neurons, expert e's
+                    neurons at e x neurons ..) are partitioned by expert with
+                    one budget each (a multiple of 8 neurons: transformers'
+                    default grouped_mm kernel needs 16-byte aligned rows), and
+                    each expert is its own instance (`expert_sites`): its Gram
+                    matrix sums the neuron activations of the tokens routed
+                    to it, weighted by their routing weights (the factor its
+                    output is added with); refit to its own output (layer
+                    targets). In a dense layer, the Llama FFN neurons.
+    shared-neurons  neurons of the shared expert(s) of MoE layers (Qwen2-MoE's
+                    gated `shared_expert`, DeepSeek-style `shared_experts`),
+                    layer targets
     """
 
     name = "moe"
-    model_types = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
+    model_types = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "glm4_moe", "deepseek_v2", "deepseek_v3", "dots1",
+                   "ernie4_5_moe")
     structures = LlamaAdapter.structures + ("shared-neurons",)
+    _SHARED = ("shared_expert", "shared_experts")
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
         kind = getattr(getattr(model, "config", None), "model_type", "")
+        self.moe_layers: set[int] = set()
         for layer in range(self.n_layers):
-            experts = getattr(self.block(layer).mlp, "experts", None)
+            mlp = self.block(layer).mlp
+            experts = getattr(mlp, "experts", None)
+            if experts is None:
+                if not isinstance(getattr(mlp, self.ffn_out, None), nn.Linear):
+                    raise UnsupportedModelError(f"layer {layer} of this {kind} model has neither stacked experts "
+                                                f"nor a dense {self.ffn_out}: not supported")
+                continue
             if not is_experts(experts):
-                raise UnsupportedModelError(
-                    f"layer {layer} of this {kind} model has a dense FFN among MoE layers (mlp_only_layers / "
-                    "decoder_sparse_step): models that mix dense and MoE layers are not supported")
+                raise UnsupportedModelError(f"the experts of layer {layer} of this {kind} model are not stacked "
+                                            "(gate_up_proj / down_proj tensors): not supported")
             layout = {"is_transposed": False, "has_bias": False, "is_concatenated": True, "has_gate": True}
             odd = [f"{k}={getattr(experts, k)}" for k, v in layout.items() if getattr(experts, k, v) != v]
             if odd:
                 raise UnsupportedModelError(f"the experts of this {kind} model are stored with {', '.join(odd)}: "
                                             "only concatenated gate/up weights without biases are supported")
-        self.default_structures = ("heads", "neurons") + (("shared-neurons",) if self.has_shared_expert else ())
+            self.moe_layers.add(layer)
+        if not self.moe_layers:
+            raise UnsupportedModelError(f"this {kind} model has no MoE layer: prune it as a dense model")
+        attn = self.block(0).self_attn
+        self.plain_attention = all(isinstance(getattr(attn, n, None), nn.Linear)
+                                   for n in ("q_proj", "k_proj", "v_proj", self.out_proj))
+        self.default_structures = (("heads",) if self.plain_attention else ()) + ("neurons",) + \
+            (("shared-neurons",) if any(self.shared_expert(i) for i in self.moe_layers) else ())
 
-    @property
-    def has_shared_expert(self) -> bool:
-        return isinstance(getattr(self.block(0).mlp, "shared_expert", None), nn.Module)
+    def shared_expert(self, layer: int) -> str | None:
+        """Name of the layer's shared-expert module inside its mlp, or None."""
+        mlp = self.block(layer).mlp
+        return next((n for n in self._SHARED if isinstance(getattr(mlp, n, None), nn.Module)), None)
 
     def check_structure(self, structure: str) -> None:
         super().check_structure(structure)
-        if structure == "shared-neurons" and not self.has_shared_expert:
-            raise UnsupportedModelError(f"this {self.model.config.model_type} model has no shared expert: "
-                                        "choose from heads, query-heads, kv-groups, neurons")
+        kind = self.model.config.model_type
+        if structure == "shared-neurons" and not any(self.shared_expert(i) for i in self.moe_layers):
+            raise UnsupportedModelError(f"this {kind} model has no shared expert: choose from "
+                                        f"{', '.join(self.default_structures)}")
+        if structure not in ("neurons", "shared-neurons") and not self.plain_attention:
+            raise UnsupportedModelError(f"this {kind} model's attention has no q_proj/k_proj/v_proj heads "
+                                        "(multi-head latent attention): its heads are not supported; prune "
+                                        "neurons (structures=['neurons', 'shared-neurons'])")
+
+    def has_site(self, structure: str, layer: int) -> bool:
+        return structure != "shared-neurons" or self.shared_expert(layer) is not None
 
     def _site(self, structure: str, layer: int) -> Site:
         mlp = f"{self.block_name(layer)}.mlp"
-        if structure == "neurons":
+        if structure == "neurons" and layer in self.moe_layers:
             down = self.block(layer).mlp.experts.down_proj
             n_experts, n = int(down.shape[0]), int(down.shape[2])
             return Site(layer, structure, f"{mlp}.experts", n_experts * n, 1,
                         tuple(np.repeat(np.arange(n_experts), n).tolist()),
                         {"experts": n_experts, "multiple": EXPERT_MULTIPLE})
         if structure == "shared-neurons":
-            down = _get(self.model, f"{mlp}.shared_expert.down_proj")
-            return Site(layer, structure, f"{mlp}.shared_expert.down_proj", down.in_features, 1)
+            name = self.shared_expert(layer)
+            if name is None:
+                raise UnsupportedModelError(f"layer {layer} has no shared expert")
+            down = _get(self.model, f"{mlp}.{name}.down_proj")
+            return Site(layer, structure, f"{mlp}.{name}.down_proj", down.in_features, 1)
         return super()._site(structure, layer)
 
     def residual_point(self, structure: str, layer: int) -> tuple[str, str] | None:
-        # routed experts (and the gated shared expert) are scaled per token: their sites keep layer targets
-        return None if structure in ("neurons", "shared-neurons") else super().residual_point(structure, layer)
+        # routed experts and shared experts are scaled per token: their sites keep layer targets
+        if structure == "shared-neurons" or (structure == "neurons" and layer in self.moe_layers):
+            return None
+        return super().residual_point(structure, layer)
 
 
 def expert_sites(site: Site) -> list[Site]:

@@ -471,7 +471,8 @@ def apply(
     layer_ids = list(range(adapter.n_layers)) if layers is None else [int(x) for x in layers]
     for layer in layer_ids:
         adapter.check_layer(layer)
-    plan = [(adapter.site(s, layer), _fraction_for(sparsity, s, layer)) for layer in layer_ids for s in structures]
+    plan = [(adapter.site(s, layer), _fraction_for(sparsity, s, layer)) for layer in layer_ids for s in structures
+            if adapter.has_site(s, layer)]
     plan = [(site, frac) for site, frac in plan if frac > 0.0]
     _check_sparsity_keys(sparsity, adapter)
     for site, _ in plan:  # refuse shared weights or unsupported modules before touching anything

@@ -18,6 +18,9 @@ W, d x m, zero outside the kept rows), `remove_groups` shrinks the model:
   copy serves g consecutive query heads: a valid GQA layer with
   num_key_value_heads = sum c_j / g, which may exceed the original count
   (`load_pruned` grows those layers to match);
+- stacked MoE experts (gate_up_proj (experts, 2n, h), down_proj (experts,
+  h, n)) lose the gate and up rows and the down_proj columns of each
+  expert's removed neurons; every expert keeps the same number;
 - Phi-3's fused projections lose the matching rows of each part (qkv_proj:
   query, key and value heads; gate_up_proj: gate and up neurons), and its
   attention, which reads the head count from the config, gets a
@@ -31,7 +34,8 @@ Two registries, both extendable (the Torch-Pruning pattern):
 
 - `PRUNERS`, keyed by module type: how one module keeps a subset of its
   output or input channels (`Linear`, transformers' `Conv1D`, `Conv2d`,
-  `BatchNorm1d/2d`); `register_pruner(MyModule, MyPruner())` adds one;
+  `BatchNorm1d/2d`, transformers' stacked MoE experts);
+  `register_pruner(MyModule, MyPruner())` adds one;
 - `SURGEONS`, keyed by adapter name: which modules of a block produce and
   consume a site's groups, the per-layer sizes and the config fields that
   describe them; `register_surgeon` adds one.
@@ -44,7 +48,9 @@ Config: after surgery `config.osscar_layer_sizes` lists every layer's sizes
 the standard config can express are also written to the standard fields
 (`num_attention_heads`/`num_key_value_heads`/`head_dim`/`intermediate_size`
 for Llama, `intermediate_size` for Phi-3, BERT and GPT-NeoX, `ffn_dim` for
-OPT, `n_inner` for GPT-2) unless the config class's own validation rejects
+OPT, `n_inner` for GPT-2, the experts' `moe_intermediate_size` (Mixtral,
+OLMoE: `intermediate_size`) and `shared_expert_intermediate_size` for MoE
+models) unless the config class's own validation rejects
 them (LlamaConfig wants hidden_size % num_attention_heads == 0) or a model
 built from them on the meta device would not match the pruned shapes better
 (StableLM ignores a written head_dim); then `save_pretrained` +
@@ -440,6 +446,12 @@ class LlamaSurgeon(Surgeon):
         return out
 
     def shrink_to(self, model, adapter, layer, sizes):
+        self.shrink_attention(model, adapter, layer, sizes)
+        if sizes["neurons"] < self.layer_sizes(model, adapter, layer)["neurons"]:
+            _remove(model, adapter, adapter.site("neurons", layer), np.arange(sizes["neurons"]), None)
+
+    def shrink_attention(self, model, adapter, layer, sizes):
+        """Heads and KV heads of a freshly built layer to `sizes` (KV heads may grow: query-heads)."""
         cur = self.layer_sizes(model, adapter, layer)
         if sizes["kv_heads"] > cur["kv_heads"]:
             # duplicated KV heads (query-heads): only the shapes matter, the weights are loaded next
@@ -455,8 +467,6 @@ class LlamaSurgeon(Surgeon):
         if target_rep < rep:
             keep = (np.arange(cur["kv_heads"])[:, None] * rep + np.arange(target_rep)).ravel()
             _remove(model, adapter, adapter.site("heads", layer), keep, None)
-        if sizes["neurons"] < cur["neurons"]:
-            _remove(model, adapter, adapter.site("neurons", layer), np.arange(sizes["neurons"]), None)
 
 
 class LayerConfig:
@@ -526,19 +536,23 @@ class Phi3Surgeon(LlamaSurgeon):
 
 
 class MoESurgeon(LlamaSurgeon):
-    """The MoE adapter's families: the Llama attention; neurons of the
-    stacked experts (gate_up_proj rows of both halves, down_proj columns,
-    the same number per expert) and of the shared expert (Qwen2-MoE)."""
+    """The MoE adapter's families: the Llama attention (where it has plain
+    heads); neurons of the stacked experts (gate_up_proj rows of both halves,
+    down_proj columns, the same number per expert), of dense FFN layers
+    (Llama), and of the shared expert(s). Sizes per layer: heads and kv_heads
+    (plain attention), neurons (dense layers), expert_neurons and
+    shared_neurons (MoE layers)."""
 
     name = "moe"
 
     @staticmethod
-    def _neuron_field(config) -> str:
-        # Qwen2/3-MoE size their experts by moe_intermediate_size (intermediate_size: dense FFNs)
+    def _expert_field(config) -> str:
+        # most MoE configs size their experts by moe_intermediate_size (intermediate_size: dense FFNs);
+        # Mixtral and OLMoE by intermediate_size
         return "moe_intermediate_size" if hasattr(config, "moe_intermediate_size") else "intermediate_size"
 
     def plan(self, model, adapter, site, keep):
-        if site.structure == "neurons":
+        if "experts" in site.extra:
             per_expert = keep.size // site.extra["experts"]
             eager = getattr(text_config(model.config), "_experts_implementation", None) == "eager"
             if per_expert % EXPERT_MULTIPLE and per_expert * site.extra["experts"] != site.n_groups and not eager:
@@ -547,7 +561,7 @@ class MoESurgeon(LlamaSurgeon):
                                    "one, or run the experts eagerly (model.config._experts_implementation = 'eager')")
             return Plan(site.consumer, keep, [_Op(site.consumer, "outputs", keep), _Op(site.consumer, "inputs", keep)])
         if site.structure == "shared-neurons":
-            mlp = f"{adapter.block_name(site.layer)}.mlp.shared_expert"
+            mlp = site.consumer.removesuffix(".down_proj")
             plan = Plan(site.consumer, keep, [_Op(f"{mlp}.gate_proj", "outputs", keep),
                                               _Op(f"{mlp}.up_proj", "outputs", keep),
                                               _Op(site.consumer, "inputs", keep)])
@@ -556,35 +570,51 @@ class MoESurgeon(LlamaSurgeon):
         return super().plan(model, adapter, site, keep)
 
     def layer_sizes(self, model, adapter, layer):
-        mlp = adapter.block(layer).mlp
-        sizes = {"heads": getattr(adapter.block(layer).self_attn, adapter.out_proj).in_features
-                 // adapter.head_dim(layer),
-                 "kv_heads": adapter.kv_heads(layer), "neurons": int(mlp.experts.down_proj.shape[2])}
-        if adapter.has_shared_expert:
-            sizes["shared_neurons"] = mlp.shared_expert.down_proj.in_features
+        block = adapter.block(layer)
+        sizes = {}
+        if adapter.plain_attention:
+            sizes["heads"] = getattr(block.self_attn, adapter.out_proj).in_features // adapter.head_dim(layer)
+            sizes["kv_heads"] = adapter.kv_heads(layer)
+        if layer not in adapter.moe_layers:
+            sizes["neurons"] = getattr(block.mlp, adapter.ffn_out).in_features
+            return sizes
+        sizes["expert_neurons"] = int(block.mlp.experts.down_proj.shape[2])
+        shared = adapter.shared_expert(layer)
+        if shared:
+            sizes["shared_neurons"] = getattr(block.mlp, shared).down_proj.in_features
         return sizes
 
     def standard_sizes(self, config):
-        sizes = {"heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
-                 "neurons": getattr(config, self._neuron_field(config))}
+        sizes = {"heads": getattr(config, "num_attention_heads", None),
+                 "kv_heads": getattr(config, "num_key_value_heads", None),
+                 "neurons": getattr(config, "intermediate_size", None),
+                 "expert_neurons": getattr(config, self._expert_field(config), None)}
+        n_shared = getattr(config, "n_shared_experts", None) or getattr(config, "moe_num_shared_experts", None)
         if getattr(config, "shared_expert_intermediate_size", None):
             sizes["shared_neurons"] = config.shared_expert_intermediate_size
+        elif n_shared:  # DeepSeek-style: n_shared_experts experts' worth of neurons in one MLP
+            sizes["shared_neurons"] = config.moe_intermediate_size * n_shared
         return sizes
 
     def uniform_fields(self, model, adapter, sizes, uniform):
-        out = [f for f in super().uniform_fields(model, adapter, sizes, uniform - {"neurons"})]
-        if "neurons" in uniform:
-            out.append({self._neuron_field(text_config(model.config)): sizes["neurons"]})
-        if "shared_neurons" in uniform:
+        config = text_config(model.config)
+        out = super().uniform_fields(model, adapter, sizes, uniform)  # heads; dense neurons: intermediate_size
+        if "expert_neurons" in uniform:
+            out.append({self._expert_field(config): sizes["expert_neurons"]})
+        if "shared_neurons" in uniform and hasattr(config, "shared_expert_intermediate_size"):
             out.append({"shared_expert_intermediate_size": sizes["shared_neurons"]})
         return out
 
     def shrink_to(self, model, adapter, layer, sizes):
+        if "heads" in sizes:
+            self.shrink_attention(model, adapter, layer, sizes)
         cur = self.layer_sizes(model, adapter, layer)
-        super().shrink_to(model, adapter, layer, {**sizes, "neurons": cur["neurons"]})  # the attention
-        if sizes["neurons"] < cur["neurons"]:
+        if "neurons" in sizes and sizes["neurons"] < cur["neurons"]:
+            _remove(model, adapter, adapter.site("neurons", layer), np.arange(sizes["neurons"]), None)
+        if "expert_neurons" in sizes and sizes["expert_neurons"] < cur["expert_neurons"]:
             n_experts = int(adapter.block(layer).mlp.experts.down_proj.shape[0])
-            keep = (np.arange(n_experts)[:, None] * cur["neurons"] + np.arange(sizes["neurons"])).ravel()
+            n = cur["expert_neurons"]
+            keep = (np.arange(n_experts)[:, None] * n + np.arange(sizes["expert_neurons"])).ravel()
             _remove(model, adapter, adapter.site("neurons", layer), keep, None)
         if "shared_neurons" in sizes and sizes["shared_neurons"] < cur["shared_neurons"]:
             _remove(model, adapter, adapter.site("shared-neurons", layer), np.arange(sizes["shared_neurons"]), None)
@@ -940,8 +970,13 @@ def plain_loadable(model: nn.Module) -> bool:
     if config is None:
         return False
     adapter = adapter_for(model)
-    expected = _surgeon(adapter).standard_sizes(text_config(config))
-    return expected is not None and all(s == expected for s in layer_sizes(model, adapter))
+    return _standard(_surgeon(adapter).standard_sizes(text_config(config)), layer_sizes(model, adapter))
+
+
+def _standard(expected: dict[str, int] | None, sizes: list[dict[str, int]]) -> bool:
+    """Whether the standard sizes describe every layer (each on the sizes it has: an MoE
+    model's dense layers have FFN neurons, its MoE layers expert neurons)."""
+    return expected is not None and all(s == {k: expected.get(k) for k in s} for s in sizes)
 
 
 _NOTE = ("layers of this pruned model differ from what the standard config fields describe "
@@ -962,7 +997,7 @@ def _block_shapes(model_class: type, config: Any, prefix: str) -> dict[str, tupl
 def _config_describes(model: nn.Module, adapter: Adapter, fields: dict[str, int]) -> bool:
     """Whether `fields` may be written to the model's config: the config class's own
     validation (transformers 5 strict configs) accepts them, and from_pretrained would build
-    block 0 closer to this model: some parameter shapes that differed now match, and none that
+    the blocks closer to this model: some parameter shapes that differed now match, and none that
     matched differs (StableLM derives head_dim from hidden_size / heads and ignores a written
     head_dim: its pruned heads cannot be described by the config)."""
     config = model.config
@@ -977,7 +1012,7 @@ def _config_describes(model: nn.Module, adapter: Adapter, fields: dict[str, int]
             validate()
     except Exception:  # noqa: BLE001 - any validation failure means "not expressible"
         return False
-    prefix = adapter.block_name(0)
+    prefix = adapter.layers_path  # every block: an MoE model's dense and MoE layers take different fields
     before = _block_shapes(type(model), config, prefix)
     if before is None:
         return True  # the class cannot be built this way here: trust the config class's own validation
@@ -987,8 +1022,12 @@ def _config_describes(model: nn.Module, adapter: Adapter, fields: dict[str, int]
     mine = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith(prefix + ".")}
     wrong_before = {k for k, shape in before.items() if mine.get(k) != shape}
     wrong_after = {k for k, shape in after.items() if mine.get(k) != shape}
+    # a block built from them must not be smaller than this model's anywhere (load_pruned only shrinks):
+    # DeepSeek-style shared experts are sized by the routed experts' field times n_shared_experts
+    smaller = any(len(shape) == len(mine[k]) and any(a < b for a, b in zip(shape, mine[k]))
+                  for k, shape in after.items() if k in mine)
     # the fields must fix shapes and break none (with StableLM's derived head_dim they fix nothing)
-    return wrong_after < wrong_before
+    return wrong_after < wrong_before and not smaller
 
 
 def sync_config(model: nn.Module, adapter: Adapter | None = None) -> None:
@@ -1005,14 +1044,18 @@ def sync_config(model: nn.Module, adapter: Adapter | None = None) -> None:
     adapter = adapter or adapter_for(model)
     surgeon = _surgeon(adapter)
     sizes = layer_sizes(model, adapter)
-    uniform = {key for key in sizes[0] if all(s[key] == sizes[0][key] for s in sizes)}
-    for fields in surgeon.uniform_fields(model, adapter, sizes[0], uniform):
+    values: dict[str, set[int]] = {}
+    for s in sizes:
+        for key, value in s.items():
+            values.setdefault(key, set()).add(value)
+    # the sizes equal in every layer that has them
+    common = {key: next(iter(v)) for key, v in values.items() if len(v) == 1}
+    for fields in surgeon.uniform_fields(model, adapter, common, set(common)):
         if _config_describes(model, adapter, fields):
             for name, value in fields.items():
                 setattr(text_config(config), name, int(value))  # a multimodal model's language part
     config.osscar_layer_sizes = [dict(s) for s in sizes]
-    expected = surgeon.standard_sizes(text_config(config))
-    if expected is not None and all(s == expected for s in sizes):
+    if _standard(surgeon.standard_sizes(text_config(config)), sizes):
         if hasattr(config, "osscar_note"):
             del config.osscar_note
     else:
@@ -1128,12 +1171,23 @@ def _convert_and_load(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
         from transformers.modeling_utils import LoadStateDictConfig
 
         dtype = next(model.parameters()).dtype
+        twins: dict[int, list[str]] = {}  # tied parameters (lm_head and the embeddings): one object, several names
+        for name, t in model.named_parameters(remove_duplicate=False):
+            twins.setdefault(id(t), []).append(name)
         config = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(model), dtype=dtype)
         info = convert_and_load_state_dict_in_model(model, state, config)[0]
     except Exception:  # noqa: BLE001 - another transformers version: the plain load and its error message
         return False
-    return not (info.missing_keys or info.unexpected_keys or info.mismatched_keys or info.error_msgs
-                or info.conversion_errors)
+    if info.unexpected_keys or info.mismatched_keys or info.error_msgs or info.conversion_errors:
+        return False
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name in info.missing_keys:  # the loader replaces parameters: tie the missing twin to the loaded one
+        loaded = [n for names in twins.values() if name in names for n in names if n not in info.missing_keys]
+        if not loaded or name not in params:
+            return False
+        path, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(path), attr, params[loaded[0]])
+    return True
 
 
 def _load_weights(model: nn.Module, path: Path, dtype: torch.dtype | None) -> None:

@@ -148,13 +148,17 @@ def tiny_gemma3_vlm(layers=2, vocab=300):
 
 
 def tiny_moe(kind: str, layers=2, heads=4, kv_heads=2, head_dim=16, ffn=48, experts=4, vocab=128, **config):
-    """Mixture-of-experts members of the Llama family, 4 experts of 48
-    neurons, 2 routed per token: Mixtral, OLMoE (q/k norms across all heads),
-    Qwen2-MoE (a gated shared expert of 80 neurons beside the routed ones),
-    Qwen3-MoE (per-head q/k norms). `config`: further config fields."""
+    """Mixture-of-experts models, 4 routed experts of 48 neurons, 2 per
+    token: Mixtral, OLMoE (q/k norms across all heads), Qwen2-MoE (a gated
+    shared expert of 80 neurons), Qwen3-MoE (per-head q/k norms), and with a
+    dense first layer (96 neurons) and a shared expert of 48: GLM-4.5
+    (glm4_moe, per-head q/k norms), dots1, ERNIE-4.5-MoE and DeepSeek-V3
+    (multi-head latent attention, sigmoid routing). `config`: further fields."""
     import transformers
 
-    names = {"mixtral": "Mixtral", "olmoe": "Olmoe", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe"}[kind]
+    names = {"mixtral": "Mixtral", "olmoe": "Olmoe", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe",
+             "glm4_moe": "Glm4Moe", "dots1": "Dots1", "ernie4_5_moe": "Ernie4_5_Moe",
+             "deepseek_v3": "DeepseekV3"}[kind]
     config_cls = getattr(transformers, f"{names}Config", None)
     model_cls = getattr(transformers, f"{names}ForCausalLM", None)
     if config_cls is None or model_cls is None:
@@ -162,12 +166,20 @@ def tiny_moe(kind: str, layers=2, heads=4, kv_heads=2, head_dim=16, ffn=48, expe
 
         pytest.skip(f"transformers {transformers.__version__} has no {names} models")
     torch.manual_seed(0)
+    dense_first = {"n_routed_experts": experts, "n_shared_experts": 1, "first_k_dense_replace": 1,
+                   "moe_intermediate_size": ffn, "intermediate_size": 96, "n_group": 1, "topk_group": 1}
     extra = {"mixtral": {"num_local_experts": experts, "intermediate_size": ffn, "head_dim": head_dim},
              "olmoe": {"num_experts": experts, "intermediate_size": ffn},
              "qwen2_moe": {"num_experts": experts, "moe_intermediate_size": ffn, "intermediate_size": 96,
                            "shared_expert_intermediate_size": 80},
              "qwen3_moe": {"num_experts": experts, "moe_intermediate_size": ffn, "intermediate_size": 96,
-                           "head_dim": head_dim}}[kind]
+                           "head_dim": head_dim},
+             "glm4_moe": {**dense_first, "head_dim": head_dim, "use_qk_norm": True},
+             "dots1": {**dense_first, "head_dim": head_dim},
+             "ernie4_5_moe": {"moe_num_experts": experts, "moe_num_shared_experts": 1, "moe_layer_start_index": 1,
+                              "moe_intermediate_size": ffn, "intermediate_size": 96, "moe_k": 2},
+             "deepseek_v3": {**dense_first, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
+                             "qk_rope_head_dim": 8, "v_head_dim": 16}}[kind]
     cfg = config_cls(vocab_size=vocab, hidden_size=heads * head_dim, num_hidden_layers=layers,
                      num_attention_heads=heads, num_key_value_heads=kv_heads, num_experts_per_tok=2,
                      max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,

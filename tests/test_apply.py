@@ -140,16 +140,21 @@ def test_gemma3_vision_language_model_prunes_its_text_tower(tmp_path):
     np.testing.assert_allclose(_out(again, x).numpy(), _out(model, x).numpy(), atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+MOE_KINDS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "dots1", "ernie4_5_moe", "deepseek_v3"]
+
+
+@pytest.mark.parametrize("kind", MOE_KINDS)
 def test_moe_models_prune_every_expert_reload_and_match_the_refit_dense_model(kind, tmp_path):
     """MoE models: each routed expert is solved on its own tokens and keeps
-    the same number of neurons (stacked weights), the shared expert
-    (Qwen2-MoE) its own share; heads with dense targets, experts with layer
-    targets; the outputs equal the refit dense model's; per-layer sizes
-    reload with load_pruned, uniform ones also with plain from_pretrained
-    (Mixtral's checkpoint holds one w1/w2/w3 per expert, converted on load).
+    the same number of neurons (stacked weights), shared experts and dense
+    FFN layers (GLM-4.5, dots1, ERNIE, DeepSeek: layer 0) their own share;
+    heads and dense layers with dense targets, experts with layer targets;
+    the outputs equal the refit dense model's; per-layer sizes reload with
+    load_pruned, uniform ones also with plain from_pretrained (the
+    checkpoint holds one gate/up/down per expert, converted on load).
     Experts keep a multiple of 8 neurons (62.5% of 48 is 30: 32 kept).
-    OLMoE's q/k norms span all heads: heads are refused, neurons prune."""
+    OLMoE's q/k norms span all heads: heads are refused, neurons prune;
+    DeepSeek's latent attention has no heads to prune."""
     import transformers
     from small_models import tiny_moe
 
@@ -158,20 +163,27 @@ def test_moe_models_prune_every_expert_reload_and_match_the_refit_dense_model(ki
     x = random_tokens(n=2, seq_len=24, seed=5)
     tokens = random_tokens(n=8, seq_len=24)
     dense = tiny_moe(kind)
+    adapter = adapter_for(dense)
     if kind == "olmoe":
         model = copy.deepcopy(dense)
         with pytest.raises(SurgeryError, match=r"q_norm has parameters per head or across heads"):
             apply(model, tokens, 0.5, progress=False)
         assert all(torch.equal(v, dense.state_dict()[k]) for k, v in model.state_dict().items())
-    heads = {} if kind == "olmoe" else {"heads": 0.5}
-    shared = {"shared-neurons": 0.25} if kind == "qwen2_moe" else {}
-    for neurons, uniform in (({0: 0.5, 1: 0.375}, False), (0.5, True)):
+    heads = {} if kind in ("olmoe", "deepseek_v3") else {"heads": 0.5}
+    has_shared = "shared-neurons" in adapter.default_structures
+    assert adapter.default_structures == (() if kind == "deepseek_v3" else ("heads",)) + ("neurons",) + \
+        (("shared-neurons",) if has_shared else ())
+    assert adapter.moe_layers == ({0, 1} if kind in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe") else {1})
+    # uniform: DeepSeek-style shared experts are sized by the routed experts' field, so they prune alike
+    for neurons, shared_frac, uniform in (({0: 0.5, 1: 0.375}, 0.25, False), (0.5, 0.5, True)):
+        shared = {"shared-neurons": shared_frac} if has_shared else {}
         model = copy.deepcopy(dense)
         report = apply(model, tokens, {**heads, "neurons": neurons, **shared}, progress=False)
         assert report.targets == "dense" and report.params_after < report.params_before
         for site in report.sites:
-            if site.structure == "neurons":
-                per_expert = 24 if uniform or site.layer == 0 else 32
+            frac = 0.5 if uniform or site.layer == 0 else 0.375
+            if site.structure == "neurons" and site.layer in adapter.moe_layers:
+                per_expert = 24 if frac == 0.5 else 32
                 experts = model.model.layers[site.layer].mlp.experts
                 assert tuple(experts.down_proj.shape) == (4, 64, per_expert)
                 assert tuple(experts.gate_up_proj.shape) == (4, 2 * per_expert, 64)
@@ -179,11 +191,17 @@ def test_moe_models_prune_every_expert_reload_and_match_the_refit_dense_model(ki
                 assert [e["kept"] for e in site.experts] == [per_expert] * 4
                 assert sum(e["samples"] for e in site.experts) == 2 * 8 * 24  # two experts per token
                 assert site.err == pytest.approx(np.mean([e["err"] for e in site.experts]))
+            elif site.structure == "neurons":  # a dense FFN layer
+                assert site.groups == 96 and site.kept == round((1 - frac) * 96) and site.target_fit is not None
+                assert model.model.layers[site.layer].mlp.up_proj.out_features == site.kept
             elif site.structure == "heads":
                 assert site.kept == 2 and site.target_fit is not None
             else:
-                assert site.structure == "shared-neurons" and site.kept == 60 and site.target_fit is None
-                assert model.model.layers[site.layer].mlp.shared_expert.up_proj.out_features == 60
+                n = 80 if kind == "qwen2_moe" else 48
+                assert site.structure == "shared-neurons" and site.kept == (1 - shared_frac) * n
+                assert site.target_fit is None
+                mlp = model.model.layers[site.layer].mlp
+                assert (getattr(mlp, "shared_expert", None) or mlp.shared_experts).up_proj.out_features == site.kept
         np.testing.assert_allclose(_out(model, x).numpy(), _out(_refit_reference(dense, model, report), x).numpy(),
                                    atol=2e-5, rtol=1e-4)
         assert not np.allclose(_out(model, x).numpy(), _out(dense, x).numpy(), atol=1e-3)
@@ -239,15 +257,29 @@ def test_expert_gram_is_what_the_moe_output_feels(kind):
         assert felt == pytest.approx(n * float(np.trace(D.numpy().T @ gram @ D.numpy())), rel=1e-3)
 
 
-def test_moe_bad_inputs():
-    """A structure the MoE model lacks, and models that mix dense and MoE
-    layers, are refused with the reason."""
+def test_moe_bad_inputs(tmp_path):
+    """A structure the MoE model lacks, and heads of latent attention, are
+    refused with the reason; a 30-neuron expert only where the experts run
+    eagerly."""
     from small_models import tiny_moe
 
     with pytest.raises(UnsupportedModelError, match="no shared expert"):
         apply(tiny_moe("mixtral"), random_tokens(), {"shared-neurons": 0.5}, progress=False)
-    with pytest.raises(UnsupportedModelError, match="dense FFN among MoE layers"):
-        adapter_for(tiny_moe("qwen3_moe", mlp_only_layers=[1]))
+    with pytest.raises(UnsupportedModelError, match="multi-head latent attention.*structures=\\['neurons'"):
+        apply(tiny_moe("deepseek_v3"), random_tokens(), {"heads": 0.5}, progress=False)
+    # experts pruned alike in every MoE layer, the shared expert otherwise: DeepSeek sizes both by
+    # moe_intermediate_size, so the config cannot say it (a model built from it would be too small to load into)
+    model = tiny_moe("deepseek_v3")
+    apply(model, random_tokens(), {"neurons": 0.5, "shared-neurons": 0.25}, progress=False)
+    assert model.config.moe_intermediate_size == 48 and model.config.osscar_note
+    again = load_pruned(save_pruned(model, None, tmp_path / "deepseek"))
+    x = random_tokens(n=2, seq_len=24, seed=5)
+    np.testing.assert_allclose(_out(again, x).numpy(), _out(model, x).numpy(), atol=1e-6)
+    # a dense layer among MoE layers has FFN neurons and no shared expert
+    model = tiny_moe("qwen2_moe", mlp_only_layers=[1])
+    report = apply(model, random_tokens(), 0.5, progress=False)
+    assert [(s.layer, s.structure, s.groups) for s in report.sites] == [
+        (0, "heads", 4), (0, "neurons", 192), (0, "shared-neurons", 80), (1, "heads", 4), (1, "neurons", 96)]
     # 30 neurons per expert: refused for the default grouped_mm kernel, taken when the experts run eagerly
     from osscar_opt.surgery import SurgeryError, remove_groups
 
