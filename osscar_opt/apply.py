@@ -118,6 +118,17 @@ class PruneReport:
         ]
         for s in self.sites:
             lines.append(f"| {s.layer} | {s.structure} | {s.groups} | {s.kept} | {s.err:.5f} | {s.status} | {s.seconds:.3f} |")
+        moe = [s for s in self.sites if s.experts]
+        if moe:
+            lines += ["", "Stacked experts (err above: the mean over the layer's experts), calibration tokens "
+                      "routed to each: min / median / max; experts no token reached keep neurons by their "
+                      "weights alone:", "", "| layer | experts | tokens min / median / max | experts without tokens |",
+                      "|---|---|---|---|"]
+            for s in moe:
+                n = [e["samples"] for e in s.experts]
+                idle = [str(e["expert"]) for e in s.experts if not e["samples"]]
+                lines.append(f"| {s.layer} | {len(n)} | {min(n)} / {int(np.median(n))} / {max(n)} | "
+                             f"{', '.join(idle) or '-'} |")
         return "\n".join(lines) + "\n"
 
 

@@ -180,6 +180,7 @@ def test_moe_models_prune_every_expert_reload_and_match_the_refit_dense_model(ki
         model = copy.deepcopy(dense)
         report = apply(model, tokens, {**heads, "neurons": neurons, **shared}, progress=False)
         assert report.targets == "dense" and report.params_after < report.params_before
+        assert "| layer | experts | tokens min / median / max | experts without tokens |" in report.to_markdown()
         for site in report.sites:
             frac = 0.5 if uniform or site.layer == 0 else 0.375
             if site.structure == "neurons" and site.layer in adapter.moe_layers:

@@ -170,22 +170,24 @@ def test_evaluate_model_offloaded_gives_the_same_perplexity_and_leaves_the_model
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
 
 
-@pytest.mark.parametrize("kind", ["gemma2", "phi3"])
+@pytest.mark.parametrize("kind", ["gemma2", "phi3", "glm4_moe"])
 def test_prune_command_takes_a_local_model_folder(kind, tmp_path, capsys):
     """`osscar-opt prune --model FOLDER` on a Hugging Face folder of a family
-    added beside SmolLM2's (a small Gemma2 / Phi-3 built in-process, saved with
-    MiniLM's tokenizer): finite perplexities, a smaller model that reloads,
-    Gemma2 refit to layer targets (its sandwich norms), Phi-3 to dense ones."""
+    added beside SmolLM2's (a small Gemma2 / Phi-3 / GLM-4.5 MoE built
+    in-process, saved with MiniLM's tokenizer): finite perplexities, a
+    smaller model that reloads, Gemma2 refit to layer targets (its sandwich
+    norms), Phi-3 and GLM-4.5's attention to dense ones; GLM-4.5's dense
+    first layer, routed experts and shared expert all pruned by default."""
     import json
 
-    from small_models import tiny_llama_like
+    from small_models import tiny_llama_like, tiny_moe
 
     from osscar_opt.cli import main
     from osscar_opt.surgery import load_pruned
 
     _, tok = models.load("minilm-l6")
     folder, out = tmp_path / kind, tmp_path / "pruned"
-    dense = tiny_llama_like(kind, vocab=len(tok))
+    dense = tiny_moe(kind, vocab=len(tok)) if kind == "glm4_moe" else tiny_llama_like(kind, vocab=len(tok))
     dense.save_pretrained(folder)
     tok.save_pretrained(folder)
     assert main(["prune", "--model", str(folder), "--sparsity", "0.5", "--nsamples", "4", "--seq-len", "64",
@@ -199,7 +201,12 @@ def test_prune_command_takes_a_local_model_folder(kind, tmp_path, capsys):
     model = load_pruned(out / "model")
     assert type(model) is type(dense)
     assert model.model.layers[0].self_attn.o_proj.in_features == 2 * 16  # 1 of 2 query heads per KV group
-    assert model.model.layers[1].mlp.down_proj.in_features == 48
+    if kind == "glm4_moe":
+        assert model.model.layers[0].mlp.down_proj.in_features == 48  # dense layer
+        assert model.model.layers[1].mlp.experts.down_proj.shape[2] == 24  # each of 4 experts
+        assert model.model.layers[1].mlp.shared_experts.down_proj.in_features == 24
+    else:
+        assert model.model.layers[1].mlp.down_proj.in_features == 48
     x = tok(["pruning keeps the model small"], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.isfinite(model(x).logits).all()
