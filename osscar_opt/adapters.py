@@ -48,9 +48,9 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def is_experts(module: nn.Module | None) -> bool:
-    """transformers' stacked mixture-of-experts weights (Mixtral, OLMoE,
-    Qwen2/3-MoE `*Experts`): gate_up_proj (experts, 2 x neurons, hidden) with
-    the gate half first, down_proj (experts, hidden, neurons)."""
+    """transformers' stacked mixture-of-experts weights (the `*Experts` modules
+    of Mixtral, Qwen3-MoE, DeepSeek-V3, ...): gate_up_proj (experts, 2 x
+    neurons, hidden) with the gate half first, down_proj (experts, hidden, neurons)."""
     gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
     return isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter) and gate_up.dim() == 3 \
         and down.dim() == 3
@@ -657,8 +657,8 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
     return cls
 
 
-for _cls in (LlamaAdapter, MoEAdapter, Phi3Adapter, Starcoder2Adapter, PhiAdapter, BertAdapter, OPTAdapter, GPT2Adapter,
-             GPTNeoXAdapter, ConvAdapter):
+for _cls in (LlamaAdapter, MoEAdapter, Phi3Adapter, Starcoder2Adapter, PhiAdapter, BertAdapter, OPTAdapter,
+             GPT2Adapter, GPTNeoXAdapter, ConvAdapter):
     register_adapter(_cls)
 
 

@@ -414,8 +414,8 @@ def apply(
         heads where the groups differ; "kv-groups" removes whole KV groups.
         MoE models: "neurons" prunes every routed expert, each solved on
         its own routed tokens and keeping the same number (the nearest
-        multiple of 8), refit to layer targets; "shared-neurons" the shared
-        expert (Qwen2-MoE).
+        multiple of 8), refit to layer targets (in a dense FFN layer of an
+        MoE model, the FFN neurons); "shared-neurons" the shared expert(s).
     solver: any registered solver name; solver_params go to it.
     sequential: each layer sees the already-pruned upstream (default), else
         every layer is pruned on the dense model's activations.
