@@ -138,6 +138,25 @@ def text_config(config):
     return config
 
 
+_HEAD_NORMS = ("q_norm", "k_norm", "q_layernorm", "k_layernorm")
+
+
+def head_norm_problem(attn: nn.Module, head_dim: int) -> str | None:
+    """Why the attention's heads cannot be removed because of its query/key
+    norms, or None. Norms shared by every head (one head_dim-sized norm:
+    Qwen3, Gemma3) survive head removal; norms with parameters per head or
+    across all heads (StableLM's qk_layernorm, OLMo2, OLMoE) would have to
+    change with it."""
+    for name in _HEAD_NORMS:
+        norm = getattr(attn, name, None)
+        if not isinstance(norm, nn.Module):
+            continue
+        sizes = [int(p.numel()) for p in norm.parameters()]
+        if len(sizes) > 2 or any(n != head_dim for n in sizes):
+            return f"{name} has parameters per head or across heads ({sum(sizes)} for head_dim {head_dim})"
+    return None
+
+
 # ------------------------------------------------------------------ adapters
 class Adapter:
     """Base class: subclass, set the class attributes, `register_adapter`."""
@@ -251,6 +270,13 @@ class LlamaAdapter(Adapter):
     out_proj: ClassVar[str] = "o_proj"  # the heads' consumer
     ffn_in: ClassVar[tuple[str, ...]] = ("gate_proj", "up_proj")  # the neurons' producers
     ffn_out: ClassVar[str] = "down_proj"  # the neurons' consumer
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        attn = getattr(self.block(0), "self_attn", None)
+        if attn is not None and hasattr(attn, "head_dim") and head_norm_problem(attn, int(attn.head_dim)):
+            # heads cannot be removed (asked for, they are refused with the reason): neurons by default
+            self.default_structures = tuple(s for s in self.default_structures if s != "heads")
 
     def head_dim(self, layer: int) -> int:
         attn = self.block(layer).self_attn
@@ -385,7 +411,8 @@ class MoEAdapter(LlamaAdapter):
         attn = self.block(0).self_attn
         self.plain_attention = all(isinstance(getattr(attn, n, None), nn.Linear)
                                    for n in ("q_proj", "k_proj", "v_proj", self.out_proj))
-        self.default_structures = (("heads",) if self.plain_attention else ()) + ("neurons",) + \
+        heads = self.plain_attention and "heads" in self.default_structures  # not OLMoE's (its q/k norms)
+        self.default_structures = (("heads",) if heads else ()) + ("neurons",) + \
             (("shared-neurons",) if any(self.shared_expert(i) for i in self.moe_layers) else ())
 
     def shared_expert(self, layer: int) -> str | None:

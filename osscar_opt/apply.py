@@ -408,7 +408,9 @@ def apply(
         A mapping naming "query-heads" or "kv-groups" (Llama GQA) prunes that
         instead of "heads" when `structures` is not given.
     structures: the structures pruned (default: the architecture's, e.g.
-        heads and neurons). Llama "heads" keeps the same number of query
+        heads and neurons; neurons alone where heads cannot be removed, as
+        with OLMo2's q/k norms or DeepSeek's latent attention; plus any
+        structure a sparsity mapping names). Llama "heads" keeps the same number of query
         heads in every KV group (round(keep x heads per group) each);
         "query-heads" keeps round(keep x heads) anywhere and duplicates KV
         heads where the groups differ; "kv-groups" removes whole KV groups.
@@ -471,6 +473,12 @@ def apply(
             named = [k for k in ATTENTION_STRUCTURES if k in names and k != "heads" and k in adapter.structures]
             if named:
                 structures = tuple(s for s in structures if s != "heads") + tuple(named)
+            # a structure the mapping names is pruned where the defaults leave it out (OLMo2's heads: refused
+            # below with the reason), never silently skipped
+            extra = [k for k in adapter.structures if k in names and k not in structures]
+            if any(k in ATTENTION_STRUCTURES for k in structures):
+                extra = [k for k in extra if k not in ATTENTION_STRUCTURES]
+            structures = tuple(structures) + tuple(extra)
     structures = tuple(structures)
     for s in structures:
         adapter.check_structure(s)

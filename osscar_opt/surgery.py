@@ -83,8 +83,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapters import (EXPERT_MULTIPLE, Adapter, Site, adapter_for, is_conv1d, is_experts, set_weight_matrix,
-                       text_config, weight_matrix)
+from .adapters import (EXPERT_MULTIPLE, Adapter, Site, adapter_for, head_norm_problem, is_conv1d, is_experts,
+                       set_weight_matrix, text_config, weight_matrix)
 from .errors import OsscarError, require
 
 
@@ -366,23 +366,12 @@ def _attention_plan(model: nn.Module, attn_path: str, q_heads: np.ndarray, kv_he
     return plan
 
 
-_HEAD_NORMS = ("q_norm", "k_norm", "q_layernorm", "k_layernorm")
-
-
 def _check_head_norms(model: nn.Module, attn_path: str, hd: int) -> None:
-    """Query/key norms shared by every head (one head_dim-sized norm: Qwen3,
-    Gemma3) survive head removal; norms with parameters per head or across
-    all heads (StableLM's qk_layernorm, OLMo2) would have to change with it."""
-    attn = model.get_submodule(attn_path)
-    for name in _HEAD_NORMS:
-        norm = getattr(attn, name, None)
-        if not isinstance(norm, nn.Module):
-            continue
-        sizes = [int(p.numel()) for p in norm.parameters()]
-        if len(sizes) > 2 or any(n != hd for n in sizes):
-            raise SurgeryError(f"{attn_path}.{name} has parameters per head or across heads "
-                               f"({sum(sizes)} for head_dim {hd}): removing heads is not supported for this "
-                               "model; prune neurons only (structures=['neurons'])")
+    """Refuse head removal where the query/key norms would have to change with it (`adapters.head_norm_problem`)."""
+    problem = head_norm_problem(model.get_submodule(attn_path), hd)
+    if problem:
+        raise SurgeryError(f"{attn_path}.{problem}: removing heads is not supported for this model; prune "
+                           "neurons only (structures=['neurons'])")
 
 
 class LlamaSurgeon(Surgeon):

@@ -167,11 +167,11 @@ def test_moe_models_prune_every_expert_reload_and_match_the_refit_dense_model(ki
     if kind == "olmoe":
         model = copy.deepcopy(dense)
         with pytest.raises(SurgeryError, match=r"q_norm has parameters per head or across heads"):
-            apply(model, tokens, 0.5, progress=False)
+            apply(model, tokens, {"heads": 0.5, "neurons": 0.5}, progress=False)
         assert all(torch.equal(v, dense.state_dict()[k]) for k, v in model.state_dict().items())
     heads = {} if kind in ("olmoe", "deepseek_v3") else {"heads": 0.5}
     has_shared = "shared-neurons" in adapter.default_structures
-    assert adapter.default_structures == (() if kind == "deepseek_v3" else ("heads",)) + ("neurons",) + \
+    assert adapter.default_structures == (() if kind in ("deepseek_v3", "olmoe") else ("heads",)) + ("neurons",) + \
         (("shared-neurons",) if has_shared else ())
     assert adapter.moe_layers == ({0, 1} if kind in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe") else {1})
     # uniform: DeepSeek-style shared experts are sized by the routed experts' field, so they prune alike
@@ -574,7 +574,8 @@ def test_head_norms_across_heads_refuse_head_removal_before_any_change(kind, str
     (a list of them per layer), OLMo2 all heads together: removing heads would
     change what the kept heads' norms compute, so head removal is refused
     before any layer changes, with the way out (neurons only), which then
-    works (OLMo2 with layer targets: its sandwich norms)."""
+    works (OLMo2 with layer targets: its sandwich norms) and is what these
+    models prune by default."""
     from small_models import tiny_llama_like
 
     from osscar_opt.surgery import SurgeryError
@@ -587,8 +588,9 @@ def test_head_norms_across_heads_refuse_head_removal_before_any_change(kind, str
                                            r"structures=\['neurons'\]"):
         apply(model, tokens, {structure: 0.5, "neurons": 0.5}, progress=False)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    report = apply(model, tokens, {"neurons": 0.5}, progress=False)
-    assert [s.kept for s in report.sites] == [48, 48]
+    report = apply(model, tokens, 0.5, progress=False)  # the default structures: neurons alone here
+    assert adapter_for(model).default_structures == ("neurons",)
+    assert [(s.structure, s.kept) for s in report.sites] == [("neurons", 48), ("neurons", 48)]
     assert report.targets == ("layer" if kind == "olmo2" else "dense")
     x = random_tokens(n=2, seq_len=24, seed=5)
     np.testing.assert_allclose(_out(model, x).numpy(), _out(_refit_reference(dense, model, report), x).numpy(),
