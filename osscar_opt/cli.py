@@ -382,8 +382,10 @@ def _prune_args(p: argparse.ArgumentParser):
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, minilm-l6, a model folder or a hub id")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of groups pruned in every structure")
     p.add_argument("--heads", type=float, default=None, help="sparsity of attention heads (overrides --sparsity)")
-    p.add_argument("--neurons", type=float, default=None, help="sparsity of FFN neurons (overrides --sparsity)")
-    p.add_argument("--structures", default=None, help="comma-separated structures (default: heads,neurons; Llama also "
+    p.add_argument("--neurons", type=float, default=None,
+                   help="sparsity of FFN neurons, every routed expert's in MoE models (overrides --sparsity)")
+    p.add_argument("--structures", default=None, help="comma-separated structures (default: the architecture's, "
+                   "heads,neurons for most, plus shared-neurons for MoE models with shared experts; Llama also "
                    "query-heads: exact head count, KV heads duplicated where needed; kv-groups)")
     p.add_argument("--solver", default="osscar")
     p.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE", help="solver parameter")
