@@ -391,14 +391,16 @@ class LlamaSurgeon(Surgeon):
         """The producers' outputs that feed the kept neurons."""
         return [_Op(f"{mlp}.{name}", "outputs", keep) for name in adapter.ffn_in]
 
+    def ffn_plan(self, model, adapter, mlp, consumer, keep) -> Plan:
+        """Keep neurons `keep` of the FFN at `mlp` whose output projection is `consumer`."""
+        plan = Plan(consumer, keep, self.ffn_ops(model, adapter, mlp, keep) + [_Op(consumer, "inputs", keep)])
+        _set_attr_if_present(plan, model, mlp, ("intermediate_size",), keep.size)
+        return plan
+
     def plan(self, model, adapter, site, keep):
         prefix = adapter.block_name(site.layer)
         if site.structure == "neurons":
-            mlp = f"{prefix}.mlp"
-            plan = Plan(site.consumer, keep, self.ffn_ops(model, adapter, mlp, keep)
-                        + [_Op(site.consumer, "inputs", keep)])
-            _set_attr_if_present(plan, model, mlp, ("intermediate_size",), keep.size)
-            return plan
+            return self.ffn_plan(model, adapter, f"{prefix}.mlp", site.consumer, keep)
         attn_path = f"{prefix}.self_attn"
         hd = int(model.get_submodule(attn_path).head_dim)
         _check_head_norms(model, attn_path, hd)
@@ -549,13 +551,8 @@ class MoESurgeon(LlamaSurgeon):
                                    f"default grouped_mm experts kernel needs a multiple of {EXPERT_MULTIPLE}: keep "
                                    "one, or run the experts eagerly (model.config._experts_implementation = 'eager')")
             return Plan(site.consumer, keep, [_Op(site.consumer, "outputs", keep), _Op(site.consumer, "inputs", keep)])
-        if site.structure == "shared-neurons":
-            mlp = site.consumer.removesuffix(".down_proj")
-            plan = Plan(site.consumer, keep, [_Op(f"{mlp}.gate_proj", "outputs", keep),
-                                              _Op(f"{mlp}.up_proj", "outputs", keep),
-                                              _Op(site.consumer, "inputs", keep)])
-            _set_attr_if_present(plan, model, mlp, ("intermediate_size",), keep.size)
-            return plan
+        if site.structure == "shared-neurons":  # a Llama FFN inside the MoE block
+            return self.ffn_plan(model, adapter, site.consumer.rpartition(".")[0], site.consumer, keep)
         return super().plan(model, adapter, site, keep)
 
     def layer_sizes(self, model, adapter, layer):
