@@ -49,11 +49,44 @@ def is_conv1d(module: nn.Module) -> bool:
 
 def is_experts(module: nn.Module | None) -> bool:
     """transformers' stacked mixture-of-experts weights (the `*Experts` modules
-    of Mixtral, Qwen3-MoE, DeepSeek-V3, ...): gate_up_proj (experts, 2 x
-    neurons, hidden) with the gate half first, down_proj (experts, hidden, neurons)."""
+    of Mixtral, Qwen3-MoE, DeepSeek-V3, gpt-oss, ...): 3-D gate_up_proj and
+    down_proj tensors, one slice per expert (`experts_layout`)."""
     gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
     return isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter) and gate_up.dim() == 3 \
         and down.dim() == 3
+
+
+@dataclass(frozen=True)
+class ExpertsLayout:
+    """How a stacked-experts module stores its weights (the flags transformers'
+    `use_experts_implementation` sets on it).
+
+    Default (Mixtral, Qwen3-MoE, ...): gate_up_proj (experts, 2n, hidden)
+    with the n gate rows first, down_proj (experts, hidden, n). transposed
+    (gpt-oss): gate_up_proj (experts, hidden, 2n), down_proj (experts, n,
+    hidden). interleaved (gpt-oss): gate and up outputs alternate (gate of
+    neuron j at 2j, up at 2j + 1). bias: gate_up_proj_bias (experts, 2n) and
+    down_proj_bias (experts, hidden)."""
+
+    experts: int
+    neurons: int
+    transposed: bool = False
+    interleaved: bool = False
+    bias: bool = False
+
+    def gate_up_index(self, keep: torch.Tensor) -> torch.Tensor:
+        """Positions on gate_up_proj's 2n axis of kept neurons `keep` (experts x k)."""
+        if self.interleaved:
+            return torch.stack([2 * keep, 2 * keep + 1], dim=-1).reshape(keep.shape[0], -1)
+        return torch.cat([keep, self.neurons + keep], dim=1)
+
+
+def experts_layout(module: nn.Module) -> ExpertsLayout:
+    """The `ExpertsLayout` of a stacked-experts module (`is_experts`)."""
+    transposed = bool(getattr(module, "is_transposed", False))
+    down = module.down_proj
+    return ExpertsLayout(int(down.shape[0]), int(down.shape[1] if transposed else down.shape[2]), transposed,
+                         not getattr(module, "is_concatenated", True), bool(getattr(module, "has_bias", False)))
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
@@ -63,6 +96,8 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
         return module.weight.detach().T
     if is_experts(module):
         down = module.down_proj.detach()
+        if experts_layout(module).transposed:  # (experts, n, hidden)
+            return down.reshape(-1, down.shape[2])
         return down.transpose(1, 2).reshape(-1, down.shape[1])
     if is_conv1d(module):
         return module.weight.detach()
@@ -75,8 +110,10 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
 def set_weight_matrix(module: nn.Module, W: torch.Tensor) -> None:
     """Write W (d x m, rows = input features) back into the consumer module."""
     if is_experts(module):
-        old = module.down_proj
-        new = W.reshape(old.shape[0], -1, old.shape[1]).transpose(1, 2)
+        old, layout = module.down_proj, experts_layout(module)
+        new = W.reshape(layout.experts, -1, W.shape[1])  # (experts, neurons, hidden)
+        if not layout.transposed:
+            new = new.transpose(1, 2)
         module.down_proj = nn.Parameter(new.to(device=old.device, dtype=old.dtype).contiguous(),
                                         requires_grad=old.requires_grad)
         return
@@ -359,9 +396,11 @@ EXPERT_MULTIPLE = 8
 class MoEAdapter(LlamaAdapter):
     """Mixture-of-experts models with transformers' stacked experts (Mixtral,
     OLMoE, Qwen2-MoE, Qwen3-MoE, GLM-4.5 (glm4_moe), DeepSeek-V2/V3, dots1,
-    ERNIE-4.5-MoE): MoE layers, and dense FFN layers where the model mixes
-    them (first_k_dense_replace, mlp_only_layers). The Llama attention
-    structures (not for multi-head latent attention: DeepSeek), and
+    ERNIE-4.5-MoE, gpt-oss with its transposed, interleaved, biased expert
+    weights (`experts_layout`) and per-head attention sinks): MoE layers, and
+    dense FFN layers where the model mixes them (first_k_dense_replace,
+    mlp_only_layers). The Llama attention structures (not for multi-head
+    latent attention: DeepSeek), and
 
     neurons         in an MoE layer, FFN neurons of every routed expert. The
                     stacked weights need the same number of neurons in every
@@ -381,7 +420,7 @@ class MoEAdapter(LlamaAdapter):
 
     name = "moe"
     model_types = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "glm4_moe", "deepseek_v2", "deepseek_v3", "dots1",
-                   "ernie4_5_moe")
+                   "ernie4_5_moe", "gpt_oss")
     structures = LlamaAdapter.structures + ("shared-neurons",)
     _SHARED = ("shared_expert", "shared_experts")
 
@@ -400,11 +439,18 @@ class MoEAdapter(LlamaAdapter):
             if not is_experts(experts):
                 raise UnsupportedModelError(f"the experts of layer {layer} of this {kind} model are not stacked "
                                             "(gate_up_proj / down_proj tensors): not supported")
-            layout = {"is_transposed": False, "has_bias": False, "is_concatenated": True, "has_gate": True}
-            odd = [f"{k}={getattr(experts, k)}" for k, v in layout.items() if getattr(experts, k, v) != v]
+            if not experts.gate_up_proj.is_floating_point():
+                raise UnsupportedModelError(
+                    f"the experts of this {kind} model are quantized ({experts.gate_up_proj.dtype} "
+                    f"{type(experts).__name__}): load it dequantized, e.g. from_pretrained(..., "
+                    "quantization_config=transformers.Mxfp4Config(dequantize=True)) for MXFP4")
+            # transposed, interleaved and biased weights (gpt-oss) are read by `experts_layout`; experts
+            # without a gate (up_proj only) or with a norm after down_proj are not
+            odd = [f"{k}={getattr(experts, k)}" for k, ok in (("has_gate", True), ("has_post_expert_norm", False))
+                   if getattr(experts, k, ok) != ok]
             if odd:
                 raise UnsupportedModelError(f"the experts of this {kind} model are stored with {', '.join(odd)}: "
-                                            "only concatenated gate/up weights without biases are supported")
+                                            "only gated experts without a norm after down_proj are supported")
             self.moe_layers.add(layer)
         if not self.moe_layers:
             raise UnsupportedModelError(f"this {kind} model has no MoE layer: prune it as a dense model")
@@ -437,8 +483,8 @@ class MoEAdapter(LlamaAdapter):
     def _site(self, structure: str, layer: int) -> Site:
         mlp = f"{self.block_name(layer)}.mlp"
         if structure == "neurons" and layer in self.moe_layers:
-            down = self.block(layer).mlp.experts.down_proj
-            n_experts, n = int(down.shape[0]), int(down.shape[2])
+            layout = experts_layout(self.block(layer).mlp.experts)
+            n_experts, n = layout.experts, layout.neurons
             return Site(layer, structure, f"{mlp}.experts", n_experts * n, 1,
                         tuple(np.repeat(np.arange(n_experts), n).tolist()),
                         {"experts": n_experts, "multiple": EXPERT_MULTIPLE})

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapters import Adapter, Site, adapter_for, expert_sites, input_rows, is_experts, site_weight
+from .adapters import Adapter, Site, adapter_for, expert_sites, experts_layout, input_rows, is_experts, site_weight
 from .data import Calibration, DataError
 from .instance import DAMPING, Instance, damped_gram
 from .placement import placed
@@ -158,7 +158,8 @@ class GramHooks(_Hooks):
             if self.mask is not None and self.mask.numel() == x.shape[0]:
                 real = self.mask.to(x.device).reshape(-1).bool()
             dev = self.device or x.device
-            n_experts, _, n = module.down_proj.shape
+            layout = experts_layout(module)
+            n_experts, n = layout.experts, layout.neurons
             gate_fn = getattr(module, "_apply_gate", None)
             for e in range(n_experts):
                 key = f"{name}[{e}]"
@@ -170,11 +171,14 @@ class GramHooks(_Hooks):
                     token, slot = token[real[token]], slot[real[token]]
                 if token.numel() == 0:
                     continue
-                gate_up = nn.functional.linear(x[token], module.gate_up_proj[e].detach())
-                if callable(gate_fn):
+                w = module.gate_up_proj[e].detach()
+                gate_up = x[token] @ w if layout.transposed else nn.functional.linear(x[token], w)
+                if layout.bias:
+                    gate_up = gate_up + module.gate_up_proj_bias[e].detach()
+                if callable(gate_fn):  # the experts' own gating (gpt-oss: interleaved, clamped)
                     act = gate_fn(gate_up)
                 else:
-                    gate, up = gate_up.chunk(2, dim=-1)
+                    gate, up = (gate_up[..., ::2], gate_up[..., 1::2]) if layout.interleaved else gate_up.chunk(2, -1)
                     act = module.act_fn(gate) * up
                 rows = (act * weights[token, slot, None]).to(dev, torch.float64)
                 acc = self.sums[key]

@@ -193,7 +193,12 @@ def _load_hf(path: str, dtype: Any, causal: bool | None = None):
         archs = config.architectures or []
         causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-    model = auto.from_pretrained(path, dtype=dtype)
+    extra = {}
+    quant = getattr(config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if getattr(method, "value", method) == "mxfp4":  # gpt-oss checkpoints: their experts are pruned in float
+        extra["quantization_config"] = transformers.Mxfp4Config(dequantize=True)
+    model = auto.from_pretrained(path, dtype=dtype, **extra)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model.eval()
     return model, tokenizer

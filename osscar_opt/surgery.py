@@ -19,8 +19,10 @@ W, d x m, zero outside the kept rows), `remove_groups` shrinks the model:
   num_key_value_heads = sum c_j / g, which may exceed the original count
   (`load_pruned` grows those layers to match);
 - stacked MoE experts (gate_up_proj (experts, 2n, h), down_proj (experts,
-  h, n)) lose the gate and up rows and the down_proj columns of each
+  h, n); gpt-oss's transposed, interleaved, biased layout likewise) lose
+  the gate and up rows (and biases) and the down_proj columns of each
   expert's removed neurons; every expert keeps the same number;
+- attention sinks (gpt-oss: one logit per query head) go with their heads;
 - Phi-3's fused projections lose the matching rows of each part (qkv_proj:
   query, key and value heads; gate_up_proj: gate and up neurons), and its
   attention, which reads the head count from the config, gets a
@@ -83,8 +85,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapters import (EXPERT_MULTIPLE, Adapter, Site, adapter_for, head_norm_problem, is_conv1d, is_experts,
-                       set_weight_matrix, text_config, weight_matrix)
+from .adapters import (EXPERT_MULTIPLE, Adapter, Site, adapter_for, experts_layout, head_norm_problem, is_conv1d,
+                       is_experts, set_weight_matrix, text_config, weight_matrix)
 from .errors import OsscarError, require
 
 
@@ -205,43 +207,51 @@ class BatchNormPruner(ModulePruner):
 
 
 class ExpertsPruner(ModulePruner):
-    """Stacked MoE experts (`adapters.is_experts`): gate_up_proj (E, 2n, h),
-    gate half first, and down_proj (E, h, n). Outputs and inputs are the
-    experts' neurons, expert e's at e x n .. (e + 1) x n - 1; every expert
-    must keep the same number (one stacked tensor)."""
+    """Stacked MoE experts (`adapters.is_experts`, stored as
+    `adapters.experts_layout` says: gate_up_proj (E, 2n, h) gate half first
+    and down_proj (E, h, n), or gpt-oss's transposed, interleaved, biased
+    weights). Outputs and inputs are the experts' neurons, expert e's at
+    e x n .. (e + 1) x n - 1; every expert must keep the same number (one
+    stacked tensor). down_proj's bias stays."""
 
     def n_outputs(self, module):
-        n_experts, _, n = module.down_proj.shape
-        return n_experts * n
+        layout = experts_layout(module)
+        return layout.experts * layout.neurons
 
     n_inputs = n_outputs
 
     @staticmethod
     def _per_expert(module, index):
-        n_experts, _, n = module.down_proj.shape
-        expert = index // n
-        counts = torch.bincount(expert, minlength=n_experts)
-        if index.numel() % n_experts or torch.any(counts != counts[0]):
+        layout = experts_layout(module)
+        expert = index // layout.neurons
+        counts = torch.bincount(expert, minlength=layout.experts)
+        if index.numel() % layout.experts or torch.any(counts != counts[0]):
             raise SurgeryError(f"kept neurons per expert are {counts.tolist()}: stacked experts must keep the "
                                "same number in every expert")
-        return (index - expert * n).reshape(n_experts, -1)
+        return (index - expert * layout.neurons).reshape(layout.experts, -1)
+
+    @staticmethod
+    def _select(module, name, index, dim):
+        """Parameter `name` with expert e keeping entries index[e] along `dim` (of the per-expert slice)."""
+        old = getattr(module, name)
+        index = index.to(old.device)
+        new = torch.stack([old.detach()[e].index_select(dim, index[e]) for e in range(index.shape[0])])
+        setattr(module, name, nn.Parameter(new.contiguous(), requires_grad=old.requires_grad))
 
     def keep_outputs(self, module, index):
+        layout = experts_layout(module)
         idx = self._per_expert(module, index)
-        n = module.down_proj.shape[2]
-        old = module.gate_up_proj
-        rows = torch.cat([idx, n + idx], dim=1).to(old.device)
-        new = torch.stack([old.detach()[e].index_select(0, rows[e]) for e in range(idx.shape[0])])
-        module.gate_up_proj = nn.Parameter(new.contiguous(), requires_grad=old.requires_grad)
-        if hasattr(module, "intermediate_dim"):
-            module.intermediate_dim = int(idx.shape[1])
+        rows = layout.gate_up_index(idx)
+        self._select(module, "gate_up_proj", rows, 1 if layout.transposed else 0)
+        if layout.bias:
+            self._select(module, "gate_up_proj_bias", rows, 0)
+        for attr in ("intermediate_dim", "intermediate_size"):
+            if isinstance(getattr(module, attr, None), int):
+                setattr(module, attr, int(idx.shape[1]))
 
     def keep_inputs(self, module, index):
-        idx = self._per_expert(module, index)
-        old = module.down_proj
-        idx = idx.to(old.device)
-        new = torch.stack([old.detach()[e].index_select(1, idx[e]) for e in range(idx.shape[0])])
-        module.down_proj = nn.Parameter(new.contiguous(), requires_grad=old.requires_grad)
+        layout = experts_layout(module)
+        self._select(module, "down_proj", self._per_expert(module, index), 0 if layout.transposed else 1)
 
 
 PRUNERS: dict[type, ModulePruner] = {
@@ -277,6 +287,7 @@ class _Op:
     path: str
     side: str  # "outputs" or "inputs"
     index: np.ndarray  # kept channels in the module's own units
+    param: str | None = None  # set: entries `index` of this 1-D parameter of the module (gpt-oss's sinks) stay
 
 
 @dataclass
@@ -360,6 +371,9 @@ def _attention_plan(model: nn.Module, attn_path: str, q_heads: np.ndarray, kv_he
                                                _Op(f"{attn_path}.k_proj", "outputs", kv_rows),
                                                _Op(f"{attn_path}.v_proj", "outputs", kv_rows),
                                                _Op(f"{attn_path}.{out}", "inputs", q_rows)])
+    sinks = getattr(model.get_submodule(attn_path), "sinks", None)
+    if isinstance(sinks, nn.Parameter) and sinks.dim() == 1:  # gpt-oss: one attention-sink logit per query head
+        plan.ops.append(_Op(attn_path, "outputs", np.asarray(q_heads, dtype=np.int64), "sinks"))
     _set_attr_if_present(plan, model, attn_path, ("num_key_value_groups",), len(q_heads) // len(kv_heads))
     _set_attr_if_present(plan, model, attn_path, ("num_heads",), len(q_heads))
     _set_attr_if_present(plan, model, attn_path, ("num_key_value_heads",), len(kv_heads))
@@ -564,7 +578,7 @@ class MoESurgeon(LlamaSurgeon):
         if layer not in adapter.moe_layers:
             sizes["neurons"] = getattr(block.mlp, adapter.ffn_out).in_features
             return sizes
-        sizes["expert_neurons"] = int(block.mlp.experts.down_proj.shape[2])
+        sizes["expert_neurons"] = experts_layout(block.mlp.experts).neurons
         shared = adapter.shared_expert(layer)
         if shared:
             sizes["shared_neurons"] = getattr(block.mlp, shared).down_proj.in_features
@@ -598,7 +612,7 @@ class MoESurgeon(LlamaSurgeon):
         if "neurons" in sizes and sizes["neurons"] < cur["neurons"]:
             _remove(model, adapter, adapter.site("neurons", layer), np.arange(sizes["neurons"]), None)
         if "expert_neurons" in sizes and sizes["expert_neurons"] < cur["expert_neurons"]:
-            n_experts = int(adapter.block(layer).mlp.experts.down_proj.shape[0])
+            n_experts = experts_layout(adapter.block(layer).mlp.experts).experts
             n = cur["expert_neurons"]
             keep = (np.arange(n_experts)[:, None] * n + np.arange(sizes["expert_neurons"])).ravel()
             _remove(model, adapter, adapter.site("neurons", layer), keep, None)
@@ -865,8 +879,11 @@ def _check_plan(model: nn.Module, plan: Plan) -> None:
             aliases.setdefault(_alias_key(t), []).append(name)
     for op in plan.ops:
         module = model.get_submodule(op.path)
-        pruner = pruner_for(module)
-        size = pruner.n_outputs(module) if op.side == "outputs" else pruner.n_inputs(module)
+        if op.param is not None:
+            size = getattr(module, op.param).shape[0]
+        else:
+            pruner = pruner_for(module)
+            size = pruner.n_outputs(module) if op.side == "outputs" else pruner.n_inputs(module)
         if op.index.size and (op.index.min() < 0 or op.index.max() >= size):
             raise SurgeryError(f"{op.path} has {size} {op.side} but the removal refers to index "
                                f"{int(op.index.max())}: the site does not match this model")
@@ -874,6 +891,8 @@ def _check_plan(model: nn.Module, plan: Plan) -> None:
             raise SurgeryError(f"{op.path} is a grouped convolution (groups={module.groups}): not supported")
         tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
         for pname, t in tensors:
+            if op.param is not None and pname != op.param:
+                continue
             mine = f"{op.path}.{pname}"
             others = [n for n in owners.get(id(t), []) if n != mine]
             others += [n for n in aliases.get(_alias_key(t), []) if n != mine and n not in others]
@@ -897,8 +916,13 @@ def _execute(model: nn.Module, plan: Plan, new_weight: torch.Tensor | None) -> N
     with torch.no_grad():
         for op in plan.ops:
             module = model.get_submodule(op.path)
-            pruner = pruner_for(module)
             index = torch.from_numpy(np.ascontiguousarray(op.index, dtype=np.int64))
+            if op.param is not None:
+                old = getattr(module, op.param)
+                setattr(module, op.param, nn.Parameter(old.detach().index_select(0, index.to(old.device)).contiguous(),
+                                                       requires_grad=old.requires_grad))
+                continue
+            pruner = pruner_for(module)
             (pruner.keep_outputs if op.side == "outputs" else pruner.keep_inputs)(module, index)
         if new_weight is not None:
             set_weight_matrix(model.get_submodule(plan.consumer), new_weight)

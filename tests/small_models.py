@@ -120,7 +120,13 @@ def tiny_llama_like(kind: str, layers=2, heads=4, kv_heads=2, head_dim=16, hidde
                      num_attention_heads=heads, num_key_value_heads=kv_heads,
                      max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                      **{**extra, **config})
-    return model_cls(cfg).eval()
+    model = model_cls(cfg).eval()
+    if kind == "gpt_oss":
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(("bias", "sinks")):
+                    p.copy_(torch.randn_like(p) * (1.0 if name.endswith("sinks") else 0.1))
+    return model
 
 
 def tiny_gemma3_vlm(layers=2, vocab=300):
@@ -153,12 +159,15 @@ def tiny_moe(kind: str, layers=2, heads=4, kv_heads=2, head_dim=16, ffn=48, expe
     shared expert of 80 neurons), Qwen3-MoE (per-head q/k norms), and with a
     dense first layer (96 neurons) and a shared expert of 48: GLM-4.5
     (glm4_moe, per-head q/k norms), dots1, ERNIE-4.5-MoE and DeepSeek-V3
-    (multi-head latent attention, sigmoid routing). `config`: further fields."""
+    (multi-head latent attention, sigmoid routing); gpt-oss (transposed,
+    interleaved gate/up expert weights with biases, attention biases and
+    sinks, sliding-window layers; its biases and sinks drawn at random, not
+    left at their zero init). `config`: further fields."""
     import transformers
 
     names = {"mixtral": "Mixtral", "olmoe": "Olmoe", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe",
              "glm4_moe": "Glm4Moe", "dots1": "Dots1", "ernie4_5_moe": "Ernie4_5_Moe",
-             "deepseek_v3": "DeepseekV3"}[kind]
+             "deepseek_v3": "DeepseekV3", "gpt_oss": "GptOss"}[kind]
     config_cls = getattr(transformers, f"{names}Config", None)
     model_cls = getattr(transformers, f"{names}ForCausalLM", None)
     if config_cls is None or model_cls is None:
@@ -179,12 +188,20 @@ def tiny_moe(kind: str, layers=2, heads=4, kv_heads=2, head_dim=16, ffn=48, expe
              "ernie4_5_moe": {"moe_num_experts": experts, "moe_num_shared_experts": 1, "moe_layer_start_index": 1,
                               "moe_intermediate_size": ffn, "intermediate_size": 96, "moe_k": 2},
              "deepseek_v3": {**dense_first, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
-                             "qk_rope_head_dim": 8, "v_head_dim": 16}}[kind]
+                             "qk_rope_head_dim": 8, "v_head_dim": 16},
+             "gpt_oss": {"num_local_experts": experts, "intermediate_size": ffn, "head_dim": head_dim,
+                         "sliding_window": 8, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}}[kind]
     cfg = config_cls(vocab_size=vocab, hidden_size=heads * head_dim, num_hidden_layers=layers,
                      num_attention_heads=heads, num_key_value_heads=kv_heads, num_experts_per_tok=2,
                      max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                      **{**extra, **config})
-    return model_cls(cfg).eval()
+    model = model_cls(cfg).eval()
+    if kind == "gpt_oss":
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(("bias", "sinks")):
+                    p.copy_(torch.randn_like(p) * (1.0 if name.endswith("sinks") else 0.1))
+    return model
 
 
 ARCHITECTURES = {

@@ -140,7 +140,8 @@ def test_gemma3_vision_language_model_prunes_its_text_tower(tmp_path):
     np.testing.assert_allclose(_out(again, x).numpy(), _out(model, x).numpy(), atol=1e-6)
 
 
-MOE_KINDS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "dots1", "ernie4_5_moe", "deepseek_v3"]
+MOE_KINDS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "dots1", "ernie4_5_moe", "deepseek_v3",
+             "gpt_oss"]
 
 
 @pytest.mark.parametrize("kind", MOE_KINDS)
@@ -154,7 +155,9 @@ def test_moe_models_prune_every_expert_reload_and_match_the_refit_dense_model(ki
     checkpoint holds one gate/up/down per expert, converted on load).
     Experts keep a multiple of 8 neurons (62.5% of 48 is 30: 32 kept).
     OLMoE's q/k norms span all heads: heads are refused, neurons prune;
-    DeepSeek's latent attention has no heads to prune."""
+    DeepSeek's latent attention has no heads to prune. gpt-oss stores its
+    experts transposed, gate and up interleaved, with biases, and has one
+    attention-sink logit per query head (removed with the head)."""
     import transformers
     from small_models import tiny_moe
 
@@ -173,7 +176,8 @@ def test_moe_models_prune_every_expert_reload_and_match_the_refit_dense_model(ki
     has_shared = "shared-neurons" in adapter.default_structures
     assert adapter.default_structures == (() if kind in ("deepseek_v3", "olmoe") else ("heads",)) + ("neurons",) + \
         (("shared-neurons",) if has_shared else ())
-    assert adapter.moe_layers == ({0, 1} if kind in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe") else {1})
+    assert adapter.moe_layers == ({0, 1} if kind in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss")
+                                  else {1})
     # uniform: DeepSeek-style shared experts are sized by the routed experts' field, so they prune alike
     for neurons, shared_frac, uniform in (({0: 0.5, 1: 0.375}, 0.25, False), (0.5, 0.5, True)):
         shared = {"shared-neurons": shared_frac} if has_shared else {}
@@ -186,8 +190,14 @@ def test_moe_models_prune_every_expert_reload_and_match_the_refit_dense_model(ki
             if site.structure == "neurons" and site.layer in adapter.moe_layers:
                 per_expert = 24 if frac == 0.5 else 32
                 experts = model.model.layers[site.layer].mlp.experts
-                assert tuple(experts.down_proj.shape) == (4, 64, per_expert)
-                assert tuple(experts.gate_up_proj.shape) == (4, 2 * per_expert, 64)
+                if kind == "gpt_oss":  # transposed, with biases
+                    assert tuple(experts.down_proj.shape) == (4, per_expert, 64)
+                    assert tuple(experts.gate_up_proj.shape) == (4, 64, 2 * per_expert)
+                    assert tuple(experts.gate_up_proj_bias.shape) == (4, 2 * per_expert)
+                    assert tuple(experts.down_proj_bias.shape) == (4, 64)
+                else:
+                    assert tuple(experts.down_proj.shape) == (4, 64, per_expert)
+                    assert tuple(experts.gate_up_proj.shape) == (4, 2 * per_expert, 64)
                 assert site.groups == 4 * 48 and site.kept == 4 * per_expert and site.target_fit is None
                 assert [e["kept"] for e in site.experts] == [per_expert] * 4
                 assert sum(e["samples"] for e in site.experts) == 2 * 8 * 24  # two experts per token
@@ -197,6 +207,10 @@ def test_moe_models_prune_every_expert_reload_and_match_the_refit_dense_model(ki
                 assert model.model.layers[site.layer].mlp.up_proj.out_features == site.kept
             elif site.structure == "heads":
                 assert site.kept == 2 and site.target_fit is not None
+                if kind == "gpt_oss":  # the kept heads' own sinks
+                    sinks = model.model.layers[site.layer].self_attn.sinks
+                    dense_sinks = dense.model.layers[site.layer].self_attn.sinks
+                    assert torch.equal(sinks, dense_sinks[torch.as_tensor(site.keep)])
             else:
                 n = 80 if kind == "qwen2_moe" else 48
                 assert site.structure == "shared-neurons" and site.kept == (1 - shared_frac) * n
@@ -215,7 +229,7 @@ def test_moe_models_prune_every_expert_reload_and_match_the_refit_dense_model(ki
             np.testing.assert_allclose(_out(plain, x).numpy(), _out(model, x).numpy(), atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "gpt_oss"])
 def test_expert_gram_is_what_the_moe_output_feels(kind):
     """The Gram matrix of an expert weighs its tokens as the MoE block does:
     changing that expert's down_proj weights by D changes the block's output
@@ -253,7 +267,8 @@ def test_expert_gram_is_what_the_moe_output_feels(kind):
         D = torch.randn(48, 64, generator=g, dtype=torch.float64) * 0.1
         changed = copy.deepcopy(model)
         with torch.no_grad():
-            changed.model.layers[0].mlp.experts.down_proj[e] += D.T.float()
+            experts = changed.model.layers[0].mlp.experts
+            experts.down_proj[e] += D.float() if kind == "gpt_oss" else D.T.float()  # gpt-oss: (neurons, hidden)
         felt = float(((routed_output(changed) - base) ** 2).sum())
         assert felt == pytest.approx(n * float(np.trace(D.numpy().T @ gram @ D.numpy())), rel=1e-3)
 
@@ -268,6 +283,13 @@ def test_moe_bad_inputs(tmp_path):
         apply(tiny_moe("mixtral"), random_tokens(), {"shared-neurons": 0.5}, progress=False)
     with pytest.raises(UnsupportedModelError, match="multi-head latent attention.*structures=\\['neurons'"):
         apply(tiny_moe("deepseek_v3"), random_tokens(), {"heads": 0.5}, progress=False)
+    # gpt-oss experts as an MXFP4 checkpoint loads them on a GPU (packed uint8 blocks): refused with the fix
+    from transformers.integrations.mxfp4 import Mxfp4GptOssExperts
+
+    model = tiny_moe("gpt_oss")
+    model.model.layers[1].mlp.experts = Mxfp4GptOssExperts(model.config)
+    with pytest.raises(UnsupportedModelError, match=r"quantized \(torch.uint8.*Mxfp4Config\(dequantize=True\)"):
+        apply(model, random_tokens(), 0.5, progress=False)
     # experts pruned alike in every MoE layer, the shared expert otherwise: DeepSeek sizes both by
     # moe_intermediate_size, so the config cannot say it (a model built from it would be too small to load into)
     model = tiny_moe("deepseek_v3")

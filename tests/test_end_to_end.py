@@ -170,14 +170,15 @@ def test_evaluate_model_offloaded_gives_the_same_perplexity_and_leaves_the_model
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
 
 
-@pytest.mark.parametrize("kind", ["gemma2", "phi3", "glm4_moe"])
+@pytest.mark.parametrize("kind", ["gemma2", "phi3", "glm4_moe", "gpt_oss"])
 def test_prune_command_takes_a_local_model_folder(kind, tmp_path, capsys):
     """`osscar-opt prune --model FOLDER` on a Hugging Face folder of a family
-    added beside SmolLM2's (a small Gemma2 / Phi-3 / GLM-4.5 MoE built
-    in-process, saved with MiniLM's tokenizer): finite perplexities, a
+    added beside SmolLM2's (a small Gemma2 / Phi-3 / GLM-4.5 MoE / gpt-oss
+    built in-process, saved with MiniLM's tokenizer): finite perplexities, a
     smaller model that reloads, Gemma2 refit to layer targets (its sandwich
-    norms), Phi-3 and GLM-4.5's attention to dense ones; GLM-4.5's dense
-    first layer, routed experts and shared expert all pruned by default."""
+    norms), the others' attention to dense ones; GLM-4.5's dense first
+    layer, routed experts and shared expert all pruned by default, and
+    gpt-oss's transposed experts and per-head attention sinks."""
     import json
 
     from small_models import tiny_llama_like, tiny_moe
@@ -187,7 +188,8 @@ def test_prune_command_takes_a_local_model_folder(kind, tmp_path, capsys):
 
     _, tok = models.load("minilm-l6")
     folder, out = tmp_path / kind, tmp_path / "pruned"
-    dense = tiny_moe(kind, vocab=len(tok)) if kind == "glm4_moe" else tiny_llama_like(kind, vocab=len(tok))
+    moe = kind in ("glm4_moe", "gpt_oss")
+    dense = tiny_moe(kind, vocab=len(tok)) if moe else tiny_llama_like(kind, vocab=len(tok))
     dense.save_pretrained(folder)
     tok.save_pretrained(folder)
     assert main(["prune", "--model", str(folder), "--sparsity", "0.5", "--nsamples", "4", "--seq-len", "64",
@@ -205,6 +207,10 @@ def test_prune_command_takes_a_local_model_folder(kind, tmp_path, capsys):
         assert model.model.layers[0].mlp.down_proj.in_features == 48  # dense layer
         assert model.model.layers[1].mlp.experts.down_proj.shape[2] == 24  # each of 4 experts
         assert model.model.layers[1].mlp.shared_experts.down_proj.in_features == 24
+    elif kind == "gpt_oss":
+        for layer in model.model.layers:
+            assert tuple(layer.mlp.experts.down_proj.shape) == (4, 24, 64)  # (experts, neurons, hidden)
+            assert layer.self_attn.sinks.shape == (2,)
     else:
         assert model.model.layers[1].mlp.down_proj.in_features == 48
     x = tok(["pruning keeps the model small"], return_tensors="pt")["input_ids"]
