@@ -66,6 +66,7 @@ from osscar_opt.instance import Instance
 from osscar_opt.registry import Result, Solver, Status, register
 
 from ._common import GAP_TOL, Trace, cpu_threads, osscar_support, parts_and_budget
+from .bnb import _restricted_osscar
 from .relaxation import project_capped
 
 
@@ -295,6 +296,8 @@ class ShorBnbParams:
     newton_steps: Newton steps on the dual (2) per node.
     primal_steps: projected-gradient steps of the restricted primal per node.
     max_nodes: stop after this many nodes (None: no limit).
+    osscar_nodes: run OSSCAR restricted to the node's fixings at nodes
+        2, 4, 8, ... up to this node count (0 disables).
     max_rows: skip instances with more rows than this (dense d x d algebra).
     threads: CPU threads for BLAS during the solve (None: leave the setting).
     """
@@ -303,6 +306,7 @@ class ShorBnbParams:
     newton_steps: int = 60
     primal_steps: int = 100
     max_nodes: int | None = None
+    osscar_nodes: int = 4096
     max_rows: int = 2048
     threads: int | None = 1
 
@@ -371,7 +375,7 @@ def _search(form: ComplementForm, params: ShorBnbParams, deadline: float | None)
     removed = np.ones(form.p, bool)
     removed[best_S] = False
     UB = form.cost(removed)
-    info = {"nodes": 0, "fixed_by_bound": 0, "osscar_err": UB / full, "root_err_bound": None}
+    info = {"nodes": 0, "fixed_by_bound": 0, "osscar_runs": 0, "osscar_err": UB / full, "root_err_bound": None}
     trace = Trace(instance.full_objective, t0=t_start)
     lo, hi = np.zeros(form.p), np.ones(form.p)
     if not _propagate(form, lo, hi):
@@ -410,11 +414,20 @@ def _search(form: ComplementForm, params: ShorBnbParams, deadline: float | None)
             info["root_err_bound"] = F / full
         a_hat = lo.astype(np.float64).copy()
         a_hat[free_ids] = np.clip(a_free, 0.0, 1.0)
-        # incumbent by rounding: the largest a of every part removed
-        rounded = _round(form, a_hat, lo, hi)
-        cost = form.cost(rounded)
-        if cost < UB:
-            UB, removed = cost, rounded
+        # incumbents: the largest a of every part removed (rounding); OSSCAR within the fixings at
+        # nodes 1, 2, 4, 8, ...
+        candidates = [_round(form, a_hat, lo, hi)]
+        if info["nodes"] & (info["nodes"] - 1) == 0 and info["nodes"] <= params.osscar_nodes and info["nodes"] > 1:
+            S = _restricted_osscar(instance, hi == 0, lo > 0, deadline)
+            if S is not None:
+                mask = np.ones(form.p, bool)
+                mask[S] = False
+                candidates.append(mask)
+                info["osscar_runs"] += 1
+        for candidate in candidates:
+            cost = form.cost(candidate)
+            if cost < UB:
+                UB, removed = cost, candidate
         trace.add(instance.full_objective + UB, instance.full_objective + min(F, UB, pruned_min,
                                                                                 min((n.lb for n in heap), default=math.inf)))
         if F >= UB - tol:
