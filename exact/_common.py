@@ -231,3 +231,13 @@ class SplitSolver:
     def run(self, state, params, deadline):
         with cpu_threads(params.threads):
             return self._run(state, params, deadline)
+
+
+def restricted_osscar(instance: Instance, fixed_in: np.ndarray, fixed_out: np.ndarray, deadline) -> np.ndarray | None:
+    """OSSCAR on the groups not fixed out with the fixed-in groups forced (as a partition)."""
+    try:
+        sub, ids = restricted_instance(instance, fixed_in, fixed_out)
+        S = osscar_support(sub, "cpu", deadline, pair_swap_limit=0)
+    except Exception:  # a failed heuristic only costs an incumbent
+        return None
+    return np.sort(ids[S])

@@ -79,7 +79,7 @@ from ._common import (
     osscar_support,
     output_factor,
     parts_and_budget,
-    restricted_instance,
+    restricted_osscar,
 )
 from .perspective import SPLIT_METHODS, optimal_diagonal, split_for
 from .relaxation import NodeRelaxation, RootData
@@ -415,7 +415,7 @@ class _Search:
             self.try_support(_round(z, parts, budget, fixed_in, fixed_out))
             n = info["nodes"]
             if n & (n - 1) == 0 and n <= params.osscar_nodes and fixed_in.any() | fixed_out.any():
-                S = _restricted_osscar(instance, fixed_in, fixed_out, self.deadline)
+                S = restricted_osscar(instance, fixed_in, fixed_out, self.deadline)
                 info["osscar_runs"] += 1
                 if S is not None:
                     self.try_support(S)
@@ -732,16 +732,6 @@ def _round(z: np.ndarray, parts: np.ndarray, budget: np.ndarray, fixed_in: np.nd
         mem = np.flatnonzero(parts == j)
         chosen.append(mem[np.argsort(-score[mem], kind="stable")[: int(budget[j])]])
     return np.sort(np.concatenate(chosen))
-
-
-def _restricted_osscar(instance: Instance, fixed_in: np.ndarray, fixed_out: np.ndarray, deadline) -> np.ndarray | None:
-    """OSSCAR on the groups not fixed out with the fixed-in groups forced (as a partition)."""
-    try:
-        sub, ids = restricted_instance(instance, fixed_in, fixed_out)
-        S = osscar_support(sub, "cpu", deadline, pair_swap_limit=0)
-    except Exception:  # a failed heuristic only costs an incumbent
-        return None
-    return np.sort(ids[S])
 
 
 def _fix_by_bound(relax: NodeRelaxation, out: dict, prune_at: float, fixed_in: np.ndarray,

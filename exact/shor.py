@@ -65,8 +65,7 @@ import scipy.linalg
 from osscar_opt.instance import Instance
 from osscar_opt.registry import Result, Solver, Status, register
 
-from ._common import GAP_TOL, Trace, cpu_threads, osscar_support, parts_and_budget
-from .bnb import _restricted_osscar
+from ._common import GAP_TOL, Trace, cpu_threads, osscar_support, parts_and_budget, restricted_osscar
 from .relaxation import project_capped
 
 
@@ -418,7 +417,7 @@ def _search(form: ComplementForm, params: ShorBnbParams, deadline: float | None)
         # nodes 1, 2, 4, 8, ...
         candidates = [_round(form, a_hat, lo, hi)]
         if info["nodes"] & (info["nodes"] - 1) == 0 and info["nodes"] <= params.osscar_nodes and info["nodes"] > 1:
-            S = _restricted_osscar(instance, hi == 0, lo > 0, deadline)
+            S = restricted_osscar(instance, hi == 0, lo > 0, deadline)
             if S is not None:
                 mask = np.ones(form.p, bool)
                 mask[S] = False

@@ -120,13 +120,7 @@ def tiny_llama_like(kind: str, layers=2, heads=4, kv_heads=2, head_dim=16, hidde
                      num_attention_heads=heads, num_key_value_heads=kv_heads,
                      max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                      **{**extra, **config})
-    model = model_cls(cfg).eval()
-    if kind == "gpt_oss":
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith(("bias", "sinks")):
-                    p.copy_(torch.randn_like(p) * (1.0 if name.endswith("sinks") else 0.1))
-    return model
+    return model_cls(cfg).eval()
 
 
 def tiny_gemma3_vlm(layers=2, vocab=300):
