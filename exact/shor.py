@@ -292,7 +292,7 @@ class ShorBnbParams:
     """Parameters of `shor-bnb`.
 
     gap_tol: optimality tolerance in err units (relative to -f(all)).
-    newton_steps: Newton steps on the dual (2) per node.
+    newton_steps: Newton steps on the dual (2) per node (four times as many at the root).
     primal_steps: projected-gradient steps of the restricted primal per node.
     max_nodes: stop after this many nodes (None: no limit).
     osscar_nodes: run OSSCAR restricted to the node's fixings at nodes
@@ -406,8 +406,9 @@ def _search(form: ComplementForm, params: ShorBnbParams, deadline: float | None)
         dual, free_ids = ShorDual.at_node(form, T, lo, hi)
         u = dual.start() if node.delta is None or node.free is None else \
             dual.warm(_restrict(node.delta, node.free, free_ids))
-        u, F, a_free = dual.newton(u, 1e-2 * dual.scale, 1e-10 * dual.scale, params.newton_steps,
-                                   prune_at=UB - tol, deadline=deadline)
+        steps = params.newton_steps * (4 if info["nodes"] == 1 else 1)  # the root starts cold
+        u, F, a_free = dual.newton(u, 1e-2 * dual.scale, 1e-10 * dual.scale, steps, prune_at=UB - tol,
+                                   deadline=deadline)
         F = max(F, node.lb)
         if info["root_err_bound"] is None:
             info["root_err_bound"] = F / full
