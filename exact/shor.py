@@ -220,20 +220,21 @@ class ShorDual:
     def newton(self, u: np.ndarray, mu: float, mu_final: float, steps: int, prune_at: float = math.inf,
                deadline: float | None = None):
         """Log-barrier Newton steps on (2) + mu (log det Q + sum log l + sum log h),
-        mu shrinking 5x at a time down to mu_final. Returns (u, best valid F, primal estimate a)."""
+        mu shrinking 5x at a time down to mu_final. Returns the iterate with the largest F: (u, its
+        F, its primal estimate a); F + l_g and F + h_g bound the children only at that same u."""
         n, J = self.n, self.J
         ev = self.value(u)
         if ev is None:
             u = self.start()
             ev = self.value(u)
-        best_F, best_a = -math.inf, None
+        best_F, best_a, best_u = -math.inf, None, u
         eye = np.eye(n)
         part_cols = np.zeros((n, J))
         part_cols[np.arange(n), self.parts] = 1.0
         for _ in range(steps):
             F, y, cf = ev
             if F > best_F:
-                best_F, best_a = F, -y
+                best_F, best_a, best_u = F, -y, u
             if best_F >= prune_at or (deadline is not None and time.perf_counter() > deadline):
                 break
             lm, hm = u[self.s_l], u[self.s_h]
@@ -283,8 +284,8 @@ class ShorDual:
                 mu = max(mu * 0.2, mu_final)
         F, y, _ = ev
         if F > best_F:
-            best_F, best_a = F, -y
-        return u, best_F, best_a
+            best_F, best_a, best_u = F, -y, u
+        return best_u, best_F, best_a
 
 
 @dataclass
@@ -302,7 +303,7 @@ class ShorBnbParams:
     """
 
     gap_tol: float = GAP_TOL
-    newton_steps: int = 60
+    newton_steps: int = 200
     primal_steps: int = 100
     max_nodes: int | None = None
     osscar_nodes: int = 4096
@@ -407,9 +408,9 @@ def _search(form: ComplementForm, params: ShorBnbParams, deadline: float | None)
         u = dual.start() if node.delta is None or node.free is None else \
             dual.warm(_restrict(node.delta, node.free, free_ids))
         steps = params.newton_steps * (4 if info["nodes"] == 1 else 1)  # the root starts cold
-        u, F, a_free = dual.newton(u, 1e-2 * dual.scale, 1e-10 * dual.scale, steps, prune_at=UB - tol,
-                                   deadline=deadline)
-        F = max(F, node.lb)
+        u, F_u, a_free = dual.newton(u, 1e-2 * dual.scale, 1e-10 * dual.scale, steps, prune_at=UB - tol,
+                                     deadline=deadline)
+        F = max(F_u, node.lb)  # the node's bound; F_u is the one that goes with u's multipliers
         if info["root_err_bound"] is None:
             info["root_err_bound"] = F / full
         a_hat = lo.astype(np.float64).copy()
@@ -434,16 +435,18 @@ def _search(form: ComplementForm, params: ShorBnbParams, deadline: float | None)
             pruned_min = min(pruned_min, F)
             continue
         # l_g / h_g: what forcing g removed / kept adds to this bound
+        # (valid at u only: F_u, not the inherited bound)
         lm, hm = u[dual.s_l], u[dual.s_h]
         lo, hi = lo.copy(), hi.copy()
-        fix_keep = F + lm >= UB - tol
-        fix_remove = F + hm >= UB - tol
+        fix_keep = F_u + lm >= UB - tol
+        fix_remove = F_u + hm >= UB - tol
         if np.any(fix_keep & fix_remove):  # both children of a group reach the incumbent: so does the node
-            pruned_min = min(pruned_min, float(np.min(np.minimum(F + lm, F + hm)[fix_keep & fix_remove])))
+            pruned_min = min(pruned_min, float(np.min(np.minimum(F_u + lm, F_u + hm)[fix_keep & fix_remove])))
             continue
         if fix_keep.any() or fix_remove.any():
             info["fixed_by_bound"] += int(fix_keep.sum() + fix_remove.sum())
-            pruned_min = min(pruned_min, float(np.min(np.concatenate([(F + lm)[fix_keep], (F + hm)[fix_remove]]))))
+            pruned_min = min(pruned_min, float(np.min(np.concatenate([(F_u + lm)[fix_keep],
+                                                                       (F_u + hm)[fix_remove]]))))
             hi[free_ids[fix_keep]] = 0
             lo[free_ids[fix_remove]] = 1
             if _propagate(form, lo, hi):
@@ -451,7 +454,7 @@ def _search(form: ComplementForm, params: ShorBnbParams, deadline: float | None)
             continue
         g = free_ids[np.argmin(np.abs(a_hat[free_ids] - 0.5))]
         k = int(np.flatnonzero(free_ids == g)[0])
-        for value, bound in ((0, F + hm[k]), (1, F + lm[k])):
+        for value, bound in ((0, max(F, F_u + hm[k])), (1, max(F, F_u + lm[k]))):
             lo2, hi2 = lo.copy(), hi.copy()
             (lo2 if value else hi2)[g] = value
             if bound >= UB - tol:
