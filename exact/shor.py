@@ -68,6 +68,10 @@ from osscar_opt.registry import Result, Solver, Status, register
 from ._common import GAP_TOL, Trace, cpu_threads, osscar_support, parts_and_budget, restricted_osscar
 from .relaxation import project_capped
 
+# LAPACK directly: the dual's matrices are small and solved thousands of times per second,
+# so the checks of the scipy.linalg wrappers would cost more than the factorizations
+_potrf, _potrs, _potri = scipy.linalg.lapack.dpotrf, scipy.linalg.lapack.dpotrs, scipy.linalg.lapack.dpotri
+
 
 class ComplementForm:
     """An instance in the complement form: K = H^-1, L (LL' = W_hat W_hat'),
@@ -116,7 +120,10 @@ class ComplementForm:
 
         def evaluate(a):
             E = K_on + block * (1.0 / a[g_rows] - 1.0)[:, None]
-            TE = scipy.linalg.cho_solve(scipy.linalg.cho_factor(E), L_on)
+            cf, info = _potrf(E, lower=1, clean=1, overwrite_a=1)
+            if info != 0:
+                raise np.linalg.LinAlgError("the restricted primal's matrix is not positive definite")
+            TE, _ = _potrs(cf, L_on, lower=1)
             per_row = np.einsum("ij,ij->i", block @ TE, TE)
             grad = np.zeros(self.p)
             np.add.at(grad, g_rows, per_row)
@@ -208,12 +215,13 @@ class ShorDual:
         delta, nu, lm, hm = u[self.s_delta], u[self.s_nu], u[self.s_l], u[self.s_h]
         if np.any(lm < 0) or np.any(hm < 0):
             return None
-        Q = np.diag(delta) - self.B
-        cf, info = scipy.linalg.lapack.dpotrf(Q, lower=1, clean=1)
+        Q = -self.B
+        Q[np.diag_indices_from(Q)] += delta
+        cf, info = _potrf(Q, lower=1, clean=1, overwrite_a=1)
         if info != 0:
             return None
         b = self.c - 0.5 * delta - nu[self.parts] - lm + hm
-        y = scipy.linalg.cho_solve((cf, True), b)
+        y, _ = _potrs(cf, b, lower=1)
         F = self.const - 0.5 * float(b @ y) + float(nu @ self.r) - float(hm.sum())
         return F, y, cf
 
@@ -228,9 +236,9 @@ class ShorDual:
             u = self.start()
             ev = self.value(u)
         best_F, best_a, best_u = -math.inf, None, u
-        eye = np.eye(n)
         part_cols = np.zeros((n, J))
         part_cols[np.arange(n), self.parts] = 1.0
+        sd, sn, sl, sh = self.s_delta, self.s_nu, self.s_l, self.s_h
         for _ in range(steps):
             F, y, cf = ev
             if F > best_F:
@@ -238,23 +246,38 @@ class ShorDual:
             if best_F >= prune_at or (deadline is not None and time.perf_counter() > deadline):
                 break
             lm, hm = u[self.s_l], u[self.s_h]
-            Qi = scipy.linalg.cho_solve((cf, True), eye)
+            Qi, _ = _potri(cf, lower=1)
+            Qi = np.tril(Qi) + np.tril(Qi, -1).T
             g = np.empty(self.size)
             g[self.s_delta] = 0.5 * y + 0.5 * y * y + mu * np.diag(Qi)
             g[self.s_nu] = part_cols.T @ y + self.r
             g[self.s_l] = y + mu / lm
             g[self.s_h] = -y - 1.0 + mu / hm
-            # minus the Hessian: M'Q^-1 M + barrier terms, M = d(b - Q y)/du = [-(1/2 + y), -parts, -I, I]
-            M = np.concatenate([-np.diag(0.5 + y), -part_cols, -eye, eye], axis=1)
-            Hn = M.T @ Qi @ M
-            Hn[self.s_delta, self.s_delta] += mu * Qi * Qi
+            # minus the Hessian: M'Q^-1 M + barrier terms, M = d(b - Q y)/du = [-D, -parts, -I, I] with
+            # D = diag(1/2 + y), assembled block by block (O(n^2) rather than a dense product)
+            Dy = 0.5 + y
+            QiD = Qi * Dy
+            QiP = Qi @ part_cols
+            Hn = np.empty((self.size, self.size))
+            Hn[sd, sd] = Dy[:, None] * QiD + mu * Qi * Qi
+            Hn[sd, sn] = Dy[:, None] * QiP
+            Hn[sd, sl] = QiD.T
+            Hn[sd, sh] = -QiD.T
+            Hn[sn, sn] = part_cols.T @ QiP
+            Hn[sn, sl] = QiP.T
+            Hn[sn, sh] = -QiP.T
+            Hn[sl, sl] = Qi
+            Hn[sl, sh] = -Qi
+            Hn[sh, sh] = Qi
+            for upper in ((sd, sn), (sd, sl), (sd, sh), (sn, sl), (sn, sh), (sl, sh)):
+                Hn[upper[::-1]] = Hn[upper].T
             lh = np.arange(n + J, self.size)
             Hn[lh, lh] += mu / u[lh] ** 2
             Hn[np.diag_indices_from(Hn)] += 1e-13 * np.trace(Hn) / self.size
-            chol, info = scipy.linalg.lapack.dpotrf(Hn, lower=1, clean=1)
+            chol, info = _potrf(Hn, lower=1, clean=1, overwrite_a=1)
             if info != 0:
                 break
-            step = scipy.linalg.cho_solve((chol, True), g)
+            step, _ = _potrs(chol, g, lower=1)
             dec = float(g @ step)
             t = 1.0
             neg = step[lh] < 0
@@ -303,7 +326,7 @@ class ShorBnbParams:
     """
 
     gap_tol: float = GAP_TOL
-    newton_steps: int = 200
+    newton_steps: int = 100
     primal_steps: int = 100
     max_nodes: int | None = None
     osscar_nodes: int = 4096
