@@ -40,7 +40,10 @@ At each node (groups fixed removed or kept):
   reads phi(a) = 0.5 tr(L' (K + blockdiag_g(K_gg (1/a_g - 1)))^-1 L): its
   minimizer over the node's box (projected gradient, warm-started from the
   parent) gives T = D_a^-1 (K + ...)^-1 L, a few tenths of a percent from the
-  best T;
+  best T; at the root, T is then moved towards (K o P)^-1 D_a L, with (a, P)
+  the lifted point of the dual's central path (P = aa' + 2 mu Q^-1), as long
+  as the bound rises (on the SmolLM2 layer-10 crops this takes the root gap
+  from 0.58% to 0.39% on 60 neurons and from 0.75% to 0.51% on 100);
 * (delta, nu, l, h) by a log-barrier Newton method on (2) over the free
   groups (groups fixed kept drop out, groups fixed removed enter (1)
   exactly);
@@ -308,7 +311,24 @@ class ShorDual:
         F, y, _ = ev
         if F > best_F:
             best_F, best_a, best_u = F, -y, u
+        self.final = (u, mu)  # the last iterate, on the central path of mu when converged
         return best_u, best_F, best_a
+
+    def lifted_point(self, u: np.ndarray, mu: float, steps: int, deadline: float | None = None):
+        """(a, P) on the central path of mu from u: a = -y and P = aa' + 2 mu Q^-1 (diag(P) = a
+        there), the primal point of the relaxation that this dual point prices; None if not reached."""
+        self.newton(u, mu, mu, steps, deadline=deadline)
+        uc, mu_c = self.final
+        ev = self.value(uc)
+        if ev is None:
+            return None
+        _, y, cf = ev
+        Qi, _ = _potri(cf, lower=1)
+        Qi = np.tril(Qi) + np.tril(Qi, -1).T
+        a = np.clip(-y, 0.0, 1.0)
+        P = np.outer(a, a) + 2.0 * mu_c * Qi
+        P[np.diag_indices_from(P)] = a
+        return a, P
 
 
 @dataclass
@@ -323,6 +343,9 @@ class ShorBnbParams:
         2, 4, 8, ... up to this node count (0 disables).
     max_rows: skip instances with more rows than this (dense d x d algebra).
     threads: CPU threads for BLAS during the solve (None: leave the setting).
+    root_T_steps: steps of the ascent on T at the root (0: T from the restricted primal only).
+    mu_T: the barrier weight (relative to the dual's scale) of the central-path point whose
+        lifted P gives the direction of the ascent on T.
     """
 
     gap_tol: float = GAP_TOL
@@ -332,10 +355,14 @@ class ShorBnbParams:
     osscar_nodes: int = 4096
     max_rows: int = 2048
     threads: int | None = 1
+    root_T_steps: int = 4
+    mu_T: float = 1e-4
 
     def __post_init__(self):
         if not self.gap_tol >= 0:
             raise ValueError("gap_tol must be >= 0")
+        if int(self.root_T_steps) < 0 or not self.mu_T > 0:
+            raise ValueError("root_T_steps must be >= 0 and mu_T > 0")
         if int(self.newton_steps) < 1 or int(self.primal_steps) < 1:
             raise ValueError("newton_steps and primal_steps must be >= 1")
         if self.max_nodes is not None and int(self.max_nodes) < 1:
@@ -433,6 +460,9 @@ def _search(form: ComplementForm, params: ShorBnbParams, deadline: float | None)
         steps = params.newton_steps * (4 if info["nodes"] == 1 else 1)  # the root starts cold
         u, F_u, a_free = dual.newton(u, 1e-2 * dual.scale, 1e-10 * dual.scale, steps, prune_at=UB - tol,
                                      deadline=deadline)
+        if info["nodes"] == 1 and params.root_T_steps:
+            T, dual, u, F_u, a_free = improve_T(form, T, lo, hi, dual, free_ids, u, F_u, a_free, params.root_T_steps,
+                                                params.mu_T, steps, UB - tol, deadline)
         F = max(F_u, node.lb)  # the node's bound; F_u is the one that goes with u's multipliers
         if info["root_err_bound"] is None:
             info["root_err_bound"] = F / full
@@ -498,6 +528,52 @@ def _search(form: ComplementForm, params: ShorBnbParams, deadline: float | None)
                              if math.isfinite(bound_cost) else "no bound yet: give it more time")
     bound = instance.full_objective + bound_cost if math.isfinite(bound_cost) else None
     return Result(keep=keep, status=status, bound=bound, info=info, message=msg)
+
+
+def improve_T(form: ComplementForm, T: np.ndarray, lo: np.ndarray, hi: np.ndarray, dual: ShorDual,
+              free_ids: np.ndarray, u: np.ndarray, F: float, a_free: np.ndarray, iters: int, mu_rel: float,
+              steps: int, prune_at: float, deadline: float | None):
+    """Ascent on T for one node. The bound for T is min over the relaxation of
+    tr(T'D_a L) - 0.5 tr(T'(K o P)T), concave in T; its maximizer for the lifted point
+    (a, P) that prices the current dual is T* = (K o P)^-1 D_a L, so T moves towards T*
+    (half the way, or less) while the node's bound rises. Returns (T, dual, u, F, a_free)
+    of the best T; every value on the way is a valid bound by itself."""
+    ones = np.flatnonzero(lo > 0)
+    involved = np.concatenate([free_ids, ones])
+    pos = np.full(form.p, -1)
+    pos[involved] = np.arange(involved.size)
+    rows = np.flatnonzero(pos[form.gid] >= 0)
+    gi = pos[form.gid[rows]]  # every row's place among the groups involved
+    nf = free_ids.size
+    same_group = gi[:, None] == gi[None, :]
+    for _ in range(iters):
+        if F >= prune_at or (deadline is not None and time.perf_counter() > deadline):
+            break
+        lifted = dual.lifted_point(u, mu_rel * dual.scale, steps, deadline)
+        if lifted is None:
+            break
+        a = np.ones(involved.size)  # groups fixed removed have a = 1 and P = 1 with every other
+        a[:nf] = lifted[0]
+        P = np.outer(a, a)
+        P[:nf, :nf] = lifted[1]
+        P_rows = np.where(same_group, a[gi][:, None], P[np.ix_(gi, gi)])
+        cf, info = _potrf(form.K[np.ix_(rows, rows)] * P_rows, lower=1, clean=1, overwrite_a=1)
+        if info != 0:
+            break
+        T_star, _ = _potrs(cf, a[gi][:, None] * form.L[rows], lower=1)
+        for t in (0.5, 0.25, 0.1):
+            T_new = T.copy()
+            T_new[rows] += t * (T_star - T[rows])
+            dual_new, _ = ShorDual.at_node(form, T_new, lo, hi)
+            u_new, F_new, a_new = dual_new.newton(dual_new.warm(u[dual.s_delta]), 1e-2 * dual_new.scale,
+                                                  1e-10 * dual_new.scale, steps, prune_at=prune_at,
+                                                  deadline=deadline)
+            if F_new > F:
+                T, dual, u, F, a_free = T_new, dual_new, u_new, F_new, a_new
+                break
+        else:
+            break
+    return T, dual, u, F, a_free
 
 
 def _restrict(delta: np.ndarray, from_ids: np.ndarray, to_ids: np.ndarray) -> np.ndarray:

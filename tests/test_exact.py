@@ -3,6 +3,8 @@ validity of every bound, perspective splits, time limits, missing packages."""
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
 from pathlib import Path
 
@@ -492,6 +494,45 @@ def test_shor_dual_bounds_are_valid_at_every_admissible_point():
         dual, _ = ShorDual.at_node(form, T, lo, hi)
         _, F, _ = dual.newton(dual.start(), 1e-2 * dual.scale, 1e-10 * dual.scale, 200)
         assert 0 < F <= best + 1e-9 * abs(inst.full_objective)
+
+
+def test_shor_ascent_on_T_raises_the_bound_and_stays_valid():
+    """improve_T (the ascent on T of shor-bnb's root) raises the dual bound of the
+    restricted primal's T on a real crop, and every bound it returns, at the root
+    and at nodes with groups fixed either way, stays below the enumerated optimum
+    of those fixings."""
+    from exact.shor import ComplementForm, ShorDual, improve_T
+    from osscar_opt.library import Catalog
+
+    def bound(form, lo, hi, iters, T=None):
+        if T is None:
+            _, _, T = form.restricted_primal(lo, hi)
+        dual, free = ShorDual.at_node(form, T, lo, hi)
+        u, F, a = dual.newton(dual.start(), 1e-2 * dual.scale, 1e-10 * dual.scale, 400)
+        return improve_T(form, T, lo, hi, dual, free, u, F, a, iters, 1e-4, 400, math.inf, None)[3]
+
+    rng = np.random.default_rng(11)
+    for inst in (random_instance(rng, p=10, keep=5, m=4),
+                 random_instance(rng, p=8, group_size=2, keep=4, m=4, partition=np.repeat(np.arange(2), 4))):
+        form = ComplementForm(inst)
+        scale = abs(inst.full_objective)
+        for fix in (None, (0, 1), (1, 0)):  # the root; group 0 removed and group 1 kept; the reverse
+            lo, hi = np.zeros(form.p), np.ones(form.p)
+            if fix is not None:
+                lo[fix[0]], hi[fix[1]] = 1, 0
+            costs = [form.cost(np.isin(np.arange(form.p), R))
+                     for R in itertools.combinations(range(form.p), int(form.remove.sum()))
+                     if (fix is None or (fix[0] in R and fix[1] not in R))
+                     and np.array_equal(np.bincount(form.parts[list(R)], minlength=form.remove.size), form.remove)]
+            best = min(costs)
+            assert bound(form, lo, hi, 4) <= best + 1e-9 * scale, fix
+
+    inst = oo.load_instance(HARD_CROP)
+    form = ComplementForm(inst)
+    lo, hi = np.zeros(form.p), np.ones(form.p)
+    before, after = bound(form, lo, hi, 0), bound(form, lo, hi, 4)
+    optimum = Catalog.load().entry(HARD_CROP.stem)["best"]["err"] * -inst.full_objective
+    assert before < after <= optimum and (optimum - after) < 0.9 * (optimum - before), (before, after, optimum)
 
 
 def test_shor_bnb_proves_a_real_crop_with_a_root_bound_far_above_the_perspective_one():
