@@ -535,6 +535,27 @@ def test_shor_ascent_on_T_raises_the_bound_and_stays_valid():
     assert before < after <= optimum and (optimum - after) < 0.9 * (optimum - before), (before, after, optimum)
 
 
+def test_lifted_sdp_orders_the_bounds():
+    """The lifted semidefinite relaxation (cvxpy, Clarabel) sits between shor-bnb's
+    root bound (a dual value of it for one T) and the enumerated optimum, and its
+    RLT strengthening between it and the optimum, on instances with groups and parts."""
+    from exact.lifted_sdp import lifted_sdp_bound
+
+    rng = np.random.default_rng(3)
+    for inst in (random_instance(rng, p=9, keep=4, m=3),
+                 random_instance(rng, p=8, group_size=2, keep=4, m=4, partition=np.repeat(np.arange(2), 4))):
+        optimum = (brute_force(inst)[0] - inst.full_objective) / -inst.full_objective
+        root = oo.solve(inst, "shor-bnb").info["root_err_bound"]
+        plain, status = lifted_sdp_bound(inst)
+        assert status == "optimal"
+        strong, _ = lifted_sdp_bound(inst, "ulnc")
+        tol = 1e-6 * optimum
+        assert root <= plain + tol and plain <= strong + tol and strong <= optimum + tol, (root, plain, strong, optimum)
+        assert strong > plain + 10 * tol  # the RLT inequalities cut this relaxation
+    with pytest.raises(ValueError, match="unknown RLT"):
+        lifted_sdp_bound(inst, "x")
+
+
 def test_shor_bnb_proves_a_real_crop_with_a_root_bound_far_above_the_perspective_one():
     """On the real 60-neuron crop that bnb needs minutes for, shor-bnb proves
     the catalog's optimum (proven before by bnb and SCIP) and its root bound
