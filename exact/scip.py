@@ -260,8 +260,9 @@ class Scip(SplitSolver, Solver):
         found = best_support(m, var, inst, F)
         if found is not None and found[1] < UB:
             best_S, UB = found
-        if bound is not None:
-            bound = min(bound, UB)
+        if bound is None:  # no dual bound from SCIP yet (its root unfinished): the trivial one, f(S) >= f(all)
+            bound, info["bound_source"] = inst.full_objective, "trivial: f(all), SCIP had none yet"
+        bound = min(bound, UB)
         info["trace"] = trace.finish(UB, bound)
         if status == "optimal":
             result_status = Status.OPTIMAL
