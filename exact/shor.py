@@ -76,6 +76,12 @@ from .relaxation import project_capped
 _potrf, _potrs, _potri = scipy.linalg.lapack.dpotrf, scipy.linalg.lapack.dpotrs, scipy.linalg.lapack.dpotri
 
 
+def _inverse(cf: np.ndarray) -> np.ndarray:
+    """The symmetric inverse from a lower Cholesky factor."""
+    inv, _ = _potri(cf, lower=1)
+    return np.tril(inv) + np.tril(inv, -1).T
+
+
 class ComplementForm:
     """An instance in the complement form: K = H^-1, L (LL' = W_hat W_hat'),
     the rows' groups, and the removal budget of every part."""
@@ -249,8 +255,7 @@ class ShorDual:
             if best_F >= prune_at or (deadline is not None and time.perf_counter() > deadline):
                 break
             lm, hm = u[self.s_l], u[self.s_h]
-            Qi, _ = _potri(cf, lower=1)
-            Qi = np.tril(Qi) + np.tril(Qi, -1).T
+            Qi = _inverse(cf)
             g = np.empty(self.size)
             g[self.s_delta] = 0.5 * y + 0.5 * y * y + mu * np.diag(Qi)
             g[self.s_nu] = part_cols.T @ y + self.r
@@ -323,8 +328,7 @@ class ShorDual:
         if ev is None:
             return None
         _, y, cf = ev
-        Qi, _ = _potri(cf, lower=1)
-        Qi = np.tril(Qi) + np.tril(Qi, -1).T
+        Qi = _inverse(cf)
         a = np.clip(-y, 0.0, 1.0)
         P = np.outer(a, a) + 2.0 * mu_c * Qi
         P[np.diag_indices_from(P)] = a

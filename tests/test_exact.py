@@ -504,9 +504,8 @@ def test_shor_ascent_on_T_raises_the_bound_and_stays_valid():
     from exact.shor import ComplementForm, ShorDual, improve_T
     from osscar_opt.library import Catalog
 
-    def bound(form, lo, hi, iters, T=None):
-        if T is None:
-            _, _, T = form.restricted_primal(lo, hi)
+    def bound(form, lo, hi, iters):
+        _, _, T = form.restricted_primal(lo, hi)
         dual, free = ShorDual.at_node(form, T, lo, hi)
         u, F, a = dual.newton(dual.start(), 1e-2 * dual.scale, 1e-10 * dual.scale, 400)
         return improve_T(form, T, lo, hi, dual, free, u, F, a, iters, 1e-4, 400, math.inf, None)[3]
