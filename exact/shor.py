@@ -76,6 +76,12 @@ from .relaxation import project_capped
 _potrf, _potrs, _potri = scipy.linalg.lapack.dpotrf, scipy.linalg.lapack.dpotrs, scipy.linalg.lapack.dpotri
 
 
+# from this many free groups on, Newton steps solve n x n systems instead of one of 3n + J
+REDUCE_FROM = 50
+# the box multipliers' start, relative to the dual's scale
+START_BOX = 1e-4
+
+
 def _inverse(cf: np.ndarray) -> np.ndarray:
     """The symmetric inverse from a lower Cholesky factor."""
     inv, _ = _potri(cf, lower=1)
@@ -178,6 +184,7 @@ class ShorDual:
         self.s_delta, self.s_nu = slice(0, n), slice(n, n + J)
         self.s_l, self.s_h = slice(n + J, 2 * n + J), slice(2 * n + J, 3 * n + J)
         self.size = 3 * n + J
+        self.reduce_from = REDUCE_FROM
 
     @classmethod
     def at_node(cls, form: ComplementForm, T: np.ndarray, lo: np.ndarray, hi: np.ndarray):
@@ -204,12 +211,15 @@ class ShorDual:
         return cls(c[free] - B_FO.sum(1), B_FF, remap[parts_free], need[used], const), free
 
     def start(self) -> np.ndarray:
+        """delta = 1.05 t diag(B) with t the largest eigenvalue of the Jacobi-scaled B (Q positive
+        definite), small box multipliers."""
         n = self.n
-        lmax = float(scipy.linalg.eigvalsh(self.B, subset_by_index=[n - 1, n - 1])[0])
+        d = np.sqrt(np.maximum(np.diag(self.B), 1e-12 * self.scale))
+        t = float(scipy.linalg.eigvalsh(self.B / d[:, None] / d[None, :], subset_by_index=[n - 1, n - 1])[0])
         u = np.zeros(self.size)
-        u[self.s_delta] = max(1.05 * lmax, 0.0) + 1e-6 * self.scale
-        u[self.s_l] = self.scale
-        u[self.s_h] = self.scale
+        u[self.s_delta] = max(1.05 * t, 0.0) * d * d + 1e-6 * self.scale
+        u[self.s_l] = START_BOX * self.scale
+        u[self.s_h] = START_BOX * self.scale
         return u
 
     def warm(self, delta: np.ndarray) -> np.ndarray:
@@ -247,7 +257,7 @@ class ShorDual:
         best_F, best_a, best_u = -math.inf, None, u
         part_cols = np.zeros((n, J))
         part_cols[np.arange(n), self.parts] = 1.0
-        sd, sn, sl, sh = self.s_delta, self.s_nu, self.s_l, self.s_h
+        lh = np.arange(n + J, self.size)
         for _ in range(steps):
             F, y, cf = ev
             if F > best_F:
@@ -261,31 +271,10 @@ class ShorDual:
             g[self.s_nu] = part_cols.T @ y + self.r
             g[self.s_l] = y + mu / lm
             g[self.s_h] = -y - 1.0 + mu / hm
-            # minus the Hessian: M'Q^-1 M + barrier terms, M = d(b - Q y)/du = [-D, -parts, -I, I] with
-            # D = diag(1/2 + y), assembled block by block (O(n^2) rather than a dense product)
-            Dy = 0.5 + y
-            QiD = Qi * Dy
-            QiP = Qi @ part_cols
-            Hn = np.empty((self.size, self.size))
-            Hn[sd, sd] = Dy[:, None] * QiD + mu * Qi * Qi
-            Hn[sd, sn] = Dy[:, None] * QiP
-            Hn[sd, sl] = QiD.T
-            Hn[sd, sh] = -QiD.T
-            Hn[sn, sn] = part_cols.T @ QiP
-            Hn[sn, sl] = QiP.T
-            Hn[sn, sh] = -QiP.T
-            Hn[sl, sl] = Qi
-            Hn[sl, sh] = -Qi
-            Hn[sh, sh] = Qi
-            for upper in ((sd, sn), (sd, sl), (sd, sh), (sn, sl), (sn, sh), (sl, sh)):
-                Hn[upper[::-1]] = Hn[upper].T
-            lh = np.arange(n + J, self.size)
-            Hn[lh, lh] += mu / u[lh] ** 2
-            Hn[np.diag_indices_from(Hn)] += 1e-13 * np.trace(Hn) / self.size
-            chol, info = _potrf(Hn, lower=1, clean=1, overwrite_a=1)
-            if info != 0:
+            step = self._direction(Qi, y, u, mu, g, part_cols) if n >= self.reduce_from else \
+                self._direction_dense(Qi, y, u, mu, g, part_cols)
+            if step is None:
                 break
-            step, _ = _potrs(chol, g, lower=1)
             dec = float(g @ step)
             t = 1.0
             neg = step[lh] < 0
@@ -319,6 +308,71 @@ class ShorDual:
         self.final = (u, mu)  # the last iterate, on the central path of mu when converged
         return best_u, best_F, best_a
 
+    def _direction_dense(self, Qi, y, u, mu, g, part_cols):
+        """The Newton step: minus the Hessian is M'Q^-1 M + barrier terms, M = d(b - Q y)/du =
+        [-D, -parts, -I, I] with D = diag(1/2 + y), assembled block by block (O(n^2) rather than a
+        dense product) and factorized whole (3n + J unknowns)."""
+        n, J = self.n, self.J
+        sd, sn, sl, sh = self.s_delta, self.s_nu, self.s_l, self.s_h
+        Dy = 0.5 + y
+        QiD = Qi * Dy
+        QiP = Qi @ part_cols
+        Hn = np.empty((self.size, self.size))
+        Hn[sd, sd] = Dy[:, None] * QiD + mu * Qi * Qi
+        Hn[sd, sn] = Dy[:, None] * QiP
+        Hn[sd, sl] = QiD.T
+        Hn[sd, sh] = -QiD.T
+        Hn[sn, sn] = part_cols.T @ QiP
+        Hn[sn, sl] = QiP.T
+        Hn[sn, sh] = -QiP.T
+        Hn[sl, sl] = Qi
+        Hn[sl, sh] = -Qi
+        Hn[sh, sh] = Qi
+        for upper in ((sd, sn), (sd, sl), (sd, sh), (sn, sl), (sn, sh), (sl, sh)):
+            Hn[upper[::-1]] = Hn[upper].T
+        lh = np.arange(n + J, self.size)
+        Hn[lh, lh] += mu / u[lh] ** 2
+        Hn[np.diag_indices_from(Hn)] += 1e-13 * np.trace(Hn) / self.size
+        chol, info = _potrf(Hn, lower=1, clean=1, overwrite_a=1)
+        if info != 0:
+            return None
+        step, _ = _potrs(chol, g, lower=1)
+        return step
+
+    def _direction(self, Qi, y, u, mu, g, part_cols):
+        """The same Newton step from n x n systems only. With N the barrier part (mu Q^-1 o Q^-1
+        on delta, mu / l^2 and mu / h^2 on the box multipliers, none on nu) and w = Q^-1 M x, the
+        system (N + M'Q^-1 M) x = g reads N x + M'w = g, M x = Q w; eliminating x leaves
+        (Q + D A^-1 D + Diag((l^2 + h^2) / mu)) w + parts x_nu = rhs, parts'w = -g_nu with
+        A = mu Q^-1 o Q^-1: two n x n factorizations and an inverse instead of one of 3n + J
+        (about 7x fewer flops; the full layers' n = 1536 take 0.5 s a step instead of 2)."""
+        gd, gn, gl, gh = g[self.s_delta], g[self.s_nu], g[self.s_l], g[self.s_h]
+        lm, hm = u[self.s_l], u[self.s_h]
+        Dy = 0.5 + y
+        A = mu * Qi * Qi
+        A[np.diag_indices_from(A)] += 1e-13 * np.trace(A) / self.n
+        cA, info = _potrf(A, lower=1, clean=1, overwrite_a=1)
+        if info != 0:
+            return None
+        Ai = _inverse(cA)
+        wl, wh = lm * lm / mu, hm * hm / mu
+        S = Ai * Dy[:, None] * Dy[None, :] - self.B
+        S[np.diag_indices_from(S)] += u[self.s_delta] + wl + wh
+        cS, info = _potrf(S, lower=1, clean=1, overwrite_a=1)
+        if info != 0:
+            return None
+        rhs = -Dy * (Ai @ gd) - wl * gl + wh * gh
+        z0, _ = _potrs(cS, rhs, lower=1)
+        Z, _ = _potrs(cS, part_cols, lower=1)
+        x_nu = np.linalg.solve(part_cols.T @ Z, part_cols.T @ z0 + gn)
+        w = z0 - Z @ x_nu
+        step = np.empty(self.size)
+        step[self.s_delta] = Ai @ (gd + Dy * w)
+        step[self.s_nu] = x_nu
+        step[self.s_l] = wl * (gl + w)
+        step[self.s_h] = wh * (gh - w)
+        return step
+
     def lifted_point(self, u: np.ndarray, mu: float, steps: int, deadline: float | None = None):
         """(a, P) on the central path of mu from u: a = -y and P = aa' + 2 mu Q^-1 (diag(P) = a
         there), the primal point of the relaxation that this dual point prices; None if not reached."""
@@ -350,6 +404,8 @@ class ShorBnbParams:
     root_T_steps: steps of the ascent on T at the root (0: T from the restricted primal only).
     mu_T: the barrier weight (relative to the dual's scale) of the central-path point whose
         lifted P gives the direction of the ascent on T.
+    primal_share: under a time limit, the largest share of the time left that the root's
+        restricted primal may take (on full layers the root's Newton steps need the rest).
     """
 
     gap_tol: float = GAP_TOL
@@ -361,10 +417,13 @@ class ShorBnbParams:
     threads: int | None = 1
     root_T_steps: int = 4
     mu_T: float = 1e-4
+    primal_share: float = 0.25
 
     def __post_init__(self):
         if not self.gap_tol >= 0:
             raise ValueError("gap_tol must be >= 0")
+        if not 0 < self.primal_share <= 1:
+            raise ValueError("primal_share must be in (0, 1]")
         if int(self.root_T_steps) < 0 or not self.mu_T > 0:
             raise ValueError("root_T_steps must be >= 0 and mu_T > 0")
         if int(self.newton_steps) < 1 or int(self.primal_steps) < 1:
@@ -457,7 +516,11 @@ def _search(form: ComplementForm, params: ShorBnbParams, deadline: float | None)
                 UB, removed = cost, lo > 0
             pruned_min = min(pruned_min, cost)
             continue
-        a_primal, _, T = form.restricted_primal(lo, hi, node.a, params.primal_steps, deadline=deadline)
+        primal_deadline = deadline
+        if deadline is not None and info["nodes"] == 1:  # leave the root's Newton steps most of the time
+            now = time.perf_counter()
+            primal_deadline = now + params.primal_share * max(deadline - now, 0.0)
+        a_primal, _, T = form.restricted_primal(lo, hi, node.a, params.primal_steps, deadline=primal_deadline)
         dual, free_ids = ShorDual.at_node(form, T, lo, hi)
         u = dual.start() if node.delta is None or node.free is None else \
             dual.warm(_restrict(node.delta, node.free, free_ids))
