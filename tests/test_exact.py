@@ -534,6 +534,48 @@ def test_shor_ascent_on_T_raises_the_bound_and_stays_valid():
     assert before < after <= optimum and (optimum - after) < 0.9 * (optimum - before), (before, after, optimum)
 
 
+def test_shor_reduced_newton_step_matches_the_full_system():
+    """The Newton step of shor-bnb's dual from n x n systems (used from 50 free
+    groups on) solves the same system as the full (3n + J) one: the same step on a
+    real 60-neuron crop and on an instance with parts, and the same converged bound."""
+    from exact.shor import ComplementForm, ShorDual, _inverse
+
+    rng = np.random.default_rng(2)
+    for inst in (oo.load_instance(HARD_CROP),
+                 random_instance(rng, p=12, keep=6, m=4, partition=np.repeat(np.arange(3), 4))):
+        form = ComplementForm(inst)
+        lo, hi = np.zeros(form.p), np.ones(form.p)
+        _, _, T = form.restricted_primal(lo, hi)
+        dual, _ = ShorDual.at_node(form, T, lo, hi)
+        u = dual.start()
+        F, y, cf = dual.value(u)
+        cols = np.zeros((dual.n, dual.J))
+        cols[np.arange(dual.n), dual.parts] = 1.0
+        g = rng.standard_normal(dual.size)
+        mu = 1e-2 * dual.scale
+        full = dual._direction_dense(_inverse(cf), y, u, mu, g, cols)
+        reduced = dual._direction(_inverse(cf), y, u, mu, g, cols)
+        assert np.linalg.norm(reduced - full) <= 1e-6 * np.linalg.norm(full)
+        bounds = []
+        for reduce_from in (0, 10**9):
+            dual.reduce_from = reduce_from
+            bounds.append(dual.newton(u, mu, 1e-10 * dual.scale, 400)[1])
+        assert bounds[0] == pytest.approx(bounds[1], rel=1e-6)
+
+
+def test_shor_bnb_on_a_large_instance_returns_a_positive_bound_in_time():
+    """On a 600-group instance that it cannot prove in 8 s, shor-bnb (the reduced
+    Newton steps, the root primal capped at its share of the time) returns within
+    the limit with a positive bound below the incumbent."""
+    inst = random_instance(np.random.default_rng(4), p=600, keep=300, m=40, n=1200)
+    t0 = time.perf_counter()
+    sol = oo.solve(inst, "shor-bnb", time_limit=8, primal_steps=10_000)
+    assert time.perf_counter() - t0 < 8 + 5
+    assert sol.status == oo.Status.TIME_LIMIT
+    bound_err = (sol.bound - inst.full_objective) / -inst.full_objective
+    assert 0 < bound_err <= sol.err, (bound_err, sol.err)
+
+
 def test_lifted_sdp_orders_the_bounds():
     """The lifted semidefinite relaxation (cvxpy, Clarabel) sits between shor-bnb's
     root bound (a dual value of it for one T) and the enumerated optimum, and its
