@@ -248,10 +248,11 @@ class ShorDual:
         return F, y, cf
 
     def newton(self, u: np.ndarray, mu: float, mu_final: float, steps: int, prune_at: float = math.inf,
-               deadline: float | None = None):
+               deadline: float | None = None, progress=None):
         """Log-barrier Newton steps on (2) + mu (log det Q + sum log l + sum log h),
         mu shrinking 5x at a time down to mu_final. Returns the iterate with the largest F: (u, its
-        F, its primal estimate a); F + l_g and F + h_g bound the children only at that same u."""
+        F, its primal estimate a); F + l_g and F + h_g bound the children only at that same u.
+        progress(F) is called whenever the best F rises."""
         n, J = self.n, self.J
         ev = self.value(u)
         if ev is None:
@@ -265,6 +266,8 @@ class ShorDual:
             F, y, cf = ev
             if F > best_F:
                 best_F, best_a, best_u = F, -y, u
+                if progress is not None:
+                    progress(F)
             if best_F >= prune_at or (deadline is not None and time.perf_counter() > deadline):
                 break
             lm, hm = u[self.s_l], u[self.s_h]
@@ -528,8 +531,12 @@ def _search(form: ComplementForm, params: ShorBnbParams, deadline: float | None)
         u = dual.start() if node.delta is None or node.free is None else \
             dual.warm(_restrict(node.delta, node.free, free_ids))
         steps = params.newton_steps * (4 if info["nodes"] == 1 else 1)  # the root starts cold
+        # the root's values bound every support: the trace follows them (a full layer's root
+        # takes the whole time limit)
+        progress = (lambda F: trace.add(instance.full_objective + UB, instance.full_objective + F)) \
+            if info["nodes"] == 1 else None
         u, F_u, a_free = dual.newton(u, 1e-2 * dual.scale, 1e-10 * dual.scale, steps, prune_at=UB - tol,
-                                     deadline=deadline)
+                                     deadline=deadline, progress=progress)
         if info["nodes"] == 1 and params.root_T_steps:
             T, dual, u, F_u, a_free = improve_T(form, T, lo, hi, dual, free_ids, u, F_u, a_free, params.root_T_steps,
                                                 params.mu_T, steps, UB - tol, deadline)
