@@ -219,18 +219,19 @@ class ShorDual:
         n = self.n
         d = np.sqrt(np.maximum(np.diag(self.B), 1e-12 * self.scale))
         t = float(scipy.linalg.eigvalsh(self.B / d[:, None] / d[None, :], subset_by_index=[n - 1, n - 1])[0])
+        return self._with_delta(max(1.05 * t, 0.0) * d * d + 1e-6 * self.scale)
+
+    def _with_delta(self, delta: np.ndarray) -> np.ndarray:
         u = np.zeros(self.size)
-        u[self.s_delta] = max(1.05 * t, 0.0) * d * d + 1e-6 * self.scale
+        u[self.s_delta] = delta
         u[self.s_l] = START_BOX * self.scale
         u[self.s_h] = START_BOX * self.scale
         return u
 
     def warm(self, delta: np.ndarray) -> np.ndarray:
         """A start from another node's delta, shifted to keep Q positive definite."""
-        u = self.start()
         lmin = float(scipy.linalg.eigvalsh(np.diag(delta) - self.B, subset_by_index=[0, 0])[0])
-        u[self.s_delta] = delta + max(0.0, -lmin) + 1e-6 * self.scale
-        return u
+        return self._with_delta(delta + max(0.0, -lmin) + 1e-6 * self.scale)
 
     def value(self, u: np.ndarray):
         """(F, y, Cholesky factor of Q) at u, or None where u is not admissible."""
@@ -522,22 +523,23 @@ def _search(form: ComplementForm, params: ShorBnbParams, deadline: float | None)
                 UB, removed = cost, lo > 0
             pruned_min = min(pruned_min, cost)
             continue
+        root = info["nodes"] == 1
         primal_deadline = deadline
-        if deadline is not None and info["nodes"] == 1:  # leave the root's Newton steps most of the time
+        if deadline is not None and root:  # leave the root's Newton steps most of the time
             now = time.perf_counter()
             primal_deadline = now + params.primal_share * max(deadline - now, 0.0)
         a_primal, _, T = form.restricted_primal(lo, hi, node.a, params.primal_steps, deadline=primal_deadline)
         dual, free_ids = ShorDual.at_node(form, T, lo, hi)
         u = dual.start() if node.delta is None or node.free is None else \
             dual.warm(_restrict(node.delta, node.free, free_ids))
-        steps = params.newton_steps * (4 if info["nodes"] == 1 else 1)  # the root starts cold
+        steps = params.newton_steps * (4 if root else 1)  # the root starts cold
         # the root's values bound every support: the trace follows them (a full layer's root
         # takes the whole time limit)
         progress = (lambda F: trace.add(instance.full_objective + UB, instance.full_objective + F)) \
-            if info["nodes"] == 1 else None
+            if root else None
         u, F_u, a_free = dual.newton(u, 1e-2 * dual.scale, 1e-10 * dual.scale, steps, prune_at=UB - tol,
                                      deadline=deadline, progress=progress)
-        if info["nodes"] == 1 and params.root_T_steps:
+        if root and params.root_T_steps:
             T, dual, u, F_u, a_free = improve_T(form, T, lo, hi, dual, free_ids, u, F_u, a_free, params.root_T_steps,
                                                 params.mu_T, steps, UB - tol, deadline)
         F = max(F_u, node.lb)  # the node's bound; F_u is the one that goes with u's multipliers
