@@ -40,10 +40,14 @@ At each node (groups fixed removed or kept):
   reads phi(a) = 0.5 tr(L' (K + blockdiag_g(K_gg (1/a_g - 1)))^-1 L): its
   minimizer over the node's box (projected gradient, warm-started from the
   parent) gives T = D_a^-1 (K + ...)^-1 L, a few tenths of a percent from the
-  best T; at the root, T is then moved towards (K o P)^-1 D_a L, with (a, P)
-  the lifted point of the dual's central path (P = aa' + 2 mu Q^-1), as long
-  as the bound rises (on the SmolLM2 layer-10 crops this takes the root gap
-  from 0.58% to 0.39% on 60 neurons and from 0.75% to 0.51% on 100);
+  best T; T is then moved towards (K o P)^-1 D_a L, with (a, P) the lifted
+  point of the dual's central path (P = aa' + 2 mu Q^-1), as long as the
+  bound rises: up to 4 times at the root (on the SmolLM2 layer-10 crops this
+  takes the root gap from 0.58% to 0.39% on 60 neurons and from 0.75% to
+  0.51% on 100), once at every other node (half the nodes on the layer-10
+  crop of 100 neurons; on the layer-5 one the gap left after 10 minutes falls
+  from 0.51% to 0.21%); the lifted point is the central point that the
+  descent passed, so the ascent costs one more descent per trial;
 * (delta, nu, l, h) by a log-barrier Newton method on (2) over the free
   groups (groups fixed kept drop out, groups fixed removed enter (1)
   exactly); from 50 free groups on, each step solves n x n systems
@@ -88,7 +92,10 @@ START_BOX = 1e-4
 def _inverse(cf: np.ndarray) -> np.ndarray:
     """The symmetric inverse from a lower Cholesky factor."""
     inv, _ = _potri(cf, lower=1)
-    return np.tril(inv) + np.tril(inv, -1).T
+    inv = np.tril(inv)
+    inv += inv.T
+    inv.flat[:: inv.shape[0] + 1] *= 0.5
+    return inv
 
 
 class ComplementForm:
@@ -188,6 +195,7 @@ class ShorDual:
         self.s_l, self.s_h = slice(n + J, 2 * n + J), slice(2 * n + J, 3 * n + J)
         self.size = 3 * n + J
         self.reduce_from = REDUCE_FROM
+        self.central = None  # set by newton()
 
     @classmethod
     def at_node(cls, form: ComplementForm, T: np.ndarray, lo: np.ndarray, hi: np.ndarray):
@@ -236,10 +244,10 @@ class ShorDual:
     def value(self, u: np.ndarray):
         """(F, y, Cholesky factor of Q) at u, or None where u is not admissible."""
         delta, nu, lm, hm = u[self.s_delta], u[self.s_nu], u[self.s_l], u[self.s_h]
-        if np.any(lm < 0) or np.any(hm < 0):
+        if lm.min(initial=0.0) < 0 or hm.min(initial=0.0) < 0:
             return None
         Q = -self.B
-        Q[np.diag_indices_from(Q)] += delta
+        Q.flat[:: self.n + 1] += delta
         cf, info = _potrf(Q, lower=1, clean=1, overwrite_a=1)
         if info != 0:
             return None
@@ -249,12 +257,14 @@ class ShorDual:
         return F, y, cf
 
     def newton(self, u: np.ndarray, mu: float, mu_final: float, steps: int, prune_at: float = math.inf,
-               deadline: float | None = None, progress=None):
+               deadline: float | None = None, progress=None, keep_mu: float = 0.0):
         """Log-barrier Newton steps on (2) + mu (log det Q + sum log l + sum log h),
         mu shrinking 5x at a time down to mu_final. Returns the iterate with the largest F: (u, its
         F, its primal estimate a); F + l_g and F + h_g bound the children only at that same u.
-        progress(F) is called whenever the best F rises."""
+        progress(F) is called whenever the best F rises. The first iterate centred for a mu at or
+        below keep_mu is kept as self.central = (u, mu) (None if none was)."""
         n, J = self.n, self.J
+        self.central = None
         ev = self.value(u)
         if ev is None:
             u = self.start()
@@ -306,6 +316,8 @@ class ShorDual:
                 break
             u, ev = u + t * step, new
             if dec < 1e-3 * mu:
+                if self.central is None and mu <= keep_mu:
+                    self.central = (u, mu)
                 if mu <= mu_final:
                     break
                 mu = max(mu * 0.2, mu_final)
@@ -339,7 +351,7 @@ class ShorDual:
             Hn[upper[::-1]] = Hn[upper].T
         lh = np.arange(n + J, self.size)
         Hn[lh, lh] += mu / u[lh] ** 2
-        Hn[np.diag_indices_from(Hn)] += 1e-13 * np.trace(Hn) / self.size
+        Hn.flat[:: self.size + 1] += 1e-13 * np.trace(Hn) / self.size
         chol, info = _potrf(Hn, lower=1, clean=1, overwrite_a=1)
         if info != 0:
             return None
@@ -357,14 +369,14 @@ class ShorDual:
         lm, hm = u[self.s_l], u[self.s_h]
         Dy = 0.5 + y
         A = mu * Qi * Qi
-        A[np.diag_indices_from(A)] += 1e-13 * np.trace(A) / self.n
+        A.flat[:: self.n + 1] += 1e-13 * np.trace(A) / self.n
         cA, info = _potrf(A, lower=1, clean=1, overwrite_a=1)
         if info != 0:
             return None
         Ai = _inverse(cA)
         wl, wh = lm * lm / mu, hm * hm / mu
         S = Ai * Dy[:, None] * Dy[None, :] - self.B
-        S[np.diag_indices_from(S)] += u[self.s_delta] + wl + wh
+        S.flat[:: self.n + 1] += u[self.s_delta] + wl + wh
         cS, info = _potrf(S, lower=1, clean=1, overwrite_a=1)
         if info != 0:
             return None
@@ -384,7 +396,11 @@ class ShorDual:
         """(a, P) on the central path of mu from u: a = -y and P = aa' + 2 mu Q^-1 (diag(P) = a
         there), the primal point of the relaxation that this dual point prices; None if not reached."""
         self.newton(u, mu, mu, steps, deadline=deadline)
-        uc, mu_c = self.final
+        return self.priced_point(*self.final)
+
+    def priced_point(self, uc: np.ndarray, mu_c: float):
+        """(a, P) of a point uc on the central path of mu_c (see lifted_point); None if uc is not
+        admissible."""
         ev = self.value(uc)
         if ev is None:
             return None
@@ -409,6 +425,8 @@ class ShorBnbParams:
     max_rows: skip instances with more rows than this (dense d x d algebra).
     threads: CPU threads for BLAS during the solve (None: leave the setting).
     root_T_steps: steps of the ascent on T at the root (0: T from the restricted primal only).
+    node_T_steps: steps of the ascent on T at every other node, once the search has taken
+        node_T_from nodes (on small trees it costs more than it saves).
     mu_T: the barrier weight (relative to the dual's scale) of the central-path point whose
         lifted P gives the direction of the ascent on T.
     primal_share: under a time limit, the largest share of the time left that the root's
@@ -423,6 +441,8 @@ class ShorBnbParams:
     max_rows: int = 2048
     threads: int | None = 1
     root_T_steps: int = 4
+    node_T_steps: int = 1
+    node_T_from: int = 256
     mu_T: float = 1e-4
     primal_share: float = 0.25
 
@@ -431,8 +451,8 @@ class ShorBnbParams:
             raise ValueError("gap_tol must be >= 0")
         if not 0 < self.primal_share <= 1:
             raise ValueError("primal_share must be in (0, 1]")
-        if int(self.root_T_steps) < 0 or not self.mu_T > 0:
-            raise ValueError("root_T_steps must be >= 0 and mu_T > 0")
+        if int(self.root_T_steps) < 0 or int(self.node_T_steps) < 0 or not self.mu_T > 0:
+            raise ValueError("root_T_steps and node_T_steps must be >= 0, mu_T > 0")
         if int(self.newton_steps) < 1 or int(self.primal_steps) < 1:
             raise ValueError("newton_steps and primal_steps must be >= 1")
         if self.max_nodes is not None and int(self.max_nodes) < 1:
@@ -538,9 +558,10 @@ def _search(form: ComplementForm, params: ShorBnbParams, deadline: float | None)
         progress = (lambda F: trace.add(instance.full_objective + UB, instance.full_objective + F)) \
             if root else None
         u, F_u, a_free = dual.newton(u, 1e-2 * dual.scale, 1e-10 * dual.scale, steps, prune_at=UB - tol,
-                                     deadline=deadline, progress=progress)
-        if root and params.root_T_steps:
-            T, dual, u, F_u, a_free = improve_T(form, T, lo, hi, dual, free_ids, u, F_u, a_free, params.root_T_steps,
+                                     deadline=deadline, progress=progress, keep_mu=params.mu_T * dual.scale)
+        T_steps = params.root_T_steps if root else params.node_T_steps if info["nodes"] > params.node_T_from else 0
+        if T_steps:
+            T, dual, u, F_u, a_free = improve_T(form, T, lo, hi, dual, free_ids, u, F_u, a_free, T_steps,
                                                 params.mu_T, steps, UB - tol, deadline)
         F = max(F_u, node.lb)  # the node's bound; F_u is the one that goes with u's multipliers
         if info["root_err_bound"] is None:
@@ -628,7 +649,11 @@ def improve_T(form: ComplementForm, T: np.ndarray, lo: np.ndarray, hi: np.ndarra
     for _ in range(iters):
         if F >= prune_at or (deadline is not None and time.perf_counter() > deadline):
             break
-        lifted = dual.lifted_point(u, mu_rel * dual.scale, steps, deadline)
+        # the lifted point: from the central point the last descent passed (mu within 10x of mu_rel),
+        # else from Newton steps back up to mu_rel
+        central = dual.central
+        lifted = dual.priced_point(*central) if central is not None and central[1] >= 0.1 * mu_rel * dual.scale \
+            else dual.lifted_point(u, mu_rel * dual.scale, steps, deadline)
         if lifted is None:
             break
         a = np.ones(involved.size)  # groups fixed removed have a = 1 and P = 1 with every other
@@ -646,7 +671,7 @@ def improve_T(form: ComplementForm, T: np.ndarray, lo: np.ndarray, hi: np.ndarra
             dual_new, _ = ShorDual.at_node(form, T_new, lo, hi)
             u_new, F_new, a_new = dual_new.newton(dual_new.warm(u[dual.s_delta]), 1e-2 * dual_new.scale,
                                                   1e-10 * dual_new.scale, steps, prune_at=prune_at,
-                                                  deadline=deadline)
+                                                  deadline=deadline, keep_mu=mu_rel * dual_new.scale)
             if F_new > F:
                 T, dual, u, F, a_free = T_new, dual_new, u_new, F_new, a_new
                 break
