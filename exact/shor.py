@@ -44,10 +44,11 @@ At each node (groups fixed removed or kept):
   point of the dual's central path (P = aa' + 2 mu Q^-1), as long as the
   bound rises: up to 4 times at the root (on the SmolLM2 layer-10 crops this
   takes the root gap from 0.58% to 0.39% on 60 neurons and from 0.75% to
-  0.51% on 100), once at every other node (half the nodes on the layer-10
-  crop of 100 neurons; on the layer-5 one the gap left after 10 minutes falls
-  from 0.51% to 0.21%); the lifted point is the central point that the
-  descent passed, so the ascent costs one more descent per trial;
+  0.51% on 100), and once at every other node after the first 256 (on the
+  100-neuron crops, trees half the size; on SmolLM2 layer 5 the gap left
+  after 10 minutes falls from 0.51% to 0.24%); the lifted point is the
+  central point that the descent passed, so the ascent costs one more
+  descent per trial;
 * (delta, nu, l, h) by a log-barrier Newton method on (2) over the free
   groups (groups fixed kept drop out, groups fixed removed enter (1)
   exactly); from 50 free groups on, each step solves n x n systems
@@ -451,8 +452,8 @@ class ShorBnbParams:
             raise ValueError("gap_tol must be >= 0")
         if not 0 < self.primal_share <= 1:
             raise ValueError("primal_share must be in (0, 1]")
-        if int(self.root_T_steps) < 0 or int(self.node_T_steps) < 0 or not self.mu_T > 0:
-            raise ValueError("root_T_steps and node_T_steps must be >= 0, mu_T > 0")
+        if min(int(self.root_T_steps), int(self.node_T_steps), int(self.node_T_from)) < 0 or not self.mu_T > 0:
+            raise ValueError("root_T_steps, node_T_steps and node_T_from must be >= 0, mu_T > 0")
         if int(self.newton_steps) < 1 or int(self.primal_steps) < 1:
             raise ValueError("newton_steps and primal_steps must be >= 1")
         if self.max_nodes is not None and int(self.max_nodes) < 1:
