@@ -560,7 +560,10 @@ def _search(form: ComplementForm, params: ShorBnbParams, deadline: float | None)
             if root else None
         u, F_u, a_free = dual.newton(u, 1e-2 * dual.scale, 1e-10 * dual.scale, steps, prune_at=UB - tol,
                                      deadline=deadline, progress=progress, keep_mu=params.mu_T * dual.scale)
-        T_steps = params.root_T_steps if root else params.node_T_steps if info["nodes"] > params.node_T_from else 0
+        if root:
+            T_steps = params.root_T_steps
+        else:  # nodes climb once the tree is large enough for the climb to pay
+            T_steps = params.node_T_steps if info["nodes"] > params.node_T_from else 0
         if T_steps:
             T, dual, u, F_u, a_free = improve_T(form, T, lo, hi, dual, free_ids, u, F_u, a_free, T_steps,
                                                 params.mu_T, steps, UB - tol, deadline)
