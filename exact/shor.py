@@ -49,6 +49,13 @@ At each node (groups fixed removed or kept):
   after 10 minutes falls from 0.51% to 0.24%); the lifted point is the
   central point that the descent passed, so the ascent costs one more
   descent per trial;
+* a node whose own T bounds it below its parent's bound retries with the
+  parent's (climbed) T, which bounds it at least as well as the parent (the
+  same T over a smaller box): on MiniLM layer 5's 100-neuron crop the retry
+  is taken at nearly every node and the gap left after 5 minutes falls from
+  1.35% to 1.08%; SmolLM2 layer 10's 100-neuron crop is proven in 704 nodes
+  instead of 993 (38 s instead of 51 s). The open nodes hold their parent's
+  T in fp32, shared by siblings, within `parent_T_mb`;
 * (delta, nu, l, h) by a log-barrier Newton method on (2) over the free
   groups (groups fixed kept drop out, groups fixed removed enter (1)
   exactly); from 50 free groups on, each step solves n x n systems
@@ -430,6 +437,9 @@ class ShorBnbParams:
         node_T_from nodes (on small trees it costs more than it saves).
     mu_T: the barrier weight (relative to the dual's scale) of the central-path point whose
         lifted P gives the direction of the ascent on T.
+    parent_T_mb: the memory (MiB) that the open nodes may use for their parent's T (fp32,
+        d x d per parent); a node whose own T bounds it below its parent's bound tries the
+        parent's T. Past this budget children get none (0 turns the retry off).
     primal_share: under a time limit, the largest share of the time left that the root's
         restricted primal may take (on full layers the root's Newton steps need the rest).
     """
@@ -445,11 +455,14 @@ class ShorBnbParams:
     node_T_steps: int = 1
     node_T_from: int = 256
     mu_T: float = 1e-4
+    parent_T_mb: float = 1024.0
     primal_share: float = 0.25
 
     def __post_init__(self):
         if not self.gap_tol >= 0:
             raise ValueError("gap_tol must be >= 0")
+        if not self.parent_T_mb >= 0:
+            raise ValueError("parent_T_mb must be >= 0")
         if not 0 < self.primal_share <= 1:
             raise ValueError("primal_share must be in (0, 1]")
         if min(int(self.root_T_steps), int(self.node_T_steps), int(self.node_T_from)) < 0 or not self.mu_T > 0:
@@ -461,10 +474,11 @@ class ShorBnbParams:
 
 
 class _Node:
-    __slots__ = ("lb", "order", "lo", "hi", "a", "delta", "free")
+    __slots__ = ("lb", "order", "lo", "hi", "a", "delta", "free", "T")
 
-    def __init__(self, lb, order, lo, hi, a=None, delta=None, free=None):
+    def __init__(self, lb, order, lo, hi, a=None, delta=None, free=None, T=None):
         self.lb, self.order, self.lo, self.hi, self.a, self.delta, self.free = lb, order, lo, hi, a, delta, free
+        self.T = T  # the parent's T (float32, shared by both children), or None
 
     def __lt__(self, other):
         return (self.lb, self.order) < (other.lb, other.order)
@@ -516,13 +530,15 @@ def _search(form: ComplementForm, params: ShorBnbParams, deadline: float | None)
     removed = np.ones(form.p, bool)
     removed[best_S] = False
     UB = form.cost(removed)
-    info = {"nodes": 0, "fixed_by_bound": 0, "osscar_runs": 0, "osscar_err": UB / full, "root_err_bound": None}
+    info = {"nodes": 0, "fixed_by_bound": 0, "osscar_runs": 0, "osscar_err": UB / full, "root_err_bound": None,
+            "parent_T_tried": 0, "parent_T_taken": 0}
     trace = Trace(instance.full_objective, t0=t_start)
     lo, hi = np.zeros(form.p), np.ones(form.p)
     if not _propagate(form, lo, hi):
         return Result(keep=best_S, status=Status.ERROR, message="the budgets admit no support")
     counter = itertools.count()
     heap = [_Node(-math.inf, next(counter), lo, hi)]
+    T_bytes = params.parent_T_mb * 2**20
     pruned_min = math.inf
     timed_out = False
     while heap:
@@ -560,6 +576,17 @@ def _search(form: ComplementForm, params: ShorBnbParams, deadline: float | None)
             if root else None
         u, F_u, a_free = dual.newton(u, 1e-2 * dual.scale, 1e-10 * dual.scale, steps, prune_at=UB - tol,
                                      deadline=deadline, progress=progress, keep_mu=params.mu_T * dual.scale)
+        if node.T is not None and F_u < node.lb:
+            # this T bounds the node below its parent: the parent's T bounds it at least as well as
+            # the parent (same T, a smaller box), up to the descent's convergence
+            T2 = node.T.astype(np.float64)
+            dual2, _ = ShorDual.at_node(form, T2, lo, hi)
+            u2, F2, a2 = dual2.newton(dual2.warm(u[dual.s_delta]), 1e-2 * dual2.scale, 1e-10 * dual2.scale, steps,
+                                      prune_at=UB - tol, deadline=deadline, keep_mu=params.mu_T * dual2.scale)
+            info["parent_T_tried"] += 1
+            if F2 > F_u:
+                T, dual, u, F_u, a_free = T2, dual2, u2, F2, a2
+                info["parent_T_taken"] += 1
         if root:
             T_steps = params.root_T_steps
         else:  # nodes climb once the tree is large enough for the climb to pay
@@ -595,6 +622,8 @@ def _search(form: ComplementForm, params: ShorBnbParams, deadline: float | None)
         # (valid at u only: F_u, not the inherited bound)
         lm, hm = u[dual.s_l], u[dual.s_h]
         lo, hi = lo.copy(), hi.copy()
+        # the node's T for its children, in fp32 (any T gives a valid bound), while the open nodes' copies fit
+        T_pass = T.astype(np.float32) if (len(heap) + 2) * T.size * 4 <= T_bytes else None
         fix_keep = F_u + lm >= UB - tol
         fix_remove = F_u + hm >= UB - tol
         if np.any(fix_keep & fix_remove):  # both children of a group reach the incumbent: so does the node
@@ -607,7 +636,8 @@ def _search(form: ComplementForm, params: ShorBnbParams, deadline: float | None)
             hi[free_ids[fix_keep]] = 0
             lo[free_ids[fix_remove]] = 1
             if _propagate(form, lo, hi):
-                heapq.heappush(heap, _Node(F, next(counter), lo, hi, a_primal, u[dual.s_delta], free_ids))
+                heapq.heappush(heap, _Node(F, next(counter), lo, hi, a_primal, u[dual.s_delta], free_ids,
+                                                 T_pass))
             continue
         g = free_ids[np.argmin(np.abs(a_hat[free_ids] - 0.5))]
         k = int(np.flatnonzero(free_ids == g)[0])
@@ -617,7 +647,8 @@ def _search(form: ComplementForm, params: ShorBnbParams, deadline: float | None)
             if bound >= UB - tol:
                 pruned_min = min(pruned_min, bound)
             elif _propagate(form, lo2, hi2):
-                heapq.heappush(heap, _Node(bound, next(counter), lo2, hi2, a_primal, u[dual.s_delta], free_ids))
+                heapq.heappush(heap, _Node(bound, next(counter), lo2, hi2, a_primal, u[dual.s_delta],
+                                                     free_ids, T_pass))
     open_min = min((n.lb for n in heap), default=math.inf)
     bound_cost = min(UB, pruned_min, open_min)
     keep = np.flatnonzero(~removed)
