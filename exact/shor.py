@@ -637,7 +637,7 @@ def _search(form: ComplementForm, params: ShorBnbParams, deadline: float | None)
             lo[free_ids[fix_remove]] = 1
             if _propagate(form, lo, hi):
                 heapq.heappush(heap, _Node(F, next(counter), lo, hi, a_primal, u[dual.s_delta], free_ids,
-                                                 T_pass))
+                                           T_pass))
             continue
         g = free_ids[np.argmin(np.abs(a_hat[free_ids] - 0.5))]
         k = int(np.flatnonzero(free_ids == g)[0])
@@ -648,7 +648,7 @@ def _search(form: ComplementForm, params: ShorBnbParams, deadline: float | None)
                 pruned_min = min(pruned_min, bound)
             elif _propagate(form, lo2, hi2):
                 heapq.heappush(heap, _Node(bound, next(counter), lo2, hi2, a_primal, u[dual.s_delta],
-                                                     free_ids, T_pass))
+                                           free_ids, T_pass))
     open_min = min((n.lb for n in heap), default=math.inf)
     bound_cost = min(UB, pruned_min, open_min)
     keep = np.flatnonzero(~removed)
