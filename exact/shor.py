@@ -335,6 +335,20 @@ class ShorDual:
         self.final = (u, mu)  # the last iterate, on the central path of mu when converged
         return best_u, best_F, best_a
 
+    def descend(self, u: np.ndarray, steps: int, prune_at: float, deadline: float | None, mu_T: float,
+                progress=None):
+        """newton() with the nodes' schedule: mu from 1e-2 down to 1e-10 of the dual's scale, the
+        central point near mu_T (relative to the scale) kept for the ascent on T."""
+        return self.newton(u, 1e-2 * self.scale, 1e-10 * self.scale, steps, prune_at=prune_at, deadline=deadline,
+                           progress=progress, keep_mu=mu_T * self.scale)
+
+    @classmethod
+    def descend_at_node(cls, form: "ComplementForm", T: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                        delta: np.ndarray, steps: int, prune_at: float, deadline: float | None, mu_T: float):
+        """The node's dual for T, descended from the same node's delta: (dual, u, F, a)."""
+        dual, _ = cls.at_node(form, T, lo, hi)
+        return (dual, *dual.descend(dual.warm(delta), steps, prune_at, deadline, mu_T))
+
     def _direction_dense(self, Qi, y, u, mu, g, part_cols):
         """The Newton step: minus the Hessian is M'Q^-1 M + barrier terms, M = d(b - Q y)/du =
         [-D, -parts, -I, I] with D = diag(1/2 + y), assembled block by block (O(n^2) rather than a
@@ -574,15 +588,13 @@ def _search(form: ComplementForm, params: ShorBnbParams, deadline: float | None)
         # takes the whole time limit)
         progress = (lambda F: trace.add(instance.full_objective + UB, instance.full_objective + F)) \
             if root else None
-        u, F_u, a_free = dual.newton(u, 1e-2 * dual.scale, 1e-10 * dual.scale, steps, prune_at=UB - tol,
-                                     deadline=deadline, progress=progress, keep_mu=params.mu_T * dual.scale)
+        u, F_u, a_free = dual.descend(u, steps, UB - tol, deadline, params.mu_T, progress)
         if node.T is not None and F_u < node.lb:
             # this T bounds the node below its parent: the parent's T bounds it at least as well as
             # the parent (same T, a smaller box), up to the descent's convergence
             T2 = node.T.astype(np.float64)
-            dual2, _ = ShorDual.at_node(form, T2, lo, hi)
-            u2, F2, a2 = dual2.newton(dual2.warm(u[dual.s_delta]), 1e-2 * dual2.scale, 1e-10 * dual2.scale, steps,
-                                      prune_at=UB - tol, deadline=deadline, keep_mu=params.mu_T * dual2.scale)
+            dual2, u2, F2, a2 = ShorDual.descend_at_node(form, T2, lo, hi, u[dual.s_delta], steps, UB - tol,
+                                                         deadline, params.mu_T)
             info["parent_T_tried"] += 1
             if F2 > F_u:
                 T, dual, u, F_u, a_free = T2, dual2, u2, F2, a2
@@ -703,10 +715,8 @@ def improve_T(form: ComplementForm, T: np.ndarray, lo: np.ndarray, hi: np.ndarra
         for t in (0.5, 0.25, 0.1):
             T_new = T.copy()
             T_new[rows] += t * (T_star - T[rows])
-            dual_new, _ = ShorDual.at_node(form, T_new, lo, hi)
-            u_new, F_new, a_new = dual_new.newton(dual_new.warm(u[dual.s_delta]), 1e-2 * dual_new.scale,
-                                                  1e-10 * dual_new.scale, steps, prune_at=prune_at,
-                                                  deadline=deadline, keep_mu=mu_rel * dual_new.scale)
+            dual_new, u_new, F_new, a_new = ShorDual.descend_at_node(form, T_new, lo, hi, u[dual.s_delta], steps,
+                                                                     prune_at, deadline, mu_rel)
             if F_new > F:
                 T, dual, u, F, a_free = T_new, dual_new, u_new, F_new, a_new
                 break
