@@ -8,6 +8,7 @@ F F' = G G' instead of the m output columns.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -241,3 +242,56 @@ def restricted_osscar(instance: Instance, fixed_in: np.ndarray, fixed_out: np.nd
     except Exception:  # a failed heuristic only costs an incumbent
         return None
     return np.sort(ids[S])
+
+
+@contextlib.contextmanager
+def _main_hidden():
+    """Start spawned processes without importing the caller's __main__ in them.
+
+    multiprocessing's spawn re-imports the main script (or module) in every
+    child, which re-runs a script without an `if __name__ == "__main__"`
+    guard. The workers need nothing from __main__, so its file and spec are
+    hidden while they start.
+    """
+    main = sys.modules.get("__main__")
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if main is not None and k in main.__dict__}
+    try:
+        if main is not None:
+            main.__dict__.pop("__file__", None)
+            main.__spec__ = None
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.pop("__file__", None)
+            main.__dict__.update(saved)
+            if "__spec__" not in saved:
+                main.__dict__.pop("__spec__", None)
+
+
+def _worker_ready() -> bool:
+    return True
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int, initializer, initargs: tuple, solver: str):
+    """A pool of `workers` spawned processes (torch and OpenMP do not survive fork safely), each
+    set up by initializer(*initargs). Yields (pool, ready): `ready` holds one future per worker
+    that completes once that worker has started. On exit the workers are stopped; a worker that
+    dies raises a SolverError naming the fix."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                  initializer=initializer, initargs=initargs)
+    try:
+        with _main_hidden():  # each submit starts one worker; none re-runs the caller's script
+            ready = [pool.submit(_worker_ready) for _ in range(workers)]
+        yield pool, ready
+    except cf.process.BrokenProcessPool as exc:
+        raise SolverError(f"a {solver} worker process died ({exc}): run with workers=1") from None
+    finally:
+        # the workers hold nothing the search needs now: stop them, then wait for the pool's
+        # manager thread (shutdown(wait=False) leaves it racing the interpreter's exit hooks)
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            proc.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -55,11 +55,9 @@ still open): valid at any time. OPTIMAL means the gap is below gap_tol
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import itertools
 import math
-import sys
 import time
 from dataclasses import dataclass
 
@@ -67,7 +65,6 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from osscar_opt.errors import SolverError
 from osscar_opt.instance import Instance
 from osscar_opt.registry import Result, Solver, Status, register
 
@@ -80,6 +77,7 @@ from ._common import (
     output_factor,
     parts_and_budget,
     restricted_osscar,
+    worker_pool,
 )
 from .perspective import SPLIT_METHODS, optimal_diagonal, split_for
 from .relaxation import NodeRelaxation, RootData
@@ -561,10 +559,6 @@ def _worker_init(instance: Instance, F: np.ndarray, D: np.ndarray, params: BnbPa
                    root=_root_data(instance, F, D, torch.device("cpu")))
 
 
-def _worker_ready() -> bool:
-    return bool(_WORKER)
-
-
 def _worker_solve(packed: dict, UB: float, best_S: np.ndarray, seconds_left: float | None, slice_s: float,
                   max_nodes: int | None, pseudocosts: tuple) -> dict:
     """Search a share of the open nodes for up to slice_s seconds; return what is left.
@@ -581,30 +575,6 @@ def _worker_solve(packed: dict, UB: float, best_S: np.ndarray, seconds_left: flo
     return {"open": _pack(heap) if heap else None, "UB": search.UB, "best_S": search.best_S,
             "pruned_min": search.pruned_min, "info": search.info, "timed_out": search.timed_out,
             "pseudocosts": added}
-
-
-@contextlib.contextmanager
-def _main_hidden():
-    """Start spawned processes without importing the caller's __main__ in them.
-
-    multiprocessing's spawn re-imports the main script (or module) in every
-    child, which re-runs a script without an `if __name__ == "__main__"`
-    guard. The workers need nothing from __main__, so its file and spec are
-    hidden while they start.
-    """
-    main = sys.modules.get("__main__")
-    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if main is not None and k in main.__dict__}
-    try:
-        if main is not None:
-            main.__dict__.pop("__file__", None)
-            main.__spec__ = None
-        yield
-    finally:
-        if main is not None:
-            main.__dict__.pop("__file__", None)
-            main.__dict__.update(saved)
-            if "__spec__" not in saved:
-                main.__dict__.pop("__spec__", None)
 
 
 class _Parallel:
@@ -625,17 +595,9 @@ class _Parallel:
 
     def run(self, heap: list, search_while_starting: bool = True) -> list:
         """Search `heap` with the workers; returns the nodes left open (deadline or max_nodes)."""
-        import concurrent.futures as cf
-        import multiprocessing
-
         s, params = self.search, self.params
         W = int(params.workers)
-        ctx = multiprocessing.get_context("spawn")  # torch and OpenMP do not survive fork safely
-        pool = cf.ProcessPoolExecutor(max_workers=W, mp_context=ctx, initializer=_worker_init,
-                                      initargs=(s.instance, s.F, self.D, params))
-        try:
-            with _main_hidden():  # each submit starts one worker; none re-runs the caller's script
-                ready = [pool.submit(_worker_ready) for _ in range(W)]
+        with worker_pool(W, _worker_init, (s.instance, s.F, self.D, params), "bnb") as (pool, ready):
             while search_while_starting and heap and not all(f.done() for f in ready):  # search here meanwhile
                 heap = s.run(heap, until=time.perf_counter() + 0.05)
                 if s.timed_out or (params.max_nodes is not None and s.info["nodes"] >= params.max_nodes):
@@ -645,14 +607,6 @@ class _Parallel:
             for f in ready:
                 f.result()  # a worker that failed to start raises here
             return self._share(pool, heap, W)
-        except cf.process.BrokenProcessPool as exc:
-            raise SolverError(f"a bnb worker process died ({exc}): run with workers=1") from None
-        finally:
-            # the workers hold nothing the search needs now: stop them, then wait for the pool's
-            # manager thread (shutdown(wait=False) leaves it racing the interpreter's exit hooks)
-            for proc in list((getattr(pool, "_processes", None) or {}).values()):
-                proc.terminate()
-            pool.shutdown(wait=True, cancel_futures=True)
 
     def _share(self, pool, heap: list, W: int) -> list:
         import concurrent.futures as cf

@@ -83,7 +83,15 @@ import scipy.linalg
 from osscar_opt.instance import Instance
 from osscar_opt.registry import Result, Solver, Status, register
 
-from ._common import GAP_TOL, Trace, cpu_threads, osscar_support, parts_and_budget, restricted_osscar
+from ._common import (
+    GAP_TOL,
+    Trace,
+    cpu_threads,
+    osscar_support,
+    parts_and_budget,
+    restricted_osscar,
+    worker_pool,
+)
 from .relaxation import project_capped
 
 # LAPACK directly: the dual's matrices are small and solved thousands of times per second,
@@ -456,6 +464,14 @@ class ShorBnbParams:
         parent's T. Past this budget children get none (0 turns the retry off).
     primal_share: under a time limit, the largest share of the time left that the root's
         restricted primal may take (on full layers the root's Newton steps need the rest).
+    probe_rounds: rounds of probing of the root box (0: none): both children of every free group
+        are bounded; a child whose bound reaches the incumbent fixes its group the other way for
+        the whole tree, and the root box is bounded again with the fixings before the next round.
+    probe_from: probe once the search has bounded probe_from times as many nodes as a round costs
+        (two per free group of the root): small trees end before, large ones pay for it.
+    workers: processes bounding nodes (1: this process alone). The tree, the incumbent and the
+        bound stay in this process; starting the workers takes about two seconds, during which
+        this process searches alone.
     """
 
     gap_tol: float = GAP_TOL
@@ -471,6 +487,9 @@ class ShorBnbParams:
     mu_T: float = 1e-4
     parent_T_mb: float = 1024.0
     primal_share: float = 0.25
+    probe_rounds: int = 1
+    probe_from: float = 4.0
+    workers: int = 1
 
     def __post_init__(self):
         if not self.gap_tol >= 0:
@@ -479,6 +498,10 @@ class ShorBnbParams:
             raise ValueError("parent_T_mb must be >= 0")
         if not 0 < self.primal_share <= 1:
             raise ValueError("primal_share must be in (0, 1]")
+        if int(self.probe_rounds) < 0 or not self.probe_from >= 0:
+            raise ValueError("probe_rounds and probe_from must be >= 0")
+        if int(self.workers) < 1:
+            raise ValueError("workers must be >= 1")
         if min(int(self.root_T_steps), int(self.node_T_steps), int(self.node_T_from)) < 0 or not self.mu_T > 0:
             raise ValueError("root_T_steps, node_T_steps and node_T_from must be >= 0, mu_T > 0")
         if int(self.newton_steps) < 1 or int(self.primal_steps) < 1:
@@ -536,145 +559,383 @@ class ShorBranchAndBound(Solver):
 
 
 def _search(form: ComplementForm, params: ShorBnbParams, deadline: float | None) -> Result:
-    instance = form.instance
-    t_start = time.perf_counter()
-    full = -instance.full_objective  # f(S) - f(all) = full * err
-    tol = params.gap_tol * full
-    best_S = osscar_support(instance, "cpu", deadline)
-    removed = np.ones(form.p, bool)
-    removed[best_S] = False
-    UB = form.cost(removed)
-    info = {"nodes": 0, "fixed_by_bound": 0, "osscar_runs": 0, "osscar_err": UB / full, "root_err_bound": None,
-            "parent_T_tried": 0, "parent_T_taken": 0}
-    trace = Trace(instance.full_objective, t0=t_start)
-    lo, hi = np.zeros(form.p), np.ones(form.p)
-    if not _propagate(form, lo, hi):
-        return Result(keep=best_S, status=Status.ERROR, message="the budgets admit no support")
-    counter = itertools.count()
-    heap = [_Node(-math.inf, next(counter), lo, hi)]
-    T_bytes = params.parent_T_mb * 2**20
-    pruned_min = math.inf
-    timed_out = False
-    while heap:
-        if deadline is not None and time.perf_counter() > deadline:
-            timed_out = True
-            break
-        if params.max_nodes is not None and info["nodes"] >= params.max_nodes:
-            break
-        node = heapq.heappop(heap)
-        if node.lb >= UB - tol:
-            pruned_min = min(pruned_min, node.lb)
-            continue
-        info["nodes"] += 1
-        lo, hi = node.lo, node.hi
-        free = lo < hi
-        if not free.any():  # a leaf: its cost is exact
-            cost = form.cost(lo > 0)
-            if cost < UB:
-                UB, removed = cost, lo > 0
-            pruned_min = min(pruned_min, cost)
-            continue
-        root = info["nodes"] == 1
-        primal_deadline = deadline
-        if deadline is not None and root:  # leave the root's Newton steps most of the time
-            now = time.perf_counter()
-            primal_deadline = now + params.primal_share * max(deadline - now, 0.0)
-        a_primal, _, T = form.restricted_primal(lo, hi, node.a, params.primal_steps, deadline=primal_deadline)
-        dual, free_ids = ShorDual.at_node(form, T, lo, hi)
-        u = dual.start() if node.delta is None or node.free is None else \
-            dual.warm(_restrict(node.delta, node.free, free_ids))
-        steps = params.newton_steps * (4 if root else 1)  # the root starts cold
-        # the root's values bound every support: the trace follows them (a full layer's root
-        # takes the whole time limit)
-        progress = (lambda F: trace.add(instance.full_objective + UB, instance.full_objective + F)) \
-            if root else None
-        u, F_u, a_free = dual.descend(u, steps, UB - tol, deadline, params.mu_T, progress)
-        if node.T is not None and F_u < node.lb:
-            # this T bounds the node below its parent: the parent's T bounds it at least as well as
-            # the parent (same T, a smaller box), up to the descent's convergence
-            T2 = node.T.astype(np.float64)
-            dual2, u2, F2, a2 = ShorDual.descend_at_node(form, T2, lo, hi, u[dual.s_delta], steps, UB - tol,
-                                                         deadline, params.mu_T)
-            info["parent_T_tried"] += 1
-            if F2 > F_u:
-                T, dual, u, F_u, a_free = T2, dual2, u2, F2, a2
-                info["parent_T_taken"] += 1
-        if root:
-            T_steps = params.root_T_steps
-        else:  # nodes climb once the tree is large enough for the climb to pay
-            T_steps = params.node_T_steps if info["nodes"] > params.node_T_from else 0
-        if T_steps:
-            T, dual, u, F_u, a_free = improve_T(form, T, lo, hi, dual, free_ids, u, F_u, a_free, T_steps,
-                                                params.mu_T, steps, UB - tol, deadline)
-        F = max(F_u, node.lb)  # the node's bound; F_u is the one that goes with u's multipliers
+    return _Search(form, params, deadline).run()
+
+
+@dataclass
+class _Evaluation:
+    """What the search keeps of a node's bound (computed here or in a worker process)."""
+
+    F_u: float  # the bound that goes with the multipliers lm, hm
+    lm: np.ndarray  # what forcing a free group removed / kept adds to F_u
+    hm: np.ndarray
+    delta: np.ndarray
+    free_ids: np.ndarray
+    a_primal: np.ndarray
+    a_hat: np.ndarray  # the relaxation's a, fixings included
+    T32: np.ndarray  # the node's final T (fp32) for its children
+    candidate: np.ndarray  # the rounding of a_hat (a removal mask) and its cost
+    cost: float
+    counters: dict
+
+
+def _evaluate(form: ComplementForm, params: ShorBnbParams, node: _Node, prune_at: float, deadline: float | None,
+              T_steps: int, bounded=None) -> _Evaluation:
+    """Bound one node (or take the root's bound_node() output `bounded`) and round its relaxation."""
+    counters = {"parent_T_tried": 0, "parent_T_taken": 0}
+    if bounded is None:
+        bounded = _bound_node(form, params, node, prune_at, deadline, False, T_steps, counters)
+    F_u, u, dual, free_ids, a_primal, T, a_free = bounded
+    a_hat = node.lo.astype(np.float64).copy()
+    a_hat[free_ids] = np.clip(a_free, 0.0, 1.0)
+    candidate = _round(form, a_hat, node.lo, node.hi)
+    return _Evaluation(F_u, u[dual.s_l], u[dual.s_h], u[dual.s_delta], free_ids, a_primal, a_hat,
+                       T.astype(np.float32), candidate, form.cost(candidate), counters)
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(instance: Instance, params: ShorBnbParams) -> None:
+    cpu_threads(1).__enter__()  # for the life of the worker: one thread each, as in the serial search
+    _WORKER.update(form=ComplementForm(instance), params=params)
+
+
+def _worker_evaluate(node: _Node, prune_at: float, deadline: float | None, T_steps: int) -> _Evaluation:
+    return _evaluate(_WORKER["form"], _WORKER["params"], node, prune_at, deadline, T_steps)
+
+
+class _Search:
+    """Best-first search. The nodes are bounded here (workers = 1) or, `workers` at a time, in
+    worker processes while this process keeps the tree: the open nodes, the incumbent and the
+    bound. The search order is the serial one but for the nodes in flight."""
+
+    def __init__(self, form: ComplementForm, params: ShorBnbParams, deadline: float | None):
+        instance = form.instance
+        self.form, self.params, self.deadline, self.instance = form, params, deadline, instance
+        self.t_start = time.perf_counter()
+        self.full = -instance.full_objective  # f(S) - f(all) = full * err
+        self.tol = params.gap_tol * self.full
+        best_S = osscar_support(instance, "cpu", deadline)
+        self.removed = np.ones(form.p, bool)
+        self.removed[best_S] = False
+        self.UB = form.cost(self.removed)
+        self.info = {"nodes": 0, "fixed_by_bound": 0, "osscar_runs": 0, "osscar_err": self.UB / self.full,
+                     "root_err_bound": None, "parent_T_tried": 0, "parent_T_taken": 0, "probes": 0,
+                     "fixed_by_probing": 0}
+        self.trace = Trace(instance.full_objective, t0=self.t_start)
+        self.counter = itertools.count()
+        self.heap: list = []
+        self.in_flight: dict = {}  # future -> node
+        self.T_bytes = params.parent_T_mb * 2**20
+        self.pruned_min = math.inf
+        self.timed_out = False
+        self.osscar_at = 0  # the node count of the last OSSCAR run
+        self.pool, self.ready = None, []  # the worker processes (workers > 1)
+        self.root_node = self.root_bounded = None  # the root's box and bound_node() output, for probing
+        self.fixed = None  # probing's fixings: (groups kept, groups removed, the bound they hold for)
+
+    def offer(self, removed: np.ndarray, cost: float | None = None) -> None:
+        cost = self.form.cost(removed) if cost is None else cost
+        if cost < self.UB:
+            self.UB, self.removed = cost, removed
+
+    def close(self, bound: float) -> None:
+        self.pruned_min = min(self.pruned_min, bound)
+
+    def open_min(self) -> float:
+        return min((n.lb for n in itertools.chain(self.heap, self.in_flight.values())), default=math.inf)
+
+    def next_node(self):
+        """The next node to bound and its ascent steps on T, or None (tree done, time or node limit)."""
+        params = self.params
+        while self.heap:
+            if self.deadline is not None and time.perf_counter() > self.deadline:
+                self.timed_out = True
+                return None
+            if params.max_nodes is not None and self.info["nodes"] >= params.max_nodes:
+                return None
+            if self.root_bounded is not None and params.probe_rounds and \
+                    self.info["nodes"] >= params.probe_from * 2 * self.root_bounded[3].size:
+                self.probe_root()
+            node = heapq.heappop(self.heap)
+            if node.lb >= self.UB - self.tol:
+                self.close(node.lb)
+                continue
+            if self.fixed is not None and not self.apply_fixed(node):
+                continue
+            self.info["nodes"] += 1
+            if not (node.lo < node.hi).any():  # a leaf: its cost is exact
+                cost = self.form.cost(node.lo > 0)
+                self.offer(node.lo > 0, cost)
+                self.close(cost)
+                continue
+            T_steps = params.node_T_steps if self.info["nodes"] > params.node_T_from else 0
+            return node, T_steps
+        return None
+
+    def apply_fixed(self, node: _Node) -> bool:
+        """Restrict the node's box by probing's fixings (in place); False (node closed) where the
+        box holds no support that they admit."""
+        keep, remove, bound = self.fixed
+        if np.any(keep & (node.lo > 0)) or np.any(remove & (node.hi == 0)):
+            self.close(bound)  # every support better than `bound` is outside this box
+            return False
+        node.lo, node.hi = node.lo.copy(), node.hi.copy()
+        node.hi[keep] = 0
+        node.lo[remove] = 1
+        if not _propagate(self.form, node.lo, node.hi):
+            self.close(bound)
+            return False
+        return True
+
+    def run(self) -> Result:
+        form, params = self.form, self.params
+        lo, hi = np.zeros(form.p), np.ones(form.p)
+        if not _propagate(form, lo, hi):
+            return Result(keep=np.flatnonzero(~self.removed), status=Status.ERROR,
+                          message="the budgets admit no support")
+        heapq.heappush(self.heap, _Node(-math.inf, next(self.counter), lo, hi))
+        if int(params.workers) > 1:
+            with worker_pool(int(params.workers), _worker_init, (self.instance, params), "shor-bnb") as pool:
+                self.pool, self.ready = pool
+                self.search()
+        else:
+            self.search()
+        return self.result()
+
+    def search(self) -> None:
+        form, params = self.form, self.params
+        if (picked := self.next_node()) is not None:
+            self.root(picked[0])
+        if self.pool is not None:
+            self.parallel()
+            return
+        while (picked := self.next_node()) is not None:
+            node, T_steps = picked
+            self.settle(node, _evaluate(form, params, node, self.UB - self.tol, self.deadline, T_steps))
+
+    def root(self, node: _Node) -> None:
+        """The root: a cold start with more Newton steps and ascent steps on T."""
+        form, params, instance = self.form, self.params, self.instance
+        progress = lambda F: self.trace.add(instance.full_objective + self.UB,  # noqa: E731
+                                            instance.full_objective + F)
+        bounded = _bound_node(form, params, node, self.UB - self.tol, self.deadline, True, params.root_T_steps,
+                              self.info, progress)
+        self.root_node, self.root_bounded = _Node(node.lb, 0, node.lo, node.hi), bounded
+        self.settle(node, _evaluate(form, params, node, self.UB - self.tol, self.deadline, 0, bounded))
+
+    def probe_root(self) -> None:
+        """Probing of the root box, once the tree has proved large: fixings valid for every support
+        better than the incumbent, applied to the open nodes as they are taken (`next_node`)."""
+        form, params = self.form, self.params
+        node, bounded = self.root_node, self.root_bounded
+        self.root_bounded = None  # its memory
+        for _ in range(params.probe_rounds):
+            probed = self.probe(node, bounded)
+            if probed is None:
+                break
+            node = probed
+            if not (node.lo < node.hi).any():  # one support left
+                break
+            bounded = _bound_node(form, params, node, self.UB - self.tol, self.deadline, True, params.root_T_steps,
+                                  self.info)
+        self.fixed = (node.hi == 0, node.lo > 0, self.UB - self.tol)
+        self.info["probe_err_bound"] = min(max(node.lb, self.root_node.lb), self.UB) / self.full
+
+    def probe(self, node: _Node, bounded: tuple) -> _Node | None:
+        """Probing: bound both children of every free group of the node. A child that reaches the
+        incumbent fixes its group the other way, and max_g min(g's children) bounds the node (raises
+        node.lb). Returns the node with the new fixings to bound again, or None (no new fixing, or the
+        node is done)."""
+        form, info = self.form, self.info
+        F_u, u, dual, free_ids, a_primal, T, _ = bounded
+        F = max(F_u, node.lb)
+        T32 = T.astype(np.float32)
+        bounds = np.full((free_ids.size, 2), math.inf)  # [g kept, g removed]
+        children, where = [], []
+        for k, g in enumerate(free_ids):
+            for value in (0, 1):
+                lo2, hi2 = node.lo.copy(), node.hi.copy()
+                (lo2 if value else hi2)[g] = value
+                if not _propagate(form, lo2, hi2):
+                    continue
+                if not (lo2 < hi2).any():
+                    bounds[k, value] = form.cost(lo2 > 0)
+                    self.offer(lo2 > 0, bounds[k, value])
+                    continue
+                children.append(_Node(F, 0, lo2, hi2, a_primal, u[dual.s_delta], free_ids, T32))
+                where.append((k, value))
+        for (k, value), ev in zip(where, self.evaluate_many(children)):
+            for key, v in ev.counters.items():
+                info[key] += v
+            self.offer(ev.candidate, ev.cost)
+            bounds[k, value] = max(F, ev.F_u)
+        info["probes"] += len(children)
+        node.lb = max(F, float(bounds.min(1).max(initial=-math.inf)))
+        prune_at = self.UB - self.tol
+        if node.lb >= prune_at:
+            return None
+        keep, remove = bounds[:, 1] >= prune_at, bounds[:, 0] >= prune_at  # removing g / keeping g fails
+        if not (keep.any() or remove.any()):
+            return None
+        info["fixed_by_probing"] += int(keep.sum() + remove.sum())
+        lo, hi = node.lo.copy(), node.hi.copy()
+        hi[free_ids[keep]] = 0
+        lo[free_ids[remove]] = 1
+        if not _propagate(form, lo, hi):  # no support better than the incumbent
+            node.lb = math.inf
+            return None
+        if not (lo < hi).any():
+            self.offer(lo > 0)
+        return _Node(node.lb, node.order, lo, hi, a_primal, u[dual.s_delta], free_ids, T32)
+
+    def evaluate_many(self, nodes: list) -> list:
+        """Bound the nodes (no ascent on T): in the workers once they have started, else here."""
+        prune_at = self.UB - self.tol
+        if self.pool is None:
+            return [_evaluate(self.form, self.params, n, prune_at, self.deadline, 0) for n in nodes]
+        for f in self.ready:
+            f.result()
+        n = len(nodes)
+        return list(self.pool.map(_worker_evaluate, nodes, [prune_at] * n, [self.deadline] * n, [0] * n,
+                                  chunksize=max(1, n // (8 * int(self.params.workers)))))
+
+    def parallel(self) -> None:
+        """Bound up to `workers` nodes at a time in the worker processes; this process searches
+        alone until they have started (small trees end before that)."""
+        import concurrent.futures as cf
+
+        form, params = self.form, self.params
+        workers = int(params.workers)
+        while not all(f.done() for f in self.ready):
+            if (picked := self.next_node()) is None:
+                return
+            node, T_steps = picked
+            self.settle(node, _evaluate(form, params, node, self.UB - self.tol, self.deadline, T_steps))
+        for f in self.ready:
+            f.result()  # a worker that failed to start raises here
+        self.info["workers"] = workers
+        while True:
+            while len(self.in_flight) < workers and (picked := self.next_node()) is not None:
+                node, T_steps = picked
+                fut = self.pool.submit(_worker_evaluate, node, self.UB - self.tol, self.deadline, T_steps)
+                self.in_flight[fut] = node
+            if not self.in_flight:
+                return
+            done, _ = cf.wait(self.in_flight, return_when=cf.FIRST_COMPLETED)
+            for fut in done:
+                node = self.in_flight.pop(fut)
+                self.settle(node, fut.result())
+
+    def settle(self, node: _Node, ev: _Evaluation) -> None:
+        """Take a bounded node's bound and incumbents; prune it, fix groups by bound, or branch."""
+        form, params, info, instance = self.form, self.params, self.info, self.instance
+        for k, v in ev.counters.items():
+            info[k] += v
+        lo, hi, free_ids = node.lo, node.hi, ev.free_ids
+        F_u = ev.F_u
+        F = max(F_u, node.lb)  # the node's bound; F_u is the one that goes with the multipliers
         if info["root_err_bound"] is None:
-            info["root_err_bound"] = F / full
-        a_hat = lo.astype(np.float64).copy()
-        a_hat[free_ids] = np.clip(a_free, 0.0, 1.0)
+            info["root_err_bound"] = F / self.full
         # incumbents: the largest a of every part removed (rounding); OSSCAR within the fixings at
         # nodes 1, 2, 4, 8, ...
-        candidates = [_round(form, a_hat, lo, hi)]
-        if info["nodes"] & (info["nodes"] - 1) == 0 and info["nodes"] <= params.osscar_nodes and info["nodes"] > 1:
-            S = restricted_osscar(instance, hi == 0, lo > 0, deadline)
+        self.offer(ev.candidate, ev.cost)
+        n = info["nodes"]
+        if n & (n - 1) == 0 and 1 < n <= params.osscar_nodes and n != self.osscar_at:
+            self.osscar_at = n
+            S = restricted_osscar(instance, hi == 0, lo > 0, self.deadline)
             if S is not None:
                 mask = np.ones(form.p, bool)
                 mask[S] = False
-                candidates.append(mask)
+                self.offer(mask)
                 info["osscar_runs"] += 1
-        for candidate in candidates:
-            cost = form.cost(candidate)
-            if cost < UB:
-                UB, removed = cost, candidate
-        trace.add(instance.full_objective + UB, instance.full_objective + min(F, UB, pruned_min,
-                                                                                min((n.lb for n in heap), default=math.inf)))
-        if F >= UB - tol:
-            pruned_min = min(pruned_min, F)
-            continue
-        # l_g / h_g: what forcing g removed / kept adds to this bound
-        # (valid at u only: F_u, not the inherited bound)
-        lm, hm = u[dual.s_l], u[dual.s_h]
+        UB, prune_at = self.UB, self.UB - self.tol
+        self.trace.add(instance.full_objective + UB,
+                       instance.full_objective + min(F, UB, self.pruned_min, self.open_min()))
+        if F >= prune_at:
+            self.close(F)
+            return
+        # l_g / h_g: what forcing g removed / kept adds to this bound (valid at F_u only, not the
+        # inherited bound)
+        lm, hm = ev.lm, ev.hm
         lo, hi = lo.copy(), hi.copy()
-        # the node's T for its children, in fp32 (any T gives a valid bound), while the open nodes' copies fit
-        T_pass = T.astype(np.float32) if (len(heap) + 2) * T.size * 4 <= T_bytes else None
-        fix_keep = F_u + lm >= UB - tol
-        fix_remove = F_u + hm >= UB - tol
+        # the node's T for its children (any T gives a valid bound), while the open nodes' copies fit
+        T_pass = ev.T32 if (len(self.heap) + 2) * ev.T32.size * 4 <= self.T_bytes else None
+        fix_keep = F_u + lm >= prune_at
+        fix_remove = F_u + hm >= prune_at
         if np.any(fix_keep & fix_remove):  # both children of a group reach the incumbent: so does the node
-            pruned_min = min(pruned_min, float(np.min(np.minimum(F_u + lm, F_u + hm)[fix_keep & fix_remove])))
-            continue
+            self.close(float(np.min(np.minimum(F_u + lm, F_u + hm)[fix_keep & fix_remove])))
+            return
         if fix_keep.any() or fix_remove.any():
             info["fixed_by_bound"] += int(fix_keep.sum() + fix_remove.sum())
-            pruned_min = min(pruned_min, float(np.min(np.concatenate([(F_u + lm)[fix_keep],
-                                                                       (F_u + hm)[fix_remove]]))))
+            self.close(float(np.min(np.concatenate([(F_u + lm)[fix_keep], (F_u + hm)[fix_remove]]))))
             hi[free_ids[fix_keep]] = 0
             lo[free_ids[fix_remove]] = 1
             if _propagate(form, lo, hi):
-                heapq.heappush(heap, _Node(F, next(counter), lo, hi, a_primal, u[dual.s_delta], free_ids,
-                                           T_pass))
-            continue
-        g = free_ids[np.argmin(np.abs(a_hat[free_ids] - 0.5))]
+                heapq.heappush(self.heap, _Node(F, next(self.counter), lo, hi, ev.a_primal, ev.delta, free_ids,
+                                                T_pass))
+            return
+        g = free_ids[np.argmin(np.abs(ev.a_hat[free_ids] - 0.5))]
         k = int(np.flatnonzero(free_ids == g)[0])
         for value, bound in ((0, max(F, F_u + hm[k])), (1, max(F, F_u + lm[k]))):
             lo2, hi2 = lo.copy(), hi.copy()
             (lo2 if value else hi2)[g] = value
-            if bound >= UB - tol:
-                pruned_min = min(pruned_min, bound)
+            if bound >= prune_at:
+                self.close(bound)
             elif _propagate(form, lo2, hi2):
-                heapq.heappush(heap, _Node(bound, next(counter), lo2, hi2, a_primal, u[dual.s_delta],
-                                           free_ids, T_pass))
-    open_min = min((n.lb for n in heap), default=math.inf)
-    bound_cost = min(UB, pruned_min, open_min)
-    keep = np.flatnonzero(~removed)
-    info["seconds_total"] = time.perf_counter() - t_start
-    info["open_nodes"] = len(heap)
-    if info["root_err_bound"] is None:
-        info["root_err_bound"] = bound_cost / full if math.isfinite(bound_cost) else None
-    info["trace"] = trace.finish(instance.full_objective + UB, instance.full_objective + bound_cost)
-    closed = bound_cost >= UB - tol
-    status = Status.OPTIMAL if closed else Status.TIME_LIMIT if timed_out else Status.FEASIBLE
-    msg = "" if closed else (f"gap left: bound err {bound_cost / full:.6g} vs incumbent err {UB / full:.6g}"
-                             if math.isfinite(bound_cost) else "no bound yet: give it more time")
-    bound = instance.full_objective + bound_cost if math.isfinite(bound_cost) else None
-    return Result(keep=keep, status=status, bound=bound, info=info, message=msg)
+                heapq.heappush(self.heap, _Node(bound, next(self.counter), lo2, hi2, ev.a_primal, ev.delta,
+                                                free_ids, T_pass))
+
+    def result(self) -> Result:
+        info, full, instance = self.info, self.full, self.instance
+        bound_cost = min(self.UB, self.pruned_min, self.open_min())
+        UB = self.UB
+        info["seconds_total"] = time.perf_counter() - self.t_start
+        info["open_nodes"] = len(self.heap)
+        if info["root_err_bound"] is None:
+            info["root_err_bound"] = bound_cost / full if math.isfinite(bound_cost) else None
+        info["trace"] = self.trace.finish(instance.full_objective + UB, instance.full_objective + bound_cost)
+        closed = bound_cost >= UB - self.tol
+        status = Status.OPTIMAL if closed else Status.TIME_LIMIT if self.timed_out else Status.FEASIBLE
+        msg = "" if closed else (f"gap left: bound err {bound_cost / full:.6g} vs incumbent err {UB / full:.6g}"
+                                 if math.isfinite(bound_cost) else "no bound yet: give it more time")
+        bound = instance.full_objective + bound_cost if math.isfinite(bound_cost) else None
+        return Result(keep=np.flatnonzero(~self.removed), status=status, bound=bound, info=info, message=msg)
+
+
+def _bound_node(form: ComplementForm, params: ShorBnbParams, node: _Node, prune_at: float, deadline: float | None,
+                root: bool, T_steps: int, info: dict, progress=None):
+    """The node's dual bound: T from the restricted primal (or the parent's T where it bounds the
+    node better), then T_steps of the ascent on T. Returns (F_u, u, dual, free_ids, a_primal, T,
+    a_free); F_u goes with u's multipliers (the node's bound is max(F_u, node.lb))."""
+    lo, hi = node.lo, node.hi
+    primal_deadline = deadline
+    if deadline is not None and root:  # leave the root's Newton steps most of the time
+        now = time.perf_counter()
+        primal_deadline = now + params.primal_share * max(deadline - now, 0.0)
+    a_primal, _, T = form.restricted_primal(lo, hi, node.a, params.primal_steps, deadline=primal_deadline)
+    dual, free_ids = ShorDual.at_node(form, T, lo, hi)
+    u = dual.start() if node.delta is None or node.free is None else \
+        dual.warm(_restrict(node.delta, node.free, free_ids))
+    steps = params.newton_steps * (4 if root else 1)  # the root starts cold
+    # the root's values bound every support: the trace follows them (a full layer's root
+    # takes the whole time limit)
+    u, F_u, a_free = dual.descend(u, steps, prune_at, deadline, params.mu_T, progress)
+    if node.T is not None and F_u < node.lb:
+        # this T bounds the node below its parent: the parent's T bounds it at least as well as
+        # the parent (same T, a smaller box), up to the descent's convergence
+        T2 = node.T.astype(np.float64)
+        dual2, u2, F2, a2 = ShorDual.descend_at_node(form, T2, lo, hi, u[dual.s_delta], steps, prune_at,
+                                                     deadline, params.mu_T)
+        info["parent_T_tried"] += 1
+        if F2 > F_u:
+            T, dual, u, F_u, a_free = T2, dual2, u2, F2, a2
+            info["parent_T_taken"] += 1
+    if T_steps:
+        T, dual, u, F_u, a_free = improve_T(form, T, lo, hi, dual, free_ids, u, F_u, a_free, T_steps,
+                                            params.mu_T, steps, prune_at, deadline)
+    return F_u, u, dual, free_ids, a_primal, T, a_free
 
 
 def improve_T(form: ComplementForm, T: np.ndarray, lo: np.ndarray, hi: np.ndarray, dual: ShorDual,
