@@ -65,7 +65,18 @@ At each node (groups fixed removed or kept):
 * l_g and h_g are what forcing g removed or kept adds to the bound, so a
   group whose child bound reaches the incumbent is fixed the other way;
 * the incumbent: the largest a of every part removed (rounding), OSSCAR's
-  support at the root.
+  support at the root;
+* probing, once the tree has proved large (`probe_from` times the cost of a
+  round, two node bounds per free group of the root): both children of every
+  free group of the root box are bounded with the root's T; a child whose
+  bound reaches the incumbent fixes its group the other way for every support
+  better than the incumbent, which the open nodes take on as they are popped
+  (on SmolLM2 layer 5's 100-neuron crop it fixes 15 groups kept);
+* `workers` > 1: worker processes bound the nodes, `workers` at a time, while
+  this process keeps the tree, the incumbent and the bound (best-first, the
+  nodes in flight aside); the nodes explored best-first are those with a
+  bound below the optimum, so the tree is the serial one, in about half the
+  time on two cores.
 Best-first search, branching on the most fractional a.
 """
 

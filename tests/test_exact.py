@@ -557,19 +557,25 @@ def test_shor_central_point_of_the_descent_prices_the_same_lifted_point():
     assert np.allclose(np.diag(P_c), a_c) and np.linalg.eigvalsh(P_c - np.outer(a_c, a_c)).min() > -1e-9
 
 
-def test_shor_bnb_ascent_on_T_at_nodes_proves_the_same_optimum_with_fewer_nodes():
-    """With one step of the ascent on T at every node, shor-bnb proves the catalog's
-    optimum of the real 60-neuron crop with fewer nodes than with T from the
-    restricted primal alone."""
+def _shor_proves_the_hard_crop(*settings: dict) -> list:
+    """Solve the real 60-neuron crop with shor-bnb under each of the settings; every
+    run must prove the catalog's optimum."""
     from osscar_opt.library import Catalog
 
     inst = oo.load_instance(HARD_CROP)
     best = Catalog.load().entry(HARD_CROP.stem)["best"]["err"]
-    plain = oo.solve(inst, "shor-bnb", time_limit=120, node_T_steps=0)
-    ascent = oo.solve(inst, "shor-bnb", time_limit=120, node_T_steps=1, node_T_from=0)
-    for sol in (plain, ascent):
+    solutions = [oo.solve(inst, "shor-bnb", time_limit=120, **kw) for kw in settings]
+    for sol in solutions:
         assert sol.status == oo.Status.OPTIMAL, sol.message
         assert sol.err == pytest.approx(best, rel=1e-9)
+    return solutions
+
+
+def test_shor_bnb_ascent_on_T_at_nodes_proves_the_same_optimum_with_fewer_nodes():
+    """With one step of the ascent on T at every node, shor-bnb proves the catalog's
+    optimum of the real 60-neuron crop with fewer nodes than with T from the
+    restricted primal alone."""
+    plain, ascent = _shor_proves_the_hard_crop(dict(node_T_steps=0), dict(node_T_steps=1, node_T_from=0))
     assert ascent.info["nodes"] < plain.info["nodes"], (ascent.info["nodes"], plain.info["nodes"])
 
 
@@ -600,15 +606,7 @@ def test_shor_bnb_retry_with_the_parent_T_proves_the_same_optimum_with_fewer_nod
     real 60-neuron crop, with the ascent on T at every node, both settings prove the
     catalog's optimum, and the retry (taken at some nodes) needs fewer nodes than T
     from the restricted primal alone (74 against 101)."""
-    from osscar_opt.library import Catalog
-
-    inst = oo.load_instance(HARD_CROP)
-    best = Catalog.load().entry(HARD_CROP.stem)["best"]["err"]
-    own = oo.solve(inst, "shor-bnb", time_limit=120, parent_T_mb=0, node_T_from=0)
-    retry = oo.solve(inst, "shor-bnb", time_limit=120, node_T_from=0)
-    for sol in (own, retry):
-        assert sol.status == oo.Status.OPTIMAL, sol.message
-        assert sol.err == pytest.approx(best, rel=1e-9)
+    own, retry = _shor_proves_the_hard_crop(dict(parent_T_mb=0, node_T_from=0), dict(node_T_from=0))
     assert own.info["parent_T_tried"] == 0
     assert retry.info["parent_T_taken"] > 0
     assert retry.info["nodes"] < own.info["nodes"], (retry.info["nodes"], own.info["nodes"])
@@ -648,15 +646,7 @@ def test_shor_bnb_workers_prove_the_catalog_optimum_with_the_serial_tree():
     out to them), shor-bnb proves the catalog's optimum of the real 60-neuron crop;
     the nodes explored best-first are those with a bound below the optimum, so the
     tree is the serial one up to the nodes in flight."""
-    from osscar_opt.library import Catalog
-
-    inst = oo.load_instance(HARD_CROP)
-    best = Catalog.load().entry(HARD_CROP.stem)["best"]["err"]
-    serial = oo.solve(inst, "shor-bnb", time_limit=120, probe_from=0.5)
-    parallel = oo.solve(inst, "shor-bnb", time_limit=120, probe_from=0.5, workers=2)
-    for sol in (serial, parallel):
-        assert sol.status == oo.Status.OPTIMAL, sol.message
-        assert sol.err == pytest.approx(best, rel=1e-9)
+    serial, parallel = _shor_proves_the_hard_crop(dict(probe_from=0.5), dict(probe_from=0.5, workers=2))
     assert parallel.info["workers"] == 2 and parallel.info["probes"] == serial.info["probes"] > 0
     assert abs(parallel.info["nodes"] - serial.info["nodes"]) <= 0.2 * serial.info["nodes"]
 
