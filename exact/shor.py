@@ -554,7 +554,7 @@ class ShorBranchAndBound(Solver):
     requires = ()
     devices = ("cpu",)
     Params = ShorBnbParams
-    description = "branch and bound on the complement-form Shor relaxation (dual bounds by Newton, CPU)"
+    description = "branch and bound on the complement-form Shor relaxation (dual bounds by Newton, CPU), workers=N processes"
 
     def skip(self, instance, params):
         if instance.d > params.max_rows:
