@@ -483,6 +483,8 @@ class ShorBnbParams:
     workers: processes bounding nodes (1: this process alone). The tree, the incumbent and the
         bound stay in this process; starting the workers takes about two seconds, during which
         this process searches alone.
+    workers_after: seconds this process searches alone before the workers start (trees that end
+        sooner do not pay for starting them).
     """
 
     gap_tol: float = GAP_TOL
@@ -501,6 +503,7 @@ class ShorBnbParams:
     probe_rounds: int = 1
     probe_from: float = 4.0
     workers: int = 1
+    workers_after: float = 1.0
 
     def __post_init__(self):
         if not self.gap_tol >= 0:
@@ -511,8 +514,8 @@ class ShorBnbParams:
             raise ValueError("primal_share must be in (0, 1]")
         if int(self.probe_rounds) < 0 or not self.probe_from >= 0:
             raise ValueError("probe_rounds and probe_from must be >= 0")
-        if int(self.workers) < 1:
-            raise ValueError("workers must be >= 1")
+        if int(self.workers) < 1 or not self.workers_after >= 0:
+            raise ValueError("workers must be >= 1 and workers_after >= 0")
         if min(int(self.root_T_steps), int(self.node_T_steps), int(self.node_T_from)) < 0 or not self.mu_T > 0:
             raise ValueError("root_T_steps, node_T_steps and node_T_from must be >= 0, mu_T > 0")
         if int(self.newton_steps) < 1 or int(self.primal_steps) < 1:
@@ -701,30 +704,31 @@ class _Search:
         return True
 
     def run(self) -> Result:
-        form, params = self.form, self.params
+        form = self.form
         lo, hi = np.zeros(form.p), np.ones(form.p)
         if not _propagate(form, lo, hi):
             return Result(keep=np.flatnonzero(~self.removed), status=Status.ERROR,
                           message="the budgets admit no support")
         heapq.heappush(self.heap, _Node(-math.inf, next(self.counter), lo, hi))
-        if int(params.workers) > 1:
-            with worker_pool(int(params.workers), _worker_init, (self.instance, params), "shor-bnb") as pool:
-                self.pool, self.ready = pool
-                self.search()
-        else:
-            self.search()
+        self.search()
         return self.result()
 
     def search(self) -> None:
+        """The root, then the nodes here; with workers > 1, the workers start once this process
+        has searched alone for workers_after seconds (small trees end before)."""
         form, params = self.form, self.params
+        workers = int(params.workers)
         if (picked := self.next_node()) is not None:
             self.root(picked[0])
-        if self.pool is not None:
-            self.parallel()
-            return
-        while (picked := self.next_node()) is not None:
+        start_at = self.t_start + params.workers_after
+        while (workers == 1 or time.perf_counter() < start_at) and (picked := self.next_node()) is not None:
             node, T_steps = picked
             self.settle(node, _evaluate(form, params, node, self.UB - self.tol, self.deadline, T_steps))
+        late = self.deadline is not None and time.perf_counter() > self.deadline
+        if workers > 1 and picked is not None and self.heap and not late:
+            with worker_pool(workers, _worker_init, (self.instance, params), "shor-bnb") as pool:
+                self.pool, self.ready = pool
+                self.parallel()
 
     def root(self, node: _Node) -> None:
         """The root: a cold start with more Newton steps and ascent steps on T."""

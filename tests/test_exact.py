@@ -646,7 +646,7 @@ def test_shor_bnb_workers_prove_the_catalog_optimum_with_the_serial_tree():
     out to them), shor-bnb proves the catalog's optimum of the real 60-neuron crop;
     the nodes explored best-first are those with a bound below the optimum, so the
     tree is the serial one up to the nodes in flight."""
-    serial, parallel = _shor_proves_the_hard_crop(dict(probe_from=0.5), dict(probe_from=0.5, workers=2))
+    serial, parallel = _shor_proves_the_hard_crop(dict(probe_from=0.5), dict(probe_from=0.5, workers=2, workers_after=0))
     assert parallel.info["workers"] == 2 and parallel.info["probes"] == serial.info["probes"] > 0
     assert abs(parallel.info["nodes"] - serial.info["nodes"]) <= 0.2 * serial.info["nodes"]
 
@@ -680,7 +680,7 @@ def test_shor_bnb_with_workers_holds_the_time_limit_and_a_valid_bound():
     best = Catalog.load().entry(crop.stem)["best"]["err"]
     limit = 5.0
     t0 = time.perf_counter()
-    sol = oo.solve(inst, "shor-bnb", time_limit=limit, workers=2, node_T_from=0)
+    sol = oo.solve(inst, "shor-bnb", time_limit=limit, workers=2, workers_after=0, node_T_from=0)
     assert time.perf_counter() - t0 - sol.prepare_seconds <= limit + 2.0
     assert sol.status == oo.Status.TIME_LIMIT, sol.message
     assert sol.info.get("workers") == 2, sol.info["nodes"]
