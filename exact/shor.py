@@ -716,19 +716,27 @@ class _Search:
     def search(self) -> None:
         """The root, then the nodes here; with workers > 1, the workers start once this process
         has searched alone for workers_after seconds (small trees end before)."""
-        form, params = self.form, self.params
+        params = self.params
         workers = int(params.workers)
         if (picked := self.next_node()) is not None:
             self.root(picked[0])
         start_at = self.t_start + params.workers_after
-        while (workers == 1 or time.perf_counter() < start_at) and (picked := self.next_node()) is not None:
-            node, T_steps = picked
-            self.settle(node, _evaluate(form, params, node, self.UB - self.tol, self.deadline, T_steps))
+        more = picked is not None
+        while (workers == 1 or time.perf_counter() < start_at) and (more := self.step_here()):
+            pass
         late = self.deadline is not None and time.perf_counter() > self.deadline
-        if workers > 1 and picked is not None and self.heap and not late:
+        if workers > 1 and more and self.heap and not late:
             with worker_pool(workers, _worker_init, (self.instance, params), "shor-bnb") as pool:
                 self.pool, self.ready = pool
                 self.parallel()
+
+    def step_here(self) -> bool:
+        """Bound the next node in this process; False when there is none (see next_node)."""
+        if (picked := self.next_node()) is None:
+            return False
+        node, T_steps = picked
+        self.settle(node, _evaluate(self.form, self.params, node, self.UB - self.tol, self.deadline, T_steps))
+        return True
 
     def root(self, node: _Node) -> None:
         """The root: a cold start with more Newton steps and ascent steps on T."""
@@ -821,13 +829,10 @@ class _Search:
         alone until they have started (small trees end before that)."""
         import concurrent.futures as cf
 
-        form, params = self.form, self.params
-        workers = int(params.workers)
+        workers = int(self.params.workers)
         while not all(f.done() for f in self.ready):
-            if (picked := self.next_node()) is None:
+            if not self.step_here():
                 return
-            node, T_steps = picked
-            self.settle(node, _evaluate(form, params, node, self.UB - self.tol, self.deadline, T_steps))
         for f in self.ready:
             f.result()  # a worker that failed to start raises here
         self.info["workers"] = workers
