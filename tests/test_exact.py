@@ -452,9 +452,7 @@ def test_solvers_with_workers_exit_cleanly_from_the_command_line(solver):
     import subprocess
     import sys
 
-    cases = (("smollm2-l10-neurons-crop30-k15", "30"), ("minilm-l5-neurons-crop60-k30", "3")) if solver == "bnb" \
-        else (("smollm2-l10-neurons-crop30-k15", "30"), ("minilm-l5-neurons-crop60-k30", "4"))
-    for name, limit in cases:
+    for name, limit in (("smollm2-l10-neurons-crop30-k15", "30"), ("minilm-l5-neurons-crop60-k30", "4")):
         crop = Path(__file__).resolve().parents[1] / f"instances/t1/{name}.npz"
         proc = subprocess.run([sys.executable, "-m", "osscar_opt.cli", "solve", str(crop), "--solver", solver,
                                "--device", "cpu", "--time-limit", limit, "-p", "workers=2"],
@@ -651,7 +649,7 @@ def test_shor_bnb_workers_prove_the_catalog_optimum_with_the_serial_tree():
     assert abs(parallel.info["nodes"] - serial.info["nodes"]) <= 0.2 * serial.info["nodes"]
 
 
-def test_shor_probing_raises_the_root_bound_and_keeps_the_optimum():
+def test_shor_probing_bounds_the_root_and_keeps_the_optimum():
     """Probing bounds both children of every free group of the root box: the bound
     it gives lies between the root's and the optimum, and every fixing it makes
     keeps a support as good as the incumbent (the proof ends at the optimum that
