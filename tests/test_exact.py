@@ -577,26 +577,37 @@ def test_shor_bnb_ascent_on_T_at_nodes_proves_the_same_optimum_with_fewer_nodes(
     assert ascent.info["nodes"] < plain.info["nodes"], (ascent.info["nodes"], plain.info["nodes"])
 
 
-def test_shor_parent_T_bounds_every_child_at_least_as_well_as_the_parent():
-    """For one T the dual (2) of a child (a smaller box) is at least the parent's:
-    on the real 60-neuron crop, the root's T bounds both children of every one of
-    several groups no lower than the root (to the descent's accuracy)."""
+def _shor_root_and_children(every: int):
+    """The real 60-neuron crop's root box with T from its restricted primal: (form, T, the
+    root's dual, its free groups, its point and value after 400 Newton steps from the cold
+    start, children), children listing, for every `every`-th group, both children of the root
+    as (g, removed, lo, hi, their dual, its free groups, its value after 400 cold steps)."""
     from exact.shor import ComplementForm, ShorDual, _propagate
 
     form = ComplementForm(oo.load_instance(HARD_CROP))
     lo, hi = np.zeros(form.p), np.ones(form.p)
     _, _, T = form.restricted_primal(lo, hi)
-    dual, _ = ShorDual.at_node(form, T, lo, hi)
-    _, F_root, _ = dual.newton(dual.start(), 1e-2 * dual.scale, 1e-10 * dual.scale, 400)
-    tol = 1e-6 * abs(F_root)
-    for g in range(0, form.p, 12):
+    dual, free = ShorDual.at_node(form, T, lo, hi)
+    u, F_root, _ = dual.newton(dual.start(), 1e-2 * dual.scale, 1e-10 * dual.scale, 400)
+    children = []
+    for g in range(0, form.p, every):
         for removed in (False, True):
             lo2, hi2 = lo.copy(), hi.copy()
             (lo2 if removed else hi2)[g] = 1.0 if removed else 0.0
             assert _propagate(form, lo2, hi2)
-            child, _ = ShorDual.at_node(form, T, lo2, hi2)
+            child, child_free = ShorDual.at_node(form, T, lo2, hi2)
             _, F_child, _ = child.newton(child.start(), 1e-2 * child.scale, 1e-10 * child.scale, 400)
-            assert F_child >= F_root - tol, (g, removed, F_child, F_root)
+            children.append((g, removed, lo2, hi2, child, child_free, F_child))
+    return form, T, dual, free, u, F_root, children
+
+
+def test_shor_parent_T_bounds_every_child_at_least_as_well_as_the_parent():
+    """For one T the dual (2) of a child (a smaller box) is at least the parent's:
+    on the real 60-neuron crop, the root's T bounds both children of every one of
+    several groups no lower than the root (to the descent's accuracy)."""
+    *_, F_root, children = _shor_root_and_children(12)
+    for g, removed, *_, F_child in children:
+        assert F_child >= F_root - 1e-6 * abs(F_root), (g, removed, F_child, F_root)
 
 
 def test_shor_warm_start_reaches_the_child_bound_within_the_default_newton_steps():
@@ -605,25 +616,15 @@ def test_shor_warm_start_reaches_the_child_bound_within_the_default_newton_steps
     on the real 60-neuron crop, both children of several groups, against 400 steps
     from the cold start (with the margin at most 1.8e-4 in 60 steps; started 1e-6
     above the boundary, 1.1% in the median)."""
-    from exact.shor import ComplementForm, ShorBnbParams, ShorDual, _propagate, _restrict
+    from exact.shor import ShorBnbParams, ShorDual, _restrict
 
-    form = ComplementForm(oo.load_instance(HARD_CROP))
-    lo, hi = np.zeros(form.p), np.ones(form.p)
-    _, _, T = form.restricted_primal(lo, hi)
-    dual, free = ShorDual.at_node(form, T, lo, hi)
-    u, _, _ = dual.newton(dual.start(), 1e-2 * dual.scale, 1e-10 * dual.scale, 400)
+    form, T, dual, free, u, _, children = _shor_root_and_children(6)
     delta = u[dual.s_delta]
     steps = ShorBnbParams().newton_steps
-    for g in range(0, form.p, 6):
-        for removed in (False, True):
-            lo2, hi2 = lo.copy(), hi.copy()
-            (lo2 if removed else hi2)[g] = 1.0 if removed else 0.0
-            assert _propagate(form, lo2, hi2)
-            child, child_free = ShorDual.at_node(form, T, lo2, hi2)
-            _, F_best, _ = child.newton(child.start(), 1e-2 * child.scale, 1e-10 * child.scale, 400)
-            _, _, F_warm, _ = ShorDual.descend_at_node(form, T, lo2, hi2, _restrict(delta, free, child_free),
-                                                       steps, math.inf, None, 1e-4)
-            assert F_warm >= F_best - 5e-4 * abs(F_best), (g, removed, F_warm, F_best)
+    for g, removed, lo, hi, _, child_free, F_best in children:
+        _, _, F_warm, _ = ShorDual.descend_at_node(form, T, lo, hi, _restrict(delta, free, child_free),
+                                                   steps, math.inf, None, 1e-4)
+        assert F_warm >= F_best - 5e-4 * abs(F_best), (g, removed, F_warm, F_best)
 
 
 def test_shor_bnb_retry_with_the_parent_T_proves_the_same_optimum():
