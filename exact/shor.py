@@ -268,8 +268,8 @@ class ShorDual:
         return u
 
     def warm(self, delta: np.ndarray) -> np.ndarray:
-        """A start from another node's delta, shifted so that Q's smallest eigenvalue is
-        WARM_SHIFT times the dual's scale. The other node's delta is near that node's optimum,
+        """A start from another node's delta, shifted so that Q's smallest eigenvalue is at
+        least WARM_SHIFT times the dual's scale. The other node's delta is near that node's optimum,
         where Q is nearly singular; a start that close to the boundary of log det Q took about
         50 of the 100 Newton steps to centre for the first mu (of the dual points met in the first
         30 s on SmolLM2 layer 5's 100-neuron crop, one in ten was left more than 0.4% below its
