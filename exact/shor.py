@@ -36,26 +36,28 @@ the perspective relaxation with the bound-maximizing diagonal leaves 2.2%,
 6.9% and 8.5%.
 
 At each node (groups fixed removed or kept):
-* T from the restricted primal P = aa' + Diag(a - a^2), where the relaxation
-  reads phi(a) = 0.5 tr(L' (K + blockdiag_g(K_gg (1/a_g - 1)))^-1 L): its
-  minimizer over the node's box (projected gradient, warm-started from the
-  parent) gives T = D_a^-1 (K + ...)^-1 L, a few tenths of a percent from the
-  best T; T is then moved towards (K o P)^-1 D_a L, with (a, P) the lifted
-  point of the dual's central path (P = aa' + 2 mu Q^-1), as long as the
-  bound rises: up to 4 times at the root (on the SmolLM2 layer-10 crops this
-  takes the root gap from 0.58% to 0.39% on 60 neurons and from 0.75% to
-  0.51% on 100), and once at every other node after the first 256 (on the
-  100-neuron crops, trees half the size; on SmolLM2 layer 5 the gap left
-  after 10 minutes falls from 0.51% to 0.24%); the lifted point is the
-  central point that the descent passed, so the ascent costs one more
-  descent per trial (a quarter of the way to T*, then a tenth, below the
-  root: 1.2x the nodes in 5 minutes on SmolLM2 layer 5's 100-neuron crop);
-* a node whose own T bounds it below its parent's bound retries with the
-  parent's (climbed) T, which bounds it at least as well as the parent (the
-  same T over a smaller box): SmolLM2 layer 10's 100-neuron crop is proven
-  in 742 nodes instead of 998 (37 s instead of 53 s, one thread). The open
-  nodes hold their parent's T in fp32, shared by siblings, within
-  `parent_T_mb`;
+* T: at the root from the restricted primal P = aa' + Diag(a - a^2), where
+  the relaxation reads phi(a) = 0.5 tr(L' (K + blockdiag_g(K_gg (1/a_g -
+  1)))^-1 L): its minimizer over the box (projected gradient) gives T =
+  D_a^-1 (K + ...)^-1 L, a few tenths of a percent from the best T. T then
+  climbs: it moves towards (K o P)^-1 D_a L, with (a, P) the lifted point of
+  the dual's central path (P = aa' + 2 mu Q^-1), as long as the bound rises,
+  up to 4 times at the root (on the SmolLM2 layer-10 crops this takes the
+  root gap from 0.58% to 0.39% on 60 neurons and from 0.75% to 0.51% on
+  100). The lifted point is the central point that the descent passed, so a
+  climb costs one descent per trial;
+* every other node inherits its parent's climbed T, which bounds it at least
+  as well as the parent (the same T over a smaller box), and climbs once
+  from there: a quarter of the way to T*, else a tenth (half the way raises
+  the bound at one node in six). One descent to bound the node, one to
+  climb: inheriting replaces the node's own restricted primal and the
+  descent that compared its T with the parent's (`inherit_T`; SmolLM2 layer
+  10's 100-neuron crop is proven in 19 s instead of 30 s, and layer 5's gap
+  after 5 minutes on one thread falls from 0.21% to 0.15%). The open nodes
+  hold their parent's T in fp32, shared by siblings, within `parent_T_mb`;
+  a node without one (or with inherit_T off) takes the restricted primal's
+  T, warm-started from its parent's a, and retries the parent's T where its
+  own bounds it below the parent;
 * (delta, nu, l, h) by a log-barrier Newton method on (2) over the free
   groups (groups fixed kept drop out, groups fixed removed enter (1)
   exactly), 60 steps from the parent's delta moved off the boundary of the
@@ -220,6 +222,8 @@ class ShorDual:
     """The dual (2) of one node for one T over its free groups: `value` is a
     valid lower bound at every admissible point u = (delta, nu, l, h)."""
 
+    iterations = 0  # Newton steps taken in this process (the search's work counter)
+
     def __init__(self, c: np.ndarray, B: np.ndarray, parts: np.ndarray, r: np.ndarray, const: float = 0.0):
         self.n, self.J = c.size, r.size
         self.c, self.B, self.parts, self.r, self.const = c, B, parts, r.astype(np.float64), const
@@ -328,6 +332,7 @@ class ShorDual:
             g[self.s_nu] = part_cols.T @ y + self.r
             g[self.s_l] = y + mu / lm
             g[self.s_h] = -y - 1.0 + mu / hm
+            ShorDual.iterations += 1
             step = self._direction(Qi, y, u, mu, g, part_cols) if n >= self.reduce_from else \
                 self._direction_dense(Qi, y, u, mu, g, part_cols)
             if step is None:
@@ -376,9 +381,13 @@ class ShorDual:
 
     @classmethod
     def descend_at_node(cls, form: "ComplementForm", T: np.ndarray, lo: np.ndarray, hi: np.ndarray,
-                        delta: np.ndarray, steps: int, prune_at: float, deadline: float | None, mu_T: float):
-        """The node's dual for T, descended from the same node's delta: (dual, u, F, a)."""
-        dual, _ = cls.at_node(form, T, lo, hi)
+                        delta: np.ndarray, steps: int, prune_at: float, deadline: float | None, mu_T: float,
+                        delta_free: np.ndarray | None = None):
+        """The node's dual for T, descended from delta: the same node's, or another node's
+        over the groups delta_free (a superset of this node's free groups): (dual, u, F, a)."""
+        dual, free = cls.at_node(form, T, lo, hi)
+        if delta_free is not None:
+            delta = _restrict(delta, delta_free, free)
         return (dual, *dual.descend(dual.warm(delta), steps, prune_at, deadline, mu_T))
 
     def _direction_dense(self, Qi, y, u, mu, g, part_cols):
@@ -480,12 +489,15 @@ class ShorBnbParams:
     threads: CPU threads for BLAS during the solve (None: leave the setting).
     root_T_steps: steps of the ascent on T at the root (0: T from the restricted primal only).
     node_T_steps: steps of the ascent on T at every other node, once the search has taken
-        node_T_from nodes (on small trees it costs more than it saves).
+        node_T_from nodes.
     mu_T: the barrier weight (relative to the dual's scale) of the central-path point whose
         lifted P gives the direction of the ascent on T.
     parent_T_mb: the memory (MiB) that the open nodes may use for their parent's T (fp32,
         d x d per parent); a node whose own T bounds it below its parent's bound tries the
         parent's T. Past this budget children get none (0 turns the retry off).
+    inherit_T: nodes that climb (node_T_steps, past node_T_from) start from their parent's T
+        instead of the restricted primal's: the restricted primal and the retry's descent are
+        saved, and the climb adapts T to the node's box.
     primal_share: under a time limit, the largest share of the time left that the root's
         restricted primal may take (on full layers the root's Newton steps need the rest).
     probe_rounds: rounds of probing of the root box (0: none): both children of every free group
@@ -509,10 +521,11 @@ class ShorBnbParams:
     threads: int | None = 1
     root_T_steps: int = 4
     node_T_steps: int = 1
-    node_T_from: int = 256
+    node_T_from: int = 0
     mu_T: float = 1e-4
     parent_T_mb: float = 1024.0
     primal_share: float = 0.25
+    inherit_T: bool = True
     probe_rounds: int = 1
     probe_from: float = 4.0
     workers: int = 1
@@ -609,7 +622,7 @@ class _Evaluation:
 def _evaluate(form: ComplementForm, params: ShorBnbParams, node: _Node, prune_at: float, deadline: float | None,
               T_steps: int, bounded=None) -> _Evaluation:
     """Bound one node (or take the root's bound_node() output `bounded`) and round its relaxation."""
-    counters = {"parent_T_tried": 0, "parent_T_taken": 0}
+    counters = {"parent_T_tried": 0, "parent_T_taken": 0, "T_inherited": 0, "newton_iterations": 0}
     if bounded is None:
         bounded = _bound_node(form, params, node, prune_at, deadline, False, T_steps, counters)
     F_u, u, dual, free_ids, a_primal, T, a_free = bounded
@@ -648,8 +661,8 @@ class _Search:
         self.removed[best_S] = False
         self.UB = form.cost(self.removed)
         self.info = {"nodes": 0, "fixed_by_bound": 0, "osscar_runs": 0, "osscar_err": self.UB / self.full,
-                     "root_err_bound": None, "parent_T_tried": 0, "parent_T_taken": 0, "probes": 0,
-                     "fixed_by_probing": 0}
+                     "root_err_bound": None, "parent_T_tried": 0, "parent_T_taken": 0, "T_inherited": 0,
+                     "newton_iterations": 0, "probes": 0, "fixed_by_probing": 0}
         self.trace = Trace(instance.full_objective, t0=self.t_start)
         self.counter = itertools.count()
         self.heap: list = []
@@ -940,9 +953,21 @@ class _Search:
 def _bound_node(form: ComplementForm, params: ShorBnbParams, node: _Node, prune_at: float, deadline: float | None,
                 root: bool, T_steps: int, info: dict, progress=None):
     """The node's dual bound: T from the restricted primal (or the parent's T where it bounds the
-    node better), then T_steps of the ascent on T. Returns (F_u, u, dual, free_ids, a_primal, T,
-    a_free); F_u goes with u's multipliers (the node's bound is max(F_u, node.lb))."""
+    node better; with inherit_T, at nodes that climb, the parent's T alone), then T_steps of the
+    ascent on T. Returns (F_u, u, dual, free_ids, a_primal, T, a_free); F_u goes with u's
+    multipliers (the node's bound is max(F_u, node.lb))."""
     lo, hi = node.lo, node.hi
+    steps = params.newton_steps * (4 if root else 1)  # the root starts cold
+    info["newton_iterations"] -= ShorDual.iterations  # the steps this node takes, counted in _climb
+    if params.inherit_T and T_steps and not root and node.T is not None and node.delta is not None:
+        # the parent's climbed T bounds the node at least as well as the parent; the climb below
+        # adapts it to the node's box, in place of the restricted primal
+        info["T_inherited"] += 1
+        T = node.T.astype(np.float64)
+        dual, u, F_u, a_free = ShorDual.descend_at_node(form, T, lo, hi, node.delta, steps, prune_at, deadline,
+                                                        params.mu_T, node.free)
+        return _climb(form, params, node, T, dual, u, F_u, a_free, node.a, T_steps, steps, prune_at, deadline,
+                      NODE_T_TRIALS, info)
     primal_deadline = deadline
     if deadline is not None and root:  # leave the root's Newton steps most of the time
         now = time.perf_counter()
@@ -951,7 +976,6 @@ def _bound_node(form: ComplementForm, params: ShorBnbParams, node: _Node, prune_
     dual, free_ids = ShorDual.at_node(form, T, lo, hi)
     u = dual.start() if node.delta is None or node.free is None else \
         dual.warm(_restrict(node.delta, node.free, free_ids))
-    steps = params.newton_steps * (4 if root else 1)  # the root starts cold
     # the root's values bound every support: the trace follows them (a full layer's root
     # takes the whole time limit)
     u, F_u, a_free = dual.descend(u, steps, prune_at, deadline, params.mu_T, progress)
@@ -965,10 +989,17 @@ def _bound_node(form: ComplementForm, params: ShorBnbParams, node: _Node, prune_
         if F2 > F_u:
             T, dual, u, F_u, a_free = T2, dual2, u2, F2, a2
             info["parent_T_taken"] += 1
+    return _climb(form, params, node, T, dual, u, F_u, a_free, a_primal, T_steps, steps, prune_at, deadline,
+                  ROOT_T_TRIALS if root else NODE_T_TRIALS, info)
+
+
+def _climb(form, params, node, T, dual, u, F_u, a_free, a_primal, T_steps, steps, prune_at, deadline, trials, info):
+    """T_steps of the ascent on T (none: the bound as it is), in _bound_node's return format."""
+    free_ids = np.flatnonzero(node.lo < node.hi)
     if T_steps:
-        T, dual, u, F_u, a_free = improve_T(form, T, lo, hi, dual, free_ids, u, F_u, a_free, T_steps,
-                                            params.mu_T, steps, prune_at, deadline,
-                                            ROOT_T_TRIALS if root else NODE_T_TRIALS)
+        T, dual, u, F_u, a_free = improve_T(form, T, node.lo, node.hi, dual, free_ids, u, F_u, a_free, T_steps,
+                                            params.mu_T, steps, prune_at, deadline, trials)
+    info["newton_iterations"] += ShorDual.iterations
     return F_u, u, dual, free_ids, a_primal, T, a_free
 
 
