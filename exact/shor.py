@@ -684,7 +684,9 @@ class _Search:
         self.pruned_min = min(self.pruned_min, bound)
 
     def open_min(self) -> float:
-        return min((n.lb for n in itertools.chain(self.heap, self.in_flight.values())), default=math.inf)
+        """The least bound of the open nodes: the heap's first (it is ordered by bound) or one in flight."""
+        first = self.heap[0].lb if self.heap else math.inf
+        return min(first, min((n.lb for n in self.in_flight.values()), default=math.inf))
 
     def next_node(self):
         """The next node to bound and its ascent steps on T, or None (tree done, time or node limit)."""
