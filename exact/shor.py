@@ -493,8 +493,8 @@ class ShorBnbParams:
     mu_T: the barrier weight (relative to the dual's scale) of the central-path point whose
         lifted P gives the direction of the ascent on T.
     parent_T_mb: the memory (MiB) that the open nodes may use for their parent's T (fp32,
-        d x d per parent); a node whose own T bounds it below its parent's bound tries the
-        parent's T. Past this budget children get none (0 turns the retry off).
+        d x d per parent), which they inherit (inherit_T) or try where their own T bounds them
+        below their parent. Past this budget children get none (0 turns both off).
     inherit_T: nodes that climb (node_T_steps, past node_T_from) start from their parent's T
         instead of the restricted primal's: the restricted primal and the retry's descent are
         saved, and the climb adapts T to the node's box.
@@ -954,22 +954,35 @@ class _Search:
 
 def _bound_node(form: ComplementForm, params: ShorBnbParams, node: _Node, prune_at: float, deadline: float | None,
                 root: bool, T_steps: int, info: dict, progress=None):
-    """The node's dual bound: T from the restricted primal (or the parent's T where it bounds the
-    node better; with inherit_T, at nodes that climb, the parent's T alone), then T_steps of the
-    ascent on T. Returns (F_u, u, dual, free_ids, a_primal, T, a_free); F_u goes with u's
-    multipliers (the node's bound is max(F_u, node.lb))."""
+    """The node's dual bound: T from the parent (inherit_T, at nodes that climb) or from the
+    restricted primal (`_own_T`), then T_steps of the ascent on T. Returns (F_u, u, dual,
+    free_ids, a_primal, T, a_free); F_u goes with u's multipliers (the node's bound is
+    max(F_u, node.lb))."""
     lo, hi = node.lo, node.hi
     steps = params.newton_steps * (4 if root else 1)  # the root starts cold
-    info["newton_iterations"] -= ShorDual.iterations  # the steps this node takes, counted in _climb
+    iterations = ShorDual.iterations
     if params.inherit_T and T_steps and not root and node.T is not None and node.delta is not None:
         # the parent's climbed T bounds the node at least as well as the parent; the climb below
         # adapts it to the node's box, in place of the restricted primal
         info["T_inherited"] += 1
-        T = node.T.astype(np.float64)
+        T, a_primal, free_ids = node.T.astype(np.float64), node.a, np.flatnonzero(lo < hi)
         dual, u, F_u, a_free = ShorDual.descend_at_node(form, T, lo, hi, node.delta, steps, prune_at, deadline,
                                                         params.mu_T, node.free)
-        return _climb(form, params, node, T, dual, u, F_u, a_free, node.a, T_steps, steps, prune_at, deadline,
-                      NODE_T_TRIALS, info)
+    else:
+        T, dual, u, F_u, a_free, free_ids, a_primal = _own_T(form, params, node, prune_at, deadline, root, steps,
+                                                             info, progress)
+    if T_steps:
+        T, dual, u, F_u, a_free = improve_T(form, T, lo, hi, dual, free_ids, u, F_u, a_free, T_steps, params.mu_T,
+                                            steps, prune_at, deadline, ROOT_T_TRIALS if root else NODE_T_TRIALS)
+    info["newton_iterations"] += ShorDual.iterations - iterations
+    return F_u, u, dual, free_ids, a_primal, T, a_free
+
+
+def _own_T(form: ComplementForm, params: ShorBnbParams, node: _Node, prune_at: float, deadline: float | None,
+           root: bool, steps: int, info: dict, progress):
+    """T from the node's restricted primal, descended; where it bounds the node below its parent,
+    the parent's T too, and the better kept. Returns (T, dual, u, F_u, a_free, free_ids, a_primal)."""
+    lo, hi = node.lo, node.hi
     primal_deadline = deadline
     if deadline is not None and root:  # leave the root's Newton steps most of the time
         now = time.perf_counter()
@@ -991,18 +1004,7 @@ def _bound_node(form: ComplementForm, params: ShorBnbParams, node: _Node, prune_
         if F2 > F_u:
             T, dual, u, F_u, a_free = T2, dual2, u2, F2, a2
             info["parent_T_taken"] += 1
-    return _climb(form, params, node, T, dual, u, F_u, a_free, a_primal, T_steps, steps, prune_at, deadline,
-                  ROOT_T_TRIALS if root else NODE_T_TRIALS, info)
-
-
-def _climb(form, params, node, T, dual, u, F_u, a_free, a_primal, T_steps, steps, prune_at, deadline, trials, info):
-    """T_steps of the ascent on T (none: the bound as it is), in _bound_node's return format."""
-    free_ids = np.flatnonzero(node.lo < node.hi)
-    if T_steps:
-        T, dual, u, F_u, a_free = improve_T(form, T, node.lo, node.hi, dual, free_ids, u, F_u, a_free, T_steps,
-                                            params.mu_T, steps, prune_at, deadline, trials)
-    info["newton_iterations"] += ShorDual.iterations
-    return F_u, u, dual, free_ids, a_primal, T, a_free
+    return T, dual, u, F_u, a_free, free_ids, a_primal
 
 
 def improve_T(form: ComplementForm, T: np.ndarray, lo: np.ndarray, hi: np.ndarray, dual: ShorDual,
