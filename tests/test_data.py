@@ -17,7 +17,8 @@ class CharTokenizer:
         return {"input_ids": list(text.encode("utf-8"))}
 
 
-DEFAULT = {"targets": "dense", "target_damping": None}  # how bench-prune records apply()'s default targets
+# how bench-prune records apply()'s default targets (and the dense-target correction's outlier rule)
+DEFAULT = {"targets": "dense", "target_damping": None, "outliers": "dense or pruned"}
 
 def test_pydoc_halves_never_overlap_and_cover_the_text():
     tok = CharTokenizer()
@@ -137,8 +138,11 @@ def test_bench_prune_labels_rows_other_than_the_default_targets():
     assert prune._label({"solver": "osscar", "damping": 0.01}) == "osscar (layer targets)"
     assert prune._label({"solver": "osscar", "damping": 0.002, "targets": "layer", "target_damping": None}) == \
         "osscar (layer targets, damping 0.002)"
-    assert prune._label({"solver": "osscar", "damping": 0.01, "targets": "dense", "target_damping": 0.1}) == \
-        "osscar (dense targets 0.1)"
+    assert prune._label({"solver": "osscar", "damping": 0.01, "targets": "dense", "target_damping": 0.1,
+                         "outliers": "dense or pruned"}) == "osscar (dense targets 0.1)"
+    # dense-target rows from before the correction also left out the pruned model's massive tokens
+    assert prune._label({"solver": "osscar", "damping": 0.01, "targets": "dense", "target_damping": None}) == \
+        "osscar (outliers: dense only)"
 
 
 def test_bench_prune_picks_the_damping_by_validation_perplexity_only(tmp_path):

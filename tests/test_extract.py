@@ -186,6 +186,31 @@ def test_fixed_ridge_correction_is_the_ridge_solution_and_validation_needs_two_f
         fit_correction(G, C, None, folds[:1])
 
 
+def test_correction_leaves_out_tokens_massive_in_either_model():
+    """X'(R - S) of the dense-target correction skips the tokens whose hidden
+    state is massive (over outlier_factor x the batch median norm) in the
+    dense model (R) or in the model being pruned (S): an attention sink that
+    one model has and the other lacks would otherwise dominate the fit."""
+    from osscar_opt.extract import GramHooks
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5, dtype=torch.float64))
+    x = torch.randn(1, 40, 6, dtype=torch.float64)
+    x[0, 3] *= 500.0  # massive in the pruned model's state only
+    with torch.no_grad():
+        here = model(x)[0]
+    dense = here + 0.1 * torch.randn(40, 5, dtype=torch.float64)
+    dense[3] = here[0]  # the dense state is ordinary there
+    dense[7] *= 500.0  # massive in the dense model only
+    with GramHooks(model, ["0"], deltas={"0": (("0", "output"), [dense])}) as hooks, torch.no_grad():
+        model(x)
+    kept = torch.ones(40, dtype=torch.bool)
+    kept[[3, 7]] = False
+    X, delta = x[0][kept], (dense - here)[kept]
+    assert torch.allclose(hooks.cross_sums["0"], X.T @ delta, rtol=1e-12, atol=1e-12)
+    assert hooks.counts["0"] == 40  # the Gram matrix itself keeps every token
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_extract_runs_where_the_model_is_and_leaves_it_there():

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..io import writable_folder
+from ..extract import GramHooks
 from ..instance import DAMPING, TARGET_DAMPING
 from . import RESULTS, machine, machine_line
 
@@ -55,6 +56,9 @@ def _label(row: dict, seed: bool = True) -> str:
     ridge = row.get("target_damping")
     if targets != "dense" or ridge != TARGET_DAMPING:  # dense targets, validated ridge: the default, unlabelled
         extra.insert(0, f"{targets} targets" + ("" if targets != "dense" or ridge is None else f" {ridge:g}"))
+    if targets == "dense" and row.get("outliers", "dense") != GramHooks.outliers:
+        # measured when the correction left out only the tokens massive in the dense model
+        extra.append(f"outliers: {row.get('outliers', 'dense')} only")
     if seed and row.get("calib_seed") is not None:
         extra.append(f"calib seed {row['calib_seed']}")
     return row["solver"] + (f" ({', '.join(extra)})" if extra else "")
@@ -131,7 +135,7 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
     for seed, damping, solver, s in itertools.product(calib_seeds, dampings, solvers, sparsities):
         tag = ",".join(structures) if structures else None
         label = _label({"solver": solver, "damping": damping, "calib_seed": seed, "structures": tag,
-                        "targets": targets, "target_damping": target_damping})
+                        "targets": targets, "target_damping": target_damping, "outliers": GramHooks.outliers})
         if (label, s) in (done if validation is None or seed is not None else validated):
             continue
         cal = calibration_for(seed)
@@ -143,6 +147,7 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
         res = evaluate_model(model, tok, kind=kind, n_windows=eval_windows, seq_len=seq, reference=reference)
         row = {"solver": solver, "sparsity": s, "damping": damping, "calib_seed": seed, "structures": tag,
                "targets": report.targets, "target_damping": report.target_damping,
+               "outliers": GramHooks.outliers if report.targets == "dense" else None,
                "parameters": res["parameters"],
                "prune_seconds": seconds, "solve_seconds": report.solve_seconds, "mean_err": report.mean_err,
                "perplexity": res.get("perplexity"), "fidelity": res.get("fidelity")}
