@@ -81,8 +81,8 @@ class GramHooks(_Hooks):
         count: the model being pruned can have massive tokens the dense one
         lacks (SmolLM2 at 60% with OSSCAR, layer 11's neurons: validated
         gain 21306 against 74 with them left out; the correction fitted to
-        them raised the error of every later layer, perplexity 40.2 against
-        37.5).
+        them raised the error at 34 of the 36 later sites, perplexity 40.2
+        against 37.5).
     """
 
     outlier_factor = 10.0

@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ..io import writable_folder
 from ..extract import GramHooks
 from ..instance import DAMPING, TARGET_DAMPING
+from ..io import writable_folder
 from . import RESULTS, machine, machine_line
 
 PUBLISHED = {"smollm2-135m": {0.3: 19.70, 0.5: 31.78}}
