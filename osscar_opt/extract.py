@@ -208,11 +208,7 @@ class GramHooks(_Hooks):
                                 "same calibration")
             here = masked_rows(module, state.detach(), self.mask).to(rows.device, torch.float64)
             dense = recorded[call].to(rows.device, torch.float64)
-            usual = None
-            for x in (dense, here):  # massive in either model
-                norms = torch.linalg.vector_norm(x, dim=1)
-                ok = norms <= self.outlier_factor * norms.median()
-                usual = ok if usual is None else usual & ok
+            usual = self._ordinary(dense) & self._ordinary(here)  # massive in neither model
             usual = usual.to(torch.float64)[:, None]
             delta = (dense - here) * usual
             if delta.shape[0] != rows.shape[0]:
@@ -228,6 +224,11 @@ class GramHooks(_Hooks):
             self.half_cross[name].addmm_(rows[:h].T, delta[:h])
 
         return hook
+
+    def _ordinary(self, state: torch.Tensor) -> torch.Tensor:
+        """Rows whose norm is at most outlier_factor x the batch's median norm."""
+        norms = torch.linalg.vector_norm(state, dim=1)
+        return norms <= self.outlier_factor * norms.median()
 
     def correction(self, name: str, ridge: float | None = None) -> tuple[np.ndarray, dict]:
         """The dense-target correction of `name`'s weights (`fit_correction`;
