@@ -583,6 +583,42 @@ def _bench_prune_args(p: argparse.ArgumentParser):
     return run
 
 
+@command("bench-supports", "every support of one small site: layer err against the model's perplexity "
+                           "(results/supports_*.md)")
+def _bench_supports_args(p: argparse.ArgumentParser):
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--layer", type=non_negative_int, default=0)
+    p.add_argument("--structure", default="heads")
+    p.add_argument("--sparsity", type=float, default=0.3)
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--validation-windows", type=non_negative_int, default=40,
+                   help="calibration-half windows after the calibration ones (0: skip)")
+    p.add_argument("--loss-windows", type=int, default=8, help="calibration windows for the calibration loss")
+    p.add_argument("--damping", type=float, default=DAMPING)
+    p.add_argument("--solvers", default="osscar,obs-greedy", help="comma-separated: their picks are marked")
+    p.add_argument("--max-supports", type=int, default=64, help="refuse sites with more feasible supports")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default: results/)")
+
+    def run(args: argparse.Namespace) -> int:
+        from .benchmarks import supports
+        from .instance import check_damping
+
+        if not 0.0 < args.sparsity < 1.0:
+            raise OsscarError(f"--sparsity must lie in (0, 1), got {args.sparsity}")
+        check_damping(args.damping)
+        check_window_counts(args)
+        if args.loss_windows < 1:
+            raise OsscarError(f"--loss-windows must be at least 1, got {args.loss_windows}")
+        supports.run(args.model, args.layer, args.structure, args.sparsity, args.nsamples, args.seq_len,
+                     args.eval_windows, args.validation_windows, args.loss_windows, args.damping,
+                     [s for s in args.solvers.split(",") if s], args.max_supports, args.out)
+        return 0
+
+    return run
+
+
 @command("bench-extract", "time and peak memory of extracting every SmolLM2 layer (results/extract.md)")
 def _bench_extract_args(p: argparse.ArgumentParser):
     p.add_argument("--windows", default="16,64", help="comma-separated numbers of calibration windows")

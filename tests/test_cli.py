@@ -198,3 +198,47 @@ def test_every_command_that_writes_results_checks_its_flags_and_out_folder_first
 
     assert device_problem("cpu") is None and device_problem("cpu:0") is None  # torch's own spellings
     assert device_problem("tpu") == device_problem("cuda:x") == "use cpu, cuda or cuda:N"
+
+
+def test_bench_supports_measures_every_feasible_support_once_and_ranks_the_criteria(tmp_path):
+    """A small Llama (4 query heads in 2 KV groups; one head kept per group at
+    50%): the 4 feasible supports are each measured once; the exact solver's
+    pick is the support of least err; a rerun measures nothing again, and
+    other settings are refused rather than mixed into the same file."""
+    import torch
+
+    from osscar_opt.apply import PruneError
+    from osscar_opt.benchmarks import supports
+    from osscar_opt.evaluation import perplexity
+    from small_models import random_tokens, tiny_llama
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cal, val, ev = (random_tokens(n, 32, seed=s) for n, s in ((8, 0), (4, 1), (4, 2)))
+    log = tmp_path / "supports.jsonl"
+    summary = supports.measure(model, cal, ev, val, layer=1, structure="heads", sparsity=0.5, log=log,
+                               loss_windows=2, solvers=("enumerate", "magnitude"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the dense model is untouched
+    rows = [r for r in supports._rows(log) if r.get("support") is not None]
+    assert sorted(tuple(r["support"]) for r in rows) == [(0, 2), (0, 3), (1, 2), (1, 3)]
+    least_err = min(rows, key=lambda r: r["err"])
+    assert summary["picked"]["enumerate"]["support"] == least_err["support"] == summary["picked"]["err"]["support"]
+    best = min(r["perplexity"] for r in rows)
+    assert summary["picked"]["best on the evaluation half"]["perplexity"] == best
+    assert all(-1.0 <= v <= 1.0 for v in summary["spearman"].values())
+    assert set(summary["spearman"]) == {"err", "calibration_loss", "validation_perplexity"}
+    assert perplexity(model, ev) == supports._rows(log)[0]["dense_perplexity"]
+    text = log.with_suffix(".md").read_text()
+    assert "| layer err (the solvers' objective) |" in text and text.count("\n| [") == 4
+
+    lines = log.read_text()
+    supports.measure(model, cal, ev, val, layer=1, structure="heads", sparsity=0.5, log=log, loss_windows=2,
+                     solvers=())
+    assert log.read_text() == lines  # nothing measured twice
+    with pytest.raises(PruneError, match="measured with other settings"):
+        supports.measure(model, cal, ev, None, layer=1, structure="heads", sparsity=0.5, log=log, loss_windows=2)
+    with pytest.raises(PruneError, match="more than max_supports=3"):
+        supports.measure(model, cal, ev, val, layer=1, structure="heads", sparsity=0.5, log=tmp_path / "x.jsonl",
+                         max_supports=3)
+    assert not (tmp_path / "x.jsonl").exists()
