@@ -227,7 +227,14 @@ def test_bench_supports_measures_every_feasible_support_once_and_ranks_the_crite
     best = min(r["perplexity"] for r in rows)
     assert summary["picked"]["best on the evaluation half"]["perplexity"] == best
     assert all(-1.0 <= v <= 1.0 for v in summary["spearman"].values())
-    assert set(summary["spearman"]) == {"err", "calibration_loss", "validation_perplexity"}
+    assert set(summary["spearman"]) == {"err", "validation_err", "calibration_loss", "validation_perplexity"}
+    # the held-out score of the refit weights, applied to the calibration instance itself, is the err
+    from osscar_opt.evaluate import evaluate
+    from osscar_opt.extract import extract
+
+    (inst,) = extract(model, cal, structures=("heads",), layers=[1], keep=0.5, progress=False)
+    for r in rows:
+        assert supports.held_out_err(inst, evaluate(inst, r["support"]).weights) == pytest.approx(r["err"], rel=1e-9)
     assert perplexity(model, ev) == supports._rows(log)[0]["dense_perplexity"]
     text = log.with_suffix(".md").read_text()
     assert "| layer err (the solvers' objective) |" in text and text.count("\n| [") == 4

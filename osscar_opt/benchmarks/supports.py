@@ -12,6 +12,8 @@ extracted from the dense model's activations on the calibration windows, as
 the model with its refit weights, and measured by:
 
 - err: the site's objective (what the solvers minimize);
+- validation err: the same refit weights scored on the validation
+  windows' Gram matrix (held-out data, no forward pass per support);
 - calibration loss: the model's next-token loss on the first
   `loss_windows` calibration windows (the data the instance was built from);
 - validation perplexity: calibration-half windows after the calibration
@@ -42,6 +44,7 @@ from . import RESULTS, machine_line
 from .prune import _append, _rows
 
 CRITERIA = (("err", "layer err (the solvers' objective)"),
+            ("validation_err", "layer err on the validation windows"),
             ("calibration_loss", "calibration loss"),
             ("validation_perplexity", "validation perplexity"))
 
@@ -145,6 +148,11 @@ def measure(dense, calibration, evaluation, validation, layer: int, structure: s
               f"evaluation perplexity {row['perplexity']:.3f} ({row['seconds']:.0f} s)", flush=True)
         del model
     rows = [r for r in _rows(log) if r.get("support") is not None]
+    if validation is not None:  # the calibration refit scored on the validation windows' Gram matrix (cheap)
+        (held_out,) = extract(dense, Calibration(validation), structures=(structure,), layers=[layer],
+                              keep=1.0 - sparsity, damping=damping, progress=False)
+        for r in rows:
+            r["validation_err"] = held_out_err(held_out, evaluate(inst, r["support"]).weights)
     summary = summarize(rows, picks)
     summary.update({"model": model_name or type(dense).__name__, "layer": layer, "structure": structure,
                     "sparsity": sparsity, "supports": count, "nsamples": cal.n_windows, "seq_len": cal.seq_len,
@@ -155,6 +163,13 @@ def measure(dense, calibration, evaluation, validation, layer: int, structure: s
     text = _markdown(rows, summary)
     atomic_write(Path(log).with_suffix(".md"), lambda fh: fh.write(text))
     return summary
+
+
+def held_out_err(instance, weights: np.ndarray) -> float:
+    """err of fixed weights on another instance of the same site (same target
+    weights W_hat, another Gram matrix H): tr(D'HD) / tr(W_hat'H W_hat), D = W - W_hat."""
+    D = weights - instance.W
+    return float(np.einsum("ij,ij->", D, instance.H @ D) / np.einsum("ij,ij->", instance.W, instance.H @ instance.W))
 
 
 def _ranks(values: Sequence[float]) -> np.ndarray:
@@ -216,10 +231,11 @@ def _markdown(rows: list[dict], summary: dict) -> str:
     for key, p in summary["picked"].items():
         lines.append(f"| {labels.get(key, key)} | {p['support']} | {p['perplexity']:.3f} | {p['rank']:g} |")
     lines += ["", "Every support, by evaluation perplexity:", "",
-              "| support | err | calibration loss | validation perplexity | evaluation perplexity |",
-              "|---|---|---|---|---|"]
+              "| support | err | validation err | calibration loss | validation perplexity | evaluation perplexity |",
+              "|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["perplexity"]):
         val = "-" if r.get("validation_perplexity") is None else f"{r['validation_perplexity']:.3f}"
-        lines.append(f"| {r['support']} | {r['err']:.5f} | {r['calibration_loss']:.4f} | {val} | "
+        verr = "-" if r.get("validation_err") is None else f"{r['validation_err']:.5f}"
+        lines.append(f"| {r['support']} | {r['err']:.5f} | {verr} | {r['calibration_loss']:.4f} | {val} | "
                      f"{r['perplexity']:.3f} |")
     return "\n".join(lines) + "\n"
