@@ -172,20 +172,13 @@ def held_out_err(instance, weights: np.ndarray) -> float:
     return float(np.einsum("ij,ij->", D, instance.H @ D) / np.einsum("ij,ij->", instance.W, instance.H @ instance.W))
 
 
-def _ranks(values: Sequence[float]) -> np.ndarray:
-    """Ranks 1..n (ties share their mean rank)."""
-    from scipy.stats import rankdata
-
-    return rankdata(np.asarray(values, dtype=float))
-
-
 def summarize(rows: list[dict], picks: dict[str, list[int]]) -> dict:
     """Spearman correlation of each criterion with the evaluation perplexity,
     and the evaluation rank of the support each criterion and solver picks."""
-    from scipy.stats import spearmanr
+    from scipy.stats import rankdata, spearmanr
 
     ppl = [r["perplexity"] for r in rows]
-    eval_rank = _ranks(ppl)
+    eval_rank = rankdata(ppl)  # 1..n, ties share their mean rank
     by_support = {tuple(r["support"]): (r, rank) for r, rank in zip(rows, eval_rank)}
     spearman, picked = {}, {}
     for key, _ in CRITERIA:
