@@ -42,6 +42,25 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, dev
     return math.exp(total / count)
 
 
+def kl_divergence(reference: nn.Module, model: nn.Module, windows: torch.Tensor, batch_size: int = 1,
+                  device: Any = None) -> float:
+    """Mean KL(reference || model) of the next-token distributions over the
+    positions `perplexity` scores, on (n, seq_len) windows of token ids: how far
+    `model` (a pruned copy) moved from `reference` (the dense model)."""
+    dev = device or next(model.parameters()).device
+    reference.eval()
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for a in range(0, windows.shape[0], batch_size):
+            x = windows[a : a + batch_size].to(dev)
+            p = torch.log_softmax(reference(input_ids=x).logits[:, :-1].float(), dim=-1)
+            q = torch.log_softmax(model(input_ids=x).logits[:, :-1].float(), dim=-1)
+            total += float((p.exp() * (p - q)).sum())
+            count += p.shape[0] * p.shape[1]
+    return total / count
+
+
 def sentence_embeddings(model: nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = 32,
                         max_length: int = 128, device: Any = None) -> torch.Tensor:
     """Mean-pooled, L2-normalized embeddings (the sentence-transformers recipe)."""

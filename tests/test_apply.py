@@ -714,3 +714,21 @@ def test_the_package_exposes_the_model_driver_as_documented(tmp_path):
     back = oo.load_pruned(oo.save_pruned(model, None, tmp_path / "m"))
     with torch.no_grad():
         assert torch.allclose(model(x).logits, back(x).logits, atol=1e-5)
+
+
+def test_kl_divergence_is_zero_for_the_same_model_and_matches_torch_kl_div():
+    """The calibration-KL criterion of bench-supports: KL(dense || pruned) of
+    the next-token distributions, here against torch's own kl_div."""
+    from osscar_opt.evaluation import kl_divergence
+
+    dense = tiny_llama()
+    tokens = random_tokens(3, 16, seed=4)
+    assert kl_divergence(dense, dense, tokens) == pytest.approx(0.0, abs=1e-12)
+    pruned = copy.deepcopy(dense)
+    apply(pruned, random_tokens(8, 16, seed=5), 0.5, solver="obs-greedy", progress=False)
+    with torch.no_grad():
+        p = torch.log_softmax(dense(input_ids=tokens).logits[:, :-1].double(), dim=-1)
+        q = torch.log_softmax(pruned(input_ids=tokens).logits[:, :-1].double(), dim=-1)
+    expected = torch.nn.functional.kl_div(q, p, log_target=True, reduction="sum").item() / (3 * 15)
+    got = kl_divergence(dense, pruned, tokens, batch_size=2)
+    assert got > 0.0 and got == pytest.approx(expected, rel=1e-3)  # float32 logits against float64

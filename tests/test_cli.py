@@ -227,7 +227,9 @@ def test_bench_supports_measures_every_feasible_support_once_and_ranks_the_crite
     best = min(r["perplexity"] for r in rows)
     assert summary["picked"]["best on the evaluation half"]["perplexity"] == best
     assert all(-1.0 <= v <= 1.0 for v in summary["spearman"].values())
-    assert set(summary["spearman"]) == {"err", "validation_err", "calibration_loss", "validation_perplexity"}
+    assert set(summary["spearman"]) == {"err", "validation_err", "calibration_loss", "calibration_kl",
+                                        "validation_perplexity"}
+    assert all(r["calibration_kl"] > 0.0 for r in rows)  # every support moves the model on the calibration windows
     # the held-out score of the refit weights, applied to the calibration instance itself, is the err
     from osscar_opt.evaluate import evaluate
     from osscar_opt.extract import extract
@@ -243,6 +245,21 @@ def test_bench_supports_measures_every_feasible_support_once_and_ranks_the_crite
     supports.measure(model, cal, ev, val, layer=1, structure="heads", sparsity=0.5, log=log, loss_windows=2,
                      solvers=())
     assert log.read_text() == lines  # nothing measured twice
+    # a file from before the calibration KL: a rerun adds it to every row, and only that
+    old = [{k: v for k, v in r.items() if k != "calibration_kl"} for r in supports._rows(log)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in old))
+    supports.measure(model, cal, ev, val, layer=1, structure="heads", sparsity=0.5, log=log, loss_windows=2,
+                     solvers=())
+    added = supports._rows(log)[len(old):]
+    assert sorted(tuple(r["support"]) for r in added) == sorted(tuple(r["support"]) for r in rows)
+    assert all(set(r) == {"support", "calibration_kl"} for r in added)
+    merged = supports._supports(log)
+    for r in rows:
+        assert merged[tuple(r["support"])]["calibration_kl"] == pytest.approx(r["calibration_kl"], rel=1e-6)
+    lines = log.read_text()
+    supports.measure(model, cal, ev, val, layer=1, structure="heads", sparsity=0.5, log=log, loss_windows=2,
+                     solvers=())
+    assert log.read_text() == lines
     with pytest.raises(PruneError, match="measured with other settings"):
         supports.measure(model, cal, ev, None, layer=1, structure="heads", sparsity=0.5, log=log, loss_windows=2)
     with pytest.raises(PruneError, match="more than max_supports=3"):

@@ -16,6 +16,9 @@ the model with its refit weights, and measured by:
   windows' Gram matrix (held-out data, no forward pass per support);
 - calibration loss: the model's next-token loss on the first
   `loss_windows` calibration windows (the data the instance was built from);
+- calibration KL: on the same windows, the mean KL divergence of the
+  model's next-token distributions from the dense model's (what the whole
+  model, not the layer, shows of the change on the calibration data);
 - validation perplexity: calibration-half windows after the calibration
   ones (never the evaluation half);
 - evaluation perplexity: the evaluation half (the figure the sweeps quote).
@@ -24,7 +27,9 @@ The report gives each criterion's Spearman correlation with the evaluation
 perplexity, the support each criterion picks and where that support ranks on
 the evaluation half, and the supports the given solvers pick. Rows go to
 results/supports_<model>_l<layer>_<structure>_<sparsity>.jsonl as they finish
-(a rerun skips supports already measured), the table to the .md beside it.
+(a rerun skips supports already measured, and adds a criterion a row lacks,
+such as the calibration KL of rows measured before it existed), the table to
+the .md beside it.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from .prune import _append, _rows
 CRITERIA = (("err", "layer err (the solvers' objective)"),
             ("validation_err", "layer err on the validation windows"),
             ("calibration_loss", "calibration loss"),
+            ("calibration_kl", "calibration KL from the dense model"),
             ("validation_perplexity", "validation perplexity"))
 
 
@@ -98,7 +104,7 @@ def measure(dense, calibration, evaluation, validation, layer: int, structure: s
     from ..apply import PruneError
     from ..data import Calibration
     from ..evaluate import evaluate
-    from ..evaluation import perplexity
+    from ..evaluation import kl_divergence, perplexity
     from ..extract import extract
     from ..registry import solve
     from ..surgery import remove_groups
@@ -121,7 +127,7 @@ def measure(dense, calibration, evaluation, validation, layer: int, structure: s
                 "damping": damping, "calibration": list(cal.input_ids.shape), "loss_windows": int(loss_set.shape[0]),
                 "evaluation": list(evaluation.shape),
                 "validation": None if validation is None else list(validation.shape)}
-    done = {tuple(r["support"]) for r in _rows(log) if r.get("support") is not None}
+    done = _supports(log)
     dense_row = next((r for r in _rows(log) if r.get("support") is None and "dense_perplexity" in r), None)
     if dense_row is not None and dense_row.get("settings") != settings:
         raise PruneError(f"{log} holds rows measured with other settings ({dense_row.get('settings')}): "
@@ -133,13 +139,18 @@ def measure(dense, calibration, evaluation, validation, layer: int, structure: s
         _append(log, dense_row)
     for S in supports(inst):
         S = tuple(int(g) for g in S)
-        if S in done:
+        if S in done and "calibration_kl" in done[S]:
             continue
         t = time.perf_counter()
         ev = evaluate(inst, S)
         model = copy.deepcopy(dense)
         remove_groups(model, adapter_for(model).site(structure, layer), np.asarray(S), ev.weights)
+        if S in done:  # measured before the calibration KL existed: add it (a row merged by support)
+            _append(log, {"support": list(S), "calibration_kl": kl_divergence(dense, model, loss_set)})
+            print(f"{stem} {list(S)}: calibration KL added ({time.perf_counter() - t:.0f} s)", flush=True)
+            continue
         row = {"support": list(S), "err": ev.err, "calibration_loss": _mean_loss(model, loss_set),
+               "calibration_kl": kl_divergence(dense, model, loss_set),
                "validation_perplexity": perplexity(model, validation) if validation is not None else None,
                "perplexity": perplexity(model, evaluation)}
         row["seconds"] = time.perf_counter() - t
@@ -147,7 +158,7 @@ def measure(dense, calibration, evaluation, validation, layer: int, structure: s
         print(f"{stem} {list(S)}: err {row['err']:.5f}, calibration loss {row['calibration_loss']:.4f}, "
               f"evaluation perplexity {row['perplexity']:.3f} ({row['seconds']:.0f} s)", flush=True)
         del model
-    rows = [r for r in _rows(log) if r.get("support") is not None]
+    rows = list(_supports(log).values())
     if validation is not None:  # the calibration refit scored on the validation windows' Gram matrix (cheap)
         (held_out,) = extract(dense, Calibration(validation), structures=(structure,), layers=[layer],
                               keep=1.0 - sparsity, damping=damping, progress=False)
@@ -163,6 +174,16 @@ def measure(dense, calibration, evaluation, validation, layer: int, structure: s
     text = _markdown(rows, summary)
     atomic_write(Path(log).with_suffix(".md"), lambda fh: fh.write(text))
     return summary
+
+
+def _supports(log: Path) -> dict[tuple[int, ...], dict]:
+    """The measured supports of `log`, each row merged with the rows that
+    later added criteria to it (by support, in file order)."""
+    out: dict[tuple[int, ...], dict] = {}
+    for r in _rows(log):
+        if r.get("support") is not None:
+            out.setdefault(tuple(r["support"]), {}).update(r)
+    return {S: r for S, r in out.items() if "perplexity" in r}
 
 
 def held_out_err(instance, weights: np.ndarray) -> float:
@@ -206,8 +227,8 @@ def _markdown(rows: list[dict], summary: dict) -> str:
              f"--layer {summary['layer']} --structure {summary['structure']} --sparsity {summary['sparsity']:g}`.",
              f"Only this site is pruned, on the dense model; each of its {summary['supports']} feasible supports "
              f"is written back with its refit weights (damping {summary['damping']:g}; pydoc calibration "
-             f"{summary['nsamples']} x {summary['seq_len']} tokens). Calibration loss: the first "
-             f"{summary['loss_windows']} calibration windows; validation: {summary['validation_windows']} "
+             f"{summary['nsamples']} x {summary['seq_len']} tokens). Calibration loss and KL from the dense "
+             f"model: the first {summary['loss_windows']} calibration windows; validation: {summary['validation_windows']} "
              f"calibration-half windows after the calibration ones; evaluation: {summary['eval_windows']} windows "
              f"of the evaluation half.",
              f"Dense model: evaluation perplexity {dense['dense_perplexity']:.3f}"
@@ -224,11 +245,13 @@ def _markdown(rows: list[dict], summary: dict) -> str:
     for key, p in summary["picked"].items():
         lines.append(f"| {labels.get(key, key)} | {p['support']} | {p['perplexity']:.3f} | {p['rank']:g} |")
     lines += ["", "Every support, by evaluation perplexity:", "",
-              "| support | err | validation err | calibration loss | validation perplexity | evaluation perplexity |",
-              "|---|---|---|---|---|---|"]
+              "| support | err | validation err | calibration loss | calibration KL | validation perplexity | "
+              "evaluation perplexity |",
+              "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["perplexity"]):
         val = "-" if r.get("validation_perplexity") is None else f"{r['validation_perplexity']:.3f}"
         verr = "-" if r.get("validation_err") is None else f"{r['validation_err']:.5f}"
-        lines.append(f"| {r['support']} | {r['err']:.5f} | {verr} | {r['calibration_loss']:.4f} | {val} | "
+        kl = "-" if r.get("calibration_kl") is None else f"{r['calibration_kl']:.5f}"
+        lines.append(f"| {r['support']} | {r['err']:.5f} | {verr} | {r['calibration_loss']:.4f} | {kl} | {val} | "
                      f"{r['perplexity']:.3f} |")
     return "\n".join(lines) + "\n"
