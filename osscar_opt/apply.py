@@ -69,6 +69,8 @@ class SiteReport:
     # stacked MoE experts (one instance each): per expert its kept count, err, status, seconds and the
     # calibration tokens routed to it; err above is their mean, seconds their sum
     experts: list[dict] | None = None
+    # apply(compare=...): the err each other solver reaches on this site's instance (its support unused)
+    compare: dict | None = None
 
 
 @dataclass
@@ -95,9 +97,23 @@ class PruneReport:
             out.setdefault(s.structure, []).append(s.err)
         return {k: float(np.mean(v)) for k, v in out.items()}
 
+    @property
+    def comparison(self) -> dict:
+        """Per solver of apply(compare=...): at how many sites `solver`'s err
+        is lower than, equal to (relative 1e-9) or higher than its."""
+        out: dict[str, dict[str, int]] = {}
+        for s in self.sites:
+            for name, err in (s.compare or {}).items():
+                c = out.setdefault(name, {"lower": 0, "equal": 0, "higher": 0, "failed": 0})
+                c["failed" if err is None else "equal" if abs(s.err - err) <= 1e-9 * max(abs(err), 1e-30) else
+                  "lower" if s.err < err else "higher"] += 1
+        return out
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["mean_err"] = self.mean_err
+        if self.comparison:
+            d["comparison"] = self.comparison
         return d
 
     def to_markdown(self) -> str:
@@ -113,11 +129,17 @@ class PruneReport:
             f"({100 * (1 - self.params_after / max(self.params_before, 1)):.1f}% fewer); "
             f"{self.seconds:.1f} s in all, {self.solve_seconds:.1f} s solving",
             "",
-            "| layer | structure | groups | kept | err | status | seconds |",
-            "|---|---|---|---|---|---|---|",
         ]
+        others = list(self.comparison)
+        for name, c in self.comparison.items():
+            lines += [f"err of `{self.solver}` against `{name}` on the same instances: lower at {c['lower']} "
+                      f"sites, equal at {c['equal']}, higher at {c['higher']}"
+                      + (f"; `{name}` failed at {c['failed']}" if c["failed"] else ""), ""]
+        lines += ["| layer | structure | groups | kept | err | status | seconds |"
+                  + "".join(f" err of {n} |" for n in others), "|---|---|---|---|---|---|---|" + "---|" * len(others)]
         for s in self.sites:
-            lines.append(f"| {s.layer} | {s.structure} | {s.groups} | {s.kept} | {s.err:.5f} | {s.status} | {s.seconds:.3f} |")
+            lines.append(f"| {s.layer} | {s.structure} | {s.groups} | {s.kept} | {s.err:.5f} | {s.status} | {s.seconds:.3f} |"
+                         + "".join(f" {_cell((s.compare or {}).get(n))} |" for n in others))
         moe = [s for s in self.sites if s.experts]
         if moe:
             lines += ["", "Stacked experts (err above: the mean over the layer's experts), calibration tokens "
@@ -130,6 +152,14 @@ class PruneReport:
                 lines.append(f"| {s.layer} | {len(n)} | {min(n)} / {int(np.median(n))} / {max(n)} | "
                              f"{', '.join(idle) or '-'} |")
         return "\n".join(lines) + "\n"
+
+
+def _mean_or_none(values: list[float | None]) -> float | None:
+    return None if any(v is None for v in values) else float(np.mean(values))
+
+
+def _cell(err: float | None) -> str:
+    return "failed" if err is None else f"{err:.5f}"
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -396,6 +426,7 @@ def apply(
     targets: str | None = DEFAULT_TARGETS,
     target_damping: float | None = TARGET_DAMPING,
     offload: bool | None = None,
+    compare: Sequence[str] = (),
     **solver_params: Any,
 ) -> PruneReport:
     """Prune `model` in place and return a report.
@@ -442,6 +473,12 @@ def apply(
         validated).
     device: where the forward passes and the solver run (default: CPU). The
         sequential mode holds one block there at a time.
+    compare: other registered solvers, run with their default parameters on
+        every site's instance beside `solver` (sequential inputs and dense
+        targets included); only `solver`'s support is written, and each
+        site's report gives their err beside its own (`PruneReport.comparison`
+        counts the sites where `solver` is lower, equal or higher). Their
+        time counts in the report's seconds, not its solve_seconds.
     offload: with dense activations (or a CNN), the whole model goes to
         `device` (False), its blocks take turns there (True), or whole only
         when it fits in the device's free memory (None, default).
@@ -502,6 +539,10 @@ def apply(
     calibration = _check_tokens(model, adapter, calibration)
     check_solver(solver, device, solver_params)
     check_sizes(solver, solver_params, model, plan)
+    compare = [compare] if isinstance(compare, str) else list(dict.fromkeys(compare))
+    for other in compare:
+        check_solver(other, device, {})
+        check_sizes(other, {}, model, plan)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     name = getattr(getattr(model, "config", None), "osscar_name", None) or \
         getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
@@ -536,13 +577,17 @@ def apply(
             rows.append({"expert": view.extra.get("expert"), "kept": int(sol.keep.size), "err": sol.deployed_err,
                          "status": str(sol.status), "seconds": sol.seconds, "samples": samples})
             report.solve_seconds += sol.seconds
+            for other in compare:
+                alt = solve(inst, other, device=device, time_limit=time_limit)  # a failure: None, pruning goes on
+                rows[-1].setdefault("compare", {})[other] = None if alt.status.value == "ERROR" else alt.deployed_err
         keep = np.concatenate(keeps)
         remove_groups(model, site, keep, np.concatenate(weights) if len(weights) == len(views) else None)
         status = ",".join(dict.fromkeys(r["status"] for r in rows))
         report.sites.append(SiteReport(site.layer, site.structure, site.consumer, site.n_groups, int(keep.size),
                                        float(np.mean([r["err"] for r in rows])), status,
                                        float(sum(r["seconds"] for r in rows)), keep.tolist(), fit,
-                                       rows if len(views) > 1 else None))
+                                       rows if len(views) > 1 else None,
+                                       {n: _mean_or_none([r["compare"][n] for r in rows]) for n in compare} or None))
 
     bar = tqdm(total=len(plan), desc=f"pruning ({solver})", disable=not progress, leave=False)
     if not sequential or isinstance(adapter, ConvAdapter):

@@ -389,6 +389,9 @@ def _prune_args(p: argparse.ArgumentParser):
                    "query-heads: exact head count, KV heads duplicated where needed; kv-groups)")
     p.add_argument("--solver", default="osscar")
     p.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE", help="solver parameter")
+    p.add_argument("--compare", default=None, metavar="SOLVERS",
+                   help="comma-separated solvers also run on every layer's instance (their supports unused): the "
+                        "report gives their err beside the solver's and counts where it is lower")
     p.add_argument("--calib", default="pydoc", help="calibration text: pydoc, wikitext2, c4, ptb or a .txt/.jsonl file")
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window")

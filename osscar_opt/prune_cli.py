@@ -66,6 +66,7 @@ def prune_once(args: argparse.Namespace, sparsity: float, dense: dict | None = N
     report = apply(model, cal, _sparsity(args, sparsity), solver=args.solver, structures=structures,
                    sequential=not args.dense_activations, damping=args.damping, device=args.device,
                    targets=args.targets, target_damping=args.target_damping,
+                   compare=[n.strip() for n in (getattr(args, "compare", None) or "").split(",") if n.strip()],
                    **_solver_params(args))
     pruned = measure(model, tok, kind, args, reference=dense.get("embeddings"), speed=False)
     if not args.no_speed:
@@ -111,6 +112,8 @@ def _summary(run: dict) -> dict:
     dense, pruned, report = run["dense"], run["pruned"], run["report"]
     out = {"sparsity": run["sparsity"], "params_dense": dense["parameters"], "params_pruned": pruned["parameters"],
            "prune_seconds": report.seconds, "solve_seconds": report.solve_seconds, "mean_err": report.mean_err}
+    if report.comparison:
+        out["comparison"] = report.comparison
     if run["kind"] == "causal-lm":
         out.update({"ppl_dense": dense["perplexity"], "ppl_pruned": pruned["perplexity"]})
     if run["kind"] == "encoder":
@@ -140,6 +143,9 @@ def _print(summary: dict) -> None:
         line += f", generation speed-up {summary['generate_speedup']:.2f}x"
     line += f"; pruning took {summary['prune_seconds']:.0f} s"
     print(line)
+    for name, c in summary.get("comparison", {}).items():
+        print(f"  err against {name} on the same instances: lower at {c['lower']} sites, equal at {c['equal']}, "
+              f"higher at {c['higher']}" + (f", {name} failed at {c['failed']}" if c["failed"] else ""))
 
 
 def _check_out(out: Path, sweep: bool) -> None:

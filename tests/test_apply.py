@@ -732,3 +732,33 @@ def test_kl_divergence_is_zero_for_the_same_model_and_matches_torch_kl_div():
     expected = torch.nn.functional.kl_div(q, p, log_target=True, reduction="sum").item() / (3 * 15)
     got = kl_divergence(dense, pruned, tokens, batch_size=2)
     assert got > 0.0 and got == pytest.approx(expected, rel=1e-3)  # float32 logits against float64
+
+
+def test_compare_runs_other_solvers_on_every_site_and_writes_only_the_solvers_support():
+    """apply(compare=...): the exact enumeration and magnitude also solve each
+    site's instance (sequential inputs, dense targets); the model written is
+    the one the solver alone would give, and the exact err is never above it."""
+    from osscar_opt.errors import SolverError
+
+    cal = random_tokens(8, 16, seed=1)
+    alone, compared = tiny_llama(), tiny_llama()
+    ra = apply(alone, cal, 0.5, solver="obs-greedy", structures=("heads",), progress=False)
+    rb = apply(compared, cal, 0.5, solver="obs-greedy", structures=("heads",), progress=False,
+               compare=("enumerate", "magnitude"))
+    assert [s.keep for s in ra.sites] == [s.keep for s in rb.sites]
+    assert all(torch.equal(v, compared.state_dict()[k]) for k, v in alone.state_dict().items())
+    assert all(s.compare is None for s in ra.sites) and not ra.comparison
+    for s in rb.sites:
+        assert set(s.compare) == {"enumerate", "magnitude"}
+        assert s.compare["enumerate"] <= s.err * (1 + 1e-9)  # the exact optimum of the same instance
+    counts = rb.comparison
+    assert counts["enumerate"]["lower"] == 0 and counts["enumerate"]["failed"] == 0
+    assert sum(counts["magnitude"].values()) == len(rb.sites) == 2
+    text = rb.to_markdown()
+    assert "err of enumerate |" in text and "against `magnitude` on the same instances" in text
+    assert rb.to_dict()["comparison"] == counts
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SolverError, match="nope"):
+        apply(model, cal, 0.5, structures=("heads",), progress=False, compare=("nope",))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

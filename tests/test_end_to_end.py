@@ -127,11 +127,15 @@ def test_prune_command_on_minilm_writes_a_reloadable_smaller_model(tmp_path, cap
         a = model(**enc).last_hidden_state
         b = dense(**enc).last_hidden_state
     assert a.shape == b.shape and torch.nn.functional.cosine_similarity(a.mean(1), b.mean(1)).item() > 0.8
-    # the same command again replaces its own earlier output
+    # the same command again replaces its own earlier output; --compare also solves every layer with obs-greedy
     assert main(["prune", "--model", "minilm-l6", "--sparsity", "0.5", "--nsamples", "4", "--no-speed",
-                 "--out", str(out)]) == 0
+                 "--compare", "obs-greedy", "--out", str(out)]) == 0
+    assert "err against obs-greedy on the same instances: lower at" in capsys.readouterr().out
     assert load_pruned(out / "model").config.intermediate_size == 768
-    assert json.loads((out / "report.json").read_text())["summary"][0]["sparsity"] == 0.5
+    again = json.loads((out / "report.json").read_text())
+    assert again["summary"][0]["sparsity"] == 0.5
+    counts = again["summary"][0]["comparison"]["obs-greedy"]
+    assert sum(counts.values()) == 12 and counts["failed"] == 0  # 6 layers, heads and neurons
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary folders left behind
 
 
