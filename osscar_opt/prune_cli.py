@@ -193,6 +193,9 @@ def prune_command(args: argparse.Namespace) -> int:
 
     # what can be checked without the model, before minutes of loading and calibration
     check_solver(args.solver, args.device, _solver_params(args))  # the solver, its -p and --device
+    for other in (getattr(args, "compare", None) or "").split(","):
+        if other.strip():
+            check_solver(other.strip(), args.device, {})
     data.source_text(args.calib)
     sparsities = sparsity_list(args.sweep, "--sweep") if args.sweep else [args.sparsity]
     for flag, value in (("--sparsity", args.sparsity), ("--heads", args.heads), ("--neurons", args.neurons)):

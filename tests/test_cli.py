@@ -179,6 +179,7 @@ def test_every_command_that_writes_results_checks_its_flags_and_out_folder_first
         (["solve", str(tmp_path / "none.npz"), "--out", bad_out + "/s.json"], "cannot write to the folder of --out"),
         (["solve", str(tmp_path / "none.npz"), "--out", str(tmp_path)], "is a folder: give a file name"),
         (["prune", "--device", "gpu"], "--device gpu: use cpu, cuda or cuda:N"),
+        (["prune", "--compare", "obs-greedy,nope"], "nope"),
         (["bench-speed", "--device", "cpu", "--device", "cuda:x"], "--device cuda:x: use cpu, cuda or cuda:N"),
     ]
     import torch
