@@ -112,8 +112,9 @@ class PruneReport:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["mean_err"] = self.mean_err
-        if self.comparison:
-            d["comparison"] = self.comparison
+        comparison = self.comparison
+        if comparison:
+            d["comparison"] = comparison
         return d
 
     def to_markdown(self) -> str:
@@ -130,8 +131,9 @@ class PruneReport:
             f"{self.seconds:.1f} s in all, {self.solve_seconds:.1f} s solving",
             "",
         ]
-        others = list(self.comparison)
-        for name, c in self.comparison.items():
+        comparison = self.comparison
+        others = list(comparison)
+        for name, c in comparison.items():
             lines += [f"err of `{self.solver}` against `{name}` on the same instances: lower at {c['lower']} "
                       f"sites, equal at {c['equal']}, higher at {c['higher']}"
                       + (f"; `{name}` failed at {c['failed']}" if c["failed"] else ""), ""]

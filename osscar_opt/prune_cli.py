@@ -26,9 +26,18 @@ def _sparsity(args: argparse.Namespace, value: float) -> Any:
     return out
 
 
+def _names(text: str | None) -> list[str]:
+    """The names of a comma-separated flag, blanks left out."""
+    return [s.strip() for s in (text or "").split(",") if s.strip()]
+
+
 def _structures(args: argparse.Namespace) -> list[str] | None:
-    names = [s.strip() for s in (args.structures or "").split(",") if s.strip()]
-    return names or None
+    return _names(args.structures) or None
+
+
+def _compared(args: argparse.Namespace) -> list[str]:
+    """--compare's solvers (a namespace built without the flag compares none)."""
+    return _names(getattr(args, "compare", None))
 
 
 def _solver_params(args: argparse.Namespace) -> dict:
@@ -66,7 +75,7 @@ def prune_once(args: argparse.Namespace, sparsity: float, dense: dict | None = N
     report = apply(model, cal, _sparsity(args, sparsity), solver=args.solver, structures=structures,
                    sequential=not args.dense_activations, damping=args.damping, device=args.device,
                    targets=args.targets, target_damping=args.target_damping,
-                   compare=[n.strip() for n in (getattr(args, "compare", None) or "").split(",") if n.strip()],
+                   compare=_compared(args),
                    **_solver_params(args))
     pruned = measure(model, tok, kind, args, reference=dense.get("embeddings"), speed=False)
     if not args.no_speed:
@@ -193,9 +202,8 @@ def prune_command(args: argparse.Namespace) -> int:
 
     # what can be checked without the model, before minutes of loading and calibration
     check_solver(args.solver, args.device, _solver_params(args))  # the solver, its -p and --device
-    for other in (getattr(args, "compare", None) or "").split(","):
-        if other.strip():
-            check_solver(other.strip(), args.device, {})
+    for other in _compared(args):
+        check_solver(other, args.device, {})
     data.source_text(args.calib)
     sparsities = sparsity_list(args.sweep, "--sweep") if args.sweep else [args.sparsity]
     for flag, value in (("--sparsity", args.sparsity), ("--heads", args.heads), ("--neurons", args.neurons)):

@@ -228,8 +228,9 @@ def _markdown(rows: list[dict], summary: dict) -> str:
              f"Only this site is pruned, on the dense model; each of its {summary['supports']} feasible supports "
              f"is written back with its refit weights (damping {summary['damping']:g}; pydoc calibration "
              f"{summary['nsamples']} x {summary['seq_len']} tokens). Calibration loss and KL from the dense "
-             f"model: the first {summary['loss_windows']} calibration windows; validation: {summary['validation_windows']} "
-             f"calibration-half windows after the calibration ones; evaluation: {summary['eval_windows']} windows "
+             f"model: the first {summary['loss_windows']} calibration windows; validation: "
+             f"{summary['validation_windows']} calibration-half windows after the calibration ones; evaluation: "
+             f"{summary['eval_windows']} windows "
              f"of the evaluation half.",
              f"Dense model: evaluation perplexity {dense['dense_perplexity']:.3f}"
              + (f", validation {dense['dense_validation_perplexity']:.3f}"
