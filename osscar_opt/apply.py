@@ -28,6 +28,8 @@ Extraction and write-back use the same code as `osscar_opt.extract`:
 from __future__ import annotations
 
 import copy
+import dataclasses
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
@@ -231,14 +233,70 @@ def _check_sparsity_keys(sparsity: Any, adapter: Adapter) -> None:
                                  "nor 'default'")
 
 
-def check_solver(solver: str, device: Any, solver_params: dict) -> None:
-    """The solver exists, runs here, takes these parameters and the device: before any layer is touched."""
+def parse_solver(solver: Any) -> str | dict[str, str]:
+    """A solver's name, or one solver per structure: {"heads": "obs-greedy",
+    "neurons": "osscar"}, also written "heads=obs-greedy+neurons=osscar"
+    (or with commas)."""
+    if isinstance(solver, str) and "=" not in solver:
+        return solver
+    example = "e.g. 'heads=obs-greedy+neurons=osscar'"
+    if isinstance(solver, str):
+        parts = [p.strip() for p in re.split(r"[+,]", solver) if p.strip()]
+        if not parts or any("=" not in p for p in parts):
+            raise PruneError(f"a solver per structure is STRUCTURE=SOLVER parts joined by '+' or ',' ({example}), "
+                             f"got {solver!r}")
+        items = [tuple(x.strip() for x in p.split("=", 1)) for p in parts]
+    elif isinstance(solver, Mapping):
+        items = list(solver.items())
+    else:
+        raise PruneError(f"solver must be a registered solver's name or a mapping {{structure: name}} ({example}), "
+                         f"got {solver!r}")
+    out: dict[str, str] = {}
+    for key, name in items:
+        if not isinstance(key, str) or not isinstance(name, str) or not key or not name or "=" in name:
+            raise PruneError(f"a solver per structure maps structure names to solver names ({example}), "
+                             f"got {key!r}: {name!r}")
+        if key in out:
+            raise PruneError(f"the solver of structure {key!r} is given twice in {solver!r}: give it once")
+        out[key] = name
+    if not out:
+        raise PruneError(f"the solver mapping is empty: name a solver, or one per structure ({example})")
+    return out
+
+
+def solver_label(solver: str | Mapping[str, str]) -> str:
+    """The name, or "heads=obs-greedy+neurons=osscar" for a solver per structure."""
+    return solver if isinstance(solver, str) else "+".join(f"{k}={v}" for k, v in solver.items())
+
+
+def split_params(names: Sequence[str], solver_params: dict) -> dict[str, dict]:
+    """Each solver's share of `solver_params`: one solver takes them all; several
+    take the ones their Params declare, and a parameter none declares is refused."""
+    from .registry import SolverError, available_solver
+
+    names = list(dict.fromkeys(names))
+    if len(names) == 1:
+        return {names[0]: dict(solver_params)}
+    fields = {n: {f.name for f in dataclasses.fields(available_solver(n).Params)} for n in names}
+    for key in solver_params:
+        if not any(key in f for f in fields.values()):
+            raise SolverError(f"none of the solvers {', '.join(map(repr, names))} has a parameter {key!r}: "
+                              "see `osscar-opt solvers` for each one's parameters")
+    return {n: {k: v for k, v in solver_params.items() if k in fields[n]} for n in names}
+
+
+def check_solver(solver: str | Mapping[str, str], device: Any, solver_params: dict) -> None:
+    """The solver (or each solver of a per-structure one) exists, runs here, takes
+    these parameters and the device: before any layer is touched."""
     from .registry import available_solver, make_params, resolve_device
 
-    cls = available_solver(solver)
-    make_params(cls, solver_params)
-    if device is not None:
-        resolve_device(device, cls.devices)
+    spec = parse_solver(solver)
+    names = [spec] if isinstance(spec, str) else list(spec.values())
+    for name, params in split_params(names, solver_params).items():
+        cls = available_solver(name)
+        make_params(cls, params)
+        if device is not None:
+            resolve_device(device, cls.devices)
 
 
 def check_sizes(solver: str, solver_params: dict, model: nn.Module, plan: Sequence[tuple[Site, float]]) -> None:
@@ -416,7 +474,7 @@ def apply(
     model: nn.Module,
     calibration: Any,
     sparsity: float | Mapping[Any, float],
-    solver: str = "osscar",
+    solver: str | Mapping[str, str] = "osscar",
     structures: Sequence[str] | None = None,
     sequential: bool = True,
     damping: float = DAMPING,
@@ -451,7 +509,10 @@ def apply(
         its own routed tokens and keeping the same number (the nearest
         multiple of 8), refit to layer targets (in a dense FFN layer of an
         MoE model, the FFN neurons); "shared-neurons" the shared expert(s).
-    solver: any registered solver name; solver_params go to it.
+    solver: any registered solver name; solver_params go to it. Or one solver
+        per structure, {"heads": "obs-greedy", "neurons": "osscar"} (also
+        written "heads=obs-greedy+neurons=osscar"), covering every structure
+        pruned; each solver takes the solver_params its parameters declare.
     sequential: each layer sees the already-pruned upstream (default), else
         every layer is pruned on the dense model's activations.
     targets: what a sequential site's refit reproduces from its (pruned-
@@ -539,16 +600,38 @@ def apply(
     if isinstance(calibration, torch.Tensor) and calibration.numel() == 0:
         raise DataError("the calibration tensor is empty: give at least one window")
     calibration = _check_tokens(model, adapter, calibration)
-    check_solver(solver, device, solver_params)
-    check_sizes(solver, solver_params, model, plan)
+    solvers = parse_solver(solver)
+    check_solver(solvers, device, solver_params)
+    if isinstance(solvers, dict):
+        for key in solvers:
+            adapter.check_structure(key)
+        stray = [k for k in solvers if k not in structures]
+        if stray:
+            raise PruneError(f"the solver mapping names {stray[0]!r}, which this call does not prune (structures: "
+                             f"{', '.join(structures)}): leave it out, or prune it")
+        missing = [s for s in dict.fromkeys(site.structure for site, _ in plan) if s not in solvers]
+        if missing:
+            raise PruneError(f"the solver mapping gives no solver for {missing[0]!r}, which this call prunes: add "
+                             f"{missing[0]}=NAME (e.g. '{solver_label(solvers)}+{missing[0]}=osscar')")
+
+    def solver_of(structure: str) -> str:
+        return solvers if isinstance(solvers, str) else solvers[structure]
+
+    params_of = split_params([solver_of(site.structure) for site, _ in plan] or
+                             ([solvers] if isinstance(solvers, str) else list(solvers.values())), solver_params)
+    for name, params in params_of.items():
+        check_sizes(name, params, model, [(site, f) for site, f in plan if solver_of(site.structure) == name])
+    label = solver_label(solvers)
     compare = [compare] if isinstance(compare, str) else list(dict.fromkeys(compare))
     for other in compare:
+        if not isinstance(other, str) or "=" in other:
+            raise PruneError(f"compare takes registered solvers' names, got {other!r}")
         check_solver(other, device, {})
         check_sizes(other, {}, model, plan)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     name = getattr(getattr(model, "config", None), "osscar_name", None) or \
         getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
-    report = PruneReport(model=name, solver=solver, sparsity=sparsity if not isinstance(sparsity, Mapping) else
+    report = PruneReport(model=name, solver=label, sparsity=sparsity if not isinstance(sparsity, Mapping) else
                          {str(k): v for k, v in sparsity.items()}, sequential=sequential,
                          params_before=count_parameters(model), params_after=0, seconds=0.0, solve_seconds=0.0,
                          calibration=describe_calibration(calibration), solver_params=dict(solver_params),
@@ -564,13 +647,14 @@ def apply(
                    correction: np.ndarray | None = None, fit: dict | None = None) -> None:
         views = expert_sites(site)  # [site], or one site per expert of stacked MoE experts
         keeps, weights, rows = [], [], []
+        name = solver_of(site.structure)
         for view, (gram, samples) in zip(views, stats):
             inst = site_instance(model, view, gram, samples, keep=_keep_for(view, frac), damping=damping,
                                  meta=meta, correction=correction)
-            sol = solve(inst, solver, device=device, time_limit=time_limit, **solver_params)
+            sol = solve(inst, name, device=device, time_limit=time_limit, **params_of[name])
             where = f" expert {view.extra['expert']}" if "expert" in view.extra else ""
             if sol.status.value == "ERROR":
-                raise PruneError(f"solver {solver!r} failed on layer {site.layer} {site.structure}{where}: "
+                raise PruneError(f"solver {name!r} failed on layer {site.layer} {site.structure}{where}: "
                                  f"{sol.message}")
             offset = view.extra.get("offset", 0)
             keeps.append(offset + np.asarray(sol.keep, dtype=np.int64))
@@ -591,7 +675,7 @@ def apply(
                                        rows if len(views) > 1 else None,
                                        {n: _mean_or_none([r["compare"][n] for r in rows]) for n in compare} or None))
 
-    bar = tqdm(total=len(plan), desc=f"pruning ({solver})", disable=not progress, leave=False)
+    bar = tqdm(total=len(plan), desc=f"pruning ({label})", disable=not progress, leave=False)
     if not sequential or isinstance(adapter, ConvAdapter):
         # Dense activations (one pass), or sequential CNNs by one forward per site.
         todo = list(plan)

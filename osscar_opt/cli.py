@@ -52,15 +52,22 @@ def _short_list(values: Sequence[int], limit: int = 24) -> str:
 
 
 def parse_params(solver: str, items: Sequence[str]) -> dict:
-    """Solver parameters from repeated NAME=VALUE flags, typed by its Params."""
+    """Solver parameters from repeated NAME=VALUE flags, typed by its Params
+    (for a solver per structure, "heads=obs-greedy+neurons=osscar", by the
+    first of its solvers that has the parameter)."""
+    import dataclasses
+
+    from .apply import parse_solver
     from .registry import coerce_param, get_solver
 
-    cls = get_solver(solver)
+    spec = parse_solver(solver)
+    classes = [get_solver(n) for n in dict.fromkeys([spec] if isinstance(spec, str) else spec.values())]
     params = {}
     for item in items:
         if "=" not in item:
             raise OsscarError(f"solver parameters are NAME=VALUE, got {item!r}")
         key, value = item.split("=", 1)
+        cls = next((c for c in classes if key.strip() in {f.name for f in dataclasses.fields(c.Params)}), classes[0])
         params[key.strip()] = coerce_param(cls, key.strip(), value.strip())
     return params
 
@@ -387,7 +394,8 @@ def _prune_args(p: argparse.ArgumentParser):
     p.add_argument("--structures", default=None, help="comma-separated structures (default: the architecture's, "
                    "heads,neurons for most, plus shared-neurons for MoE models with shared experts; Llama also "
                    "query-heads: exact head count, KV heads duplicated where needed; kv-groups)")
-    p.add_argument("--solver", default="osscar")
+    p.add_argument("--solver", default="osscar",
+                   help="a registered solver, or one per structure: heads=obs-greedy,neurons=osscar")
     p.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE", help="solver parameter")
     p.add_argument("--compare", default=None, metavar="SOLVERS",
                    help="comma-separated solvers also run on every layer's instance (their supports unused): the "
@@ -528,7 +536,8 @@ def _bench_speed_args(p: argparse.ArgumentParser):
 @command("bench-prune", "whole-model sweeps per solver over sparsity (results/prune_<model>.md/.png)")
 def _bench_prune_args(p: argparse.ArgumentParser):
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--solvers", default=None, help="comma-separated (default: osscar and every heuristic)")
+    p.add_argument("--solvers", default=None, help="comma-separated (default: osscar and every heuristic); one "
+                   "solver per structure is written heads=obs-greedy+neurons=osscar")
     p.add_argument("--sparsities", default="0.1,0.2,0.3,0.4,0.5,0.6")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
@@ -562,7 +571,11 @@ def _bench_prune_args(p: argparse.ArgumentParser):
         sparsities = sparsity_list(args.sparsities, "--sparsities")
         if args.out is not None:
             writable_folder(args.out)
-        solvers = args.solvers.split(",") if args.solvers else prune.DEFAULT_SOLVERS
+        solvers = [s for s in args.solvers.split(",") if s.strip()] if args.solvers else prune.DEFAULT_SOLVERS
+        from .apply import check_solver
+
+        for solver in solvers:  # names, per-structure solvers and --device, before the model is loaded
+            check_solver(solver, args.device, {})
         try:
             seeds = [int(x) for x in args.calib_seeds.split(",")] if args.calib_seeds else [None]
         except ValueError:

@@ -180,7 +180,7 @@ def _write(args: argparse.Namespace, out: Path, rows: list, dense: dict, last: d
     cal = report["calibration"]
     unit = "paragraphs" if cal.get("kind") == "paragraphs" else "windows"
     md = [f"# osscar-opt prune: {args.model}", "",
-          f"solver `{args.solver}`, calibration {cal['source']} {cal['windows']} {unit} x {cal['seq_len']} "
+          f"solver `{report['solver']}`, calibration {cal['source']} {cal['windows']} {unit} x {cal['seq_len']} "
           f"tokens ({cal['tokens']:,} real tokens), {'dense' if args.dense_activations else 'sequential'} "
           f"activations, {report['targets']} targets", ""]
     head = "| sparsity | parameters | " + ("perplexity | " if "ppl_pruned" in rows[0] else "fidelity | ") + \

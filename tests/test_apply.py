@@ -2,6 +2,7 @@
 and on a CNN trained on real data (scikit-learn's digits)."""
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from osscar_opt.adapters import UnsupportedModelError, adapter_for, weight_matri
 from osscar_opt.apply import PruneError, apply, count_parameters
 from osscar_opt.data import DataError
 from osscar_opt.extract import CORRECTION_RIDGES
-from osscar_opt.errors import InstanceError
+from osscar_opt.errors import InstanceError, OsscarError
 from osscar_opt.surgery import load_pruned, save_pruned
 
 from small_models import ARCHITECTURES, digits_cnn, random_tokens, tiny_llama
@@ -762,3 +763,49 @@ def test_compare_runs_other_solvers_on_every_site_and_writes_only_the_solvers_su
     with pytest.raises(SolverError, match="nope"):
         apply(model, cal, 0.5, structures=("heads",), progress=False, compare=("nope",))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_solver_per_structure_solves_each_structure_with_its_own_and_refuses_gaps_before_any_change():
+    """solver={"heads": ..., "neurons": ...}: every site's err is the err its own
+    solver reaches on the same instance (compare= runs both there), the string
+    form gives the same model, each solver gets only the parameters it has,
+    and a mapping that misses, adds or misspells a structure is refused with
+    the model untouched."""
+    from osscar_opt.errors import SolverError
+
+    cal = random_tokens(8, 16, seed=2)
+    mixed = tiny_llama()
+    report = apply(mixed, cal, 0.5, solver={"heads": "obs-greedy", "neurons": "magnitude"}, progress=False,
+                   compare=("obs-greedy", "magnitude"))
+    assert report.solver == "heads=obs-greedy+neurons=magnitude"
+    assert {s.structure for s in report.sites} == {"heads", "neurons"}
+    for s in report.sites:
+        own = "obs-greedy" if s.structure == "heads" else "magnitude"
+        assert s.err == pytest.approx(s.compare[own], rel=1e-9, abs=1e-12), (s.layer, s.structure)
+    # the mapping mattered: magnitude's neurons are worse than obs-greedy's somewhere
+    assert any(s.compare["obs-greedy"] < s.err - 1e-9 for s in report.sites if s.structure == "neurons")
+    written = tiny_llama()
+    apply(written, cal, 0.5, solver="heads=obs-greedy+neurons=magnitude", progress=False)
+    assert all(torch.equal(v, written.state_dict()[k]) for k, v in mixed.state_dict().items())
+    # local_search only osscar has (its heads then stay greedy), dtype both have: the same as two plain runs
+    split = tiny_llama()
+    rs = apply(split, cal, 0.5, solver={"heads": "osscar", "neurons": "obs-greedy"}, progress=False,
+               local_search=False, dtype="float64")
+    assert rs.solver_params == {"local_search": False, "dtype": "float64"}
+    plain = apply(tiny_llama(), cal, 0.5, solver="obs-greedy", progress=False)
+    assert [s.keep for s in rs.sites if s.structure == "neurons"] == \
+        [s.keep for s in plain.sites if s.structure == "neurons"]
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = [({"heads": "osscar"}, PruneError, "no solver for 'neurons'"),
+           ({"heads": "osscar", "neurons": "osscar", "kv-groups": "osscar"}, PruneError, "does not prune"),
+           ({"heads": "osscar", "neuron": "osscar"}, OsscarError, "neuron"),
+           ("heads=osscar+neurons", PruneError, "STRUCTURE=SOLVER"),
+           ({"heads": "osscar", "neurons": "nope"}, SolverError, "nope"),
+           (["osscar"], PruneError, "mapping"),
+           ({"heads": "osscar", "neurons": "obs-greedy"}, SolverError, "swap_sized")]
+    for solver, error, message in bad:
+        params = {"swap_sized": 4} if message == "swap_sized" else {}
+        with pytest.raises(error, match=re.escape(message)):
+            apply(model, cal, 0.5, solver=solver, progress=False, **params)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), solver

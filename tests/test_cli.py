@@ -180,6 +180,9 @@ def test_every_command_that_writes_results_checks_its_flags_and_out_folder_first
         (["solve", str(tmp_path / "none.npz"), "--out", str(tmp_path)], "is a folder: give a file name"),
         (["prune", "--device", "gpu"], "--device gpu: use cpu, cuda or cuda:N"),
         (["prune", "--compare", "obs-greedy,nope"], "nope"),
+        (["prune", "--solver", "heads=osscar,neurons=nope"], "nope"),
+        (["prune", "--solver", "heads=osscar,neurons=obs-greedy", "-p", "swap_sized=2"], "swap_sized"),
+        (["bench-prune", "--solvers", "osscar,heads=osscar+neurons"], "STRUCTURE=SOLVER"),
         (["bench-speed", "--device", "cpu", "--device", "cuda:x"], "--device cuda:x: use cpu, cuda or cuda:N"),
     ]
     import torch

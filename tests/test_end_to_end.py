@@ -196,10 +196,19 @@ def test_prune_command_takes_a_local_model_folder(kind, tmp_path, capsys):
     dense = tiny_moe(kind, vocab=len(tok)) if moe else tiny_llama_like(kind, vocab=len(tok))
     dense.save_pretrained(folder)
     tok.save_pretrained(folder)
+    # GLM-4.5: a solver per structure, from the command line (its -p only to the solver that has it)
+    mixed = ["--solver", "heads=obs-greedy,neurons=osscar,shared-neurons=magnitude", "-p", "local_search=false",
+             "--compare", "obs-greedy"] if kind == "glm4_moe" else []
     assert main(["prune", "--model", str(folder), "--sparsity", "0.5", "--nsamples", "4", "--seq-len", "64",
-                 "--eval-windows", "4", "--no-speed", "--out", str(out)]) == 0
+                 "--eval-windows", "4", "--no-speed", "--out", str(out), *mixed]) == 0
     assert "perplexity" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
+    if mixed:
+        last = report["last_report"]
+        assert last["solver"] == "heads=obs-greedy+neurons=osscar+shared-neurons=magnitude"
+        assert last["solver_params"] == {"local_search": False}
+        heads = [s for s in last["sites"] if s["structure"] == "heads"]
+        assert heads and all(s["err"] == pytest.approx(s["compare"]["obs-greedy"], rel=1e-9, abs=1e-12) for s in heads)
     assert report["last_report"]["targets"] == ("layer" if kind == "gemma2" else "dense")
     row = report["summary"][0]
     assert row["params_pruned"] < row["params_dense"]
