@@ -617,8 +617,7 @@ def apply(
     def solver_of(structure: str) -> str:
         return solvers if isinstance(solvers, str) else solvers[structure]
 
-    params_of = split_params([solver_of(site.structure) for site, _ in plan] or
-                             ([solvers] if isinstance(solvers, str) else list(solvers.values())), solver_params)
+    params_of = split_params([solvers] if isinstance(solvers, str) else list(solvers.values()), solver_params)
     for name, params in params_of.items():
         check_sizes(name, params, model, [(site, f) for site, f in plan if solver_of(site.structure) == name])
     label = solver_label(solvers)
