@@ -232,7 +232,7 @@ def test_bench_supports_measures_every_feasible_support_once_and_ranks_the_crite
     assert summary["picked"]["best on the evaluation half"]["perplexity"] == best
     assert all(-1.0 <= v <= 1.0 for v in summary["spearman"].values())
     assert set(summary["spearman"]) == {"err", "validation_err", "calibration_loss", "calibration_kl",
-                                        "validation_perplexity"}
+                                        "crossfit_loss", "validation_perplexity"}
     assert all(r["calibration_kl"] > 0.0 for r in rows)  # every support moves the model on the calibration windows
     # the held-out score of the refit weights, applied to the calibration instance itself, is the err
     from osscar_opt.evaluate import evaluate
@@ -260,10 +260,27 @@ def test_bench_supports_measures_every_feasible_support_once_and_ranks_the_crite
     merged = supports._supports(log)
     for r in rows:
         assert merged[tuple(r["support"])]["calibration_kl"] == pytest.approx(r["calibration_kl"], rel=1e-6)
+    # and one from before the cross-fitted loss: only that is added, with the same values
+    old = [{k: v for k, v in r.items() if k != "crossfit_loss"} for r in supports._rows(log)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in old))
+    supports.measure(model, cal, ev, val, layer=1, structure="heads", sparsity=0.5, log=log, loss_windows=2,
+                     solvers=())
+    added = supports._rows(log)[len(old):]
+    assert len(added) == 4 and all(set(r) == {"support", "crossfit_loss"} for r in added)
+    merged = supports._supports(log)
+    for r in rows:
+        assert merged[tuple(r["support"])]["crossfit_loss"] == pytest.approx(r["crossfit_loss"], rel=1e-6)
     lines = log.read_text()
     supports.measure(model, cal, ev, val, layer=1, structure="heads", sparsity=0.5, log=log, loss_windows=2,
                      solvers=())
     assert log.read_text() == lines
+    # calibration made of the same 4 windows twice: each half's refit is the whole one's, scored on those same
+    # windows, so the cross-fitted loss is the calibration loss on them
+    twice = torch.cat([cal[:4], cal[:4]])
+    supports.measure(model, twice, ev, None, layer=1, structure="heads", sparsity=0.5, log=tmp_path / "t.jsonl",
+                     loss_windows=4, solvers=())
+    for r in supports._supports(tmp_path / "t.jsonl").values():
+        assert r["crossfit_loss"] == pytest.approx(r["calibration_loss"], rel=1e-5)
     with pytest.raises(PruneError, match="measured with other settings"):
         supports.measure(model, cal, ev, None, layer=1, structure="heads", sparsity=0.5, log=log, loss_windows=2)
     with pytest.raises(PruneError, match="more than max_supports=3"):

@@ -19,6 +19,10 @@ the model with its refit weights, and measured by:
 - calibration KL: on the same windows, the mean KL divergence of the
   model's next-token distributions from the dense model's (what the whole
   model, not the layer, shows of the change on the calibration data);
+- cross-fitted calibration loss: the calibration windows split in two
+  halves; the support refit on each half's instance and the model's loss
+  measured on the other half, the two averaged (calibration data only, but
+  never scored on the rows its refit saw);
 - validation perplexity: calibration-half windows after the calibration
   ones (never the evaluation half);
 - evaluation perplexity: the evaluation half (the figure the sweeps quote).
@@ -27,9 +31,9 @@ The report gives each criterion's Spearman correlation with the evaluation
 perplexity, the support each criterion picks and where that support ranks on
 the evaluation half, and the supports the given solvers pick. Rows go to
 results/supports_<model>_l<layer>_<structure>_<sparsity>.jsonl as they finish
-(a rerun skips supports already measured, and adds a criterion a row lacks,
-such as the calibration KL of rows measured before it existed), the table to
-the .md beside it.
+(a rerun skips supports already measured, and adds the criteria a row lacks,
+such as the calibration KL or cross-fitted loss of rows measured before they
+existed), the table to the .md beside it.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ CRITERIA = (("err", "layer err (the solvers' objective)"),
             ("validation_err", "layer err on the validation windows"),
             ("calibration_loss", "calibration loss"),
             ("calibration_kl", "calibration KL from the dense model"),
+            ("crossfit_loss", "cross-fitted calibration loss"),
             ("validation_perplexity", "validation perplexity"))
 
 
@@ -128,6 +133,25 @@ def measure(dense, calibration, evaluation, validation, layer: int, structure: s
                 "evaluation": list(evaluation.shape),
                 "validation": None if validation is None else list(validation.shape)}
     done = _supports(log)
+    halves = None  # the cross-fitted loss: each half's refit, scored on the other half
+    if cal.n_windows >= 2:
+        halves = (cal.input_ids[: cal.n_windows // 2], cal.input_ids[cal.n_windows // 2:])
+        folds = [extract(dense, Calibration(h), structures=(structure,), layers=[layer], keep=1.0 - sparsity,
+                         damping=damping, progress=False)[0] for h in halves]
+
+    def crossfit_loss(S: tuple[int, ...]) -> float | None:
+        if halves is None:
+            return None
+        losses = []
+        for a in (0, 1):
+            fitted = copy.deepcopy(dense)
+            remove_groups(fitted, adapter_for(fitted).site(structure, layer), np.asarray(S),
+                          evaluate(folds[a], S).weights)
+            losses.append(_mean_loss(fitted, halves[1 - a]))
+        return float(np.mean(losses))
+
+    late = {"calibration_kl": lambda S, model: kl_divergence(dense, model, loss_set),
+            "crossfit_loss": lambda S, model: crossfit_loss(S)}  # added to rows measured before they existed
     dense_row = next((r for r in _rows(log) if r.get("support") is None and "dense_perplexity" in r), None)
     if dense_row is not None and dense_row.get("settings") != settings:
         raise PruneError(f"{log} holds rows measured with other settings ({dense_row.get('settings')}): "
@@ -139,18 +163,19 @@ def measure(dense, calibration, evaluation, validation, layer: int, structure: s
         _append(log, dense_row)
     for S in supports(inst):
         S = tuple(int(g) for g in S)
-        if S in done and "calibration_kl" in done[S]:
+        missing = [k for k in late if k not in done.get(S, {}) and not (k == "crossfit_loss" and halves is None)]
+        if S in done and not missing:
             continue
         t = time.perf_counter()
         ev = evaluate(inst, S)
         model = copy.deepcopy(dense)
         remove_groups(model, adapter_for(model).site(structure, layer), np.asarray(S), ev.weights)
-        if S in done:  # measured before the calibration KL existed: add it (a row merged by support)
-            _append(log, {"support": list(S), "calibration_kl": kl_divergence(dense, model, loss_set)})
-            print(f"{stem} {list(S)}: calibration KL added ({time.perf_counter() - t:.0f} s)", flush=True)
+        if S in done:  # measured before these criteria existed: add them (a row merged by support)
+            _append(log, {"support": list(S), **{k: late[k](S, model) for k in missing}})
+            print(f"{stem} {list(S)}: {', '.join(missing)} added ({time.perf_counter() - t:.0f} s)", flush=True)
             continue
         row = {"support": list(S), "err": ev.err, "calibration_loss": _mean_loss(model, loss_set),
-               "calibration_kl": kl_divergence(dense, model, loss_set),
+               **{k: late[k](S, model) for k in late},
                "validation_perplexity": perplexity(model, validation) if validation is not None else None,
                "perplexity": perplexity(model, evaluation)}
         row["seconds"] = time.perf_counter() - t
@@ -228,7 +253,8 @@ def _markdown(rows: list[dict], summary: dict) -> str:
              f"Only this site is pruned, on the dense model; each of its {summary['supports']} feasible supports "
              f"is written back with its refit weights (damping {summary['damping']:g}; pydoc calibration "
              f"{summary['nsamples']} x {summary['seq_len']} tokens). Calibration loss and KL from the dense "
-             f"model: the first {summary['loss_windows']} calibration windows; validation: "
+             f"model: the first {summary['loss_windows']} calibration windows; cross-fitted loss: refit on "
+             f"each half of the calibration windows, scored on the other half; validation: "
              f"{summary['validation_windows']} calibration-half windows after the calibration ones; evaluation: "
              f"{summary['eval_windows']} windows "
              f"of the evaluation half.",
@@ -246,13 +272,14 @@ def _markdown(rows: list[dict], summary: dict) -> str:
     for key, p in summary["picked"].items():
         lines.append(f"| {labels.get(key, key)} | {p['support']} | {p['perplexity']:.3f} | {p['rank']:g} |")
     lines += ["", "Every support, by evaluation perplexity:", "",
-              "| support | err | validation err | calibration loss | calibration KL | validation perplexity | "
-              "evaluation perplexity |",
-              "|---|---|---|---|---|---|---|"]
+              "| support | err | validation err | calibration loss | calibration KL | cross-fitted loss | "
+              "validation perplexity | evaluation perplexity |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["perplexity"]):
         val = "-" if r.get("validation_perplexity") is None else f"{r['validation_perplexity']:.3f}"
         verr = "-" if r.get("validation_err") is None else f"{r['validation_err']:.5f}"
         kl = "-" if r.get("calibration_kl") is None else f"{r['calibration_kl']:.5f}"
-        lines.append(f"| {r['support']} | {r['err']:.5f} | {verr} | {r['calibration_loss']:.4f} | {kl} | {val} | "
-                     f"{r['perplexity']:.3f} |")
+        xfit = "-" if r.get("crossfit_loss") is None else f"{r['crossfit_loss']:.4f}"
+        lines.append(f"| {r['support']} | {r['err']:.5f} | {verr} | {r['calibration_loss']:.4f} | {kl} | {xfit} | "
+                     f"{val} | {r['perplexity']:.3f} |")
     return "\n".join(lines) + "\n"
