@@ -269,6 +269,11 @@ def solver_label(solver: str | Mapping[str, str]) -> str:
     return solver if isinstance(solver, str) else "+".join(f"{k}={v}" for k, v in solver.items())
 
 
+def declared_params(cls: Any) -> set[str]:
+    """The parameter names a solver class's Params declares."""
+    return {f.name for f in dataclasses.fields(cls.Params)}
+
+
 def split_params(names: Sequence[str], solver_params: dict) -> dict[str, dict]:
     """Each solver's share of `solver_params`: one solver takes them all; several
     take the ones their Params declare, and a parameter none declares is refused."""
@@ -277,7 +282,7 @@ def split_params(names: Sequence[str], solver_params: dict) -> dict[str, dict]:
     names = list(dict.fromkeys(names))
     if len(names) == 1:
         return {names[0]: dict(solver_params)}
-    fields = {n: {f.name for f in dataclasses.fields(available_solver(n).Params)} for n in names}
+    fields = {n: declared_params(available_solver(n)) for n in names}
     for key in solver_params:
         if not any(key in f for f in fields.values()):
             raise SolverError(f"none of the solvers {', '.join(map(repr, names))} has a parameter {key!r}: "
@@ -285,18 +290,20 @@ def split_params(names: Sequence[str], solver_params: dict) -> dict[str, dict]:
     return {n: {k: v for k, v in solver_params.items() if k in fields[n]} for n in names}
 
 
-def check_solver(solver: str | Mapping[str, str], device: Any, solver_params: dict) -> None:
+def check_solver(solver: str | Mapping[str, str], device: Any, solver_params: dict) -> dict[str, dict]:
     """The solver (or each solver of a per-structure one) exists, runs here, takes
-    these parameters and the device: before any layer is touched."""
+    these parameters and the device: before any layer is touched. Returns each
+    solver's share of the parameters (`split_params`)."""
     from .registry import available_solver, make_params, resolve_device
 
     spec = parse_solver(solver)
-    names = [spec] if isinstance(spec, str) else list(spec.values())
-    for name, params in split_params(names, solver_params).items():
+    shares = split_params([spec] if isinstance(spec, str) else list(spec.values()), solver_params)
+    for name, params in shares.items():
         cls = available_solver(name)
         make_params(cls, params)
         if device is not None:
             resolve_device(device, cls.devices)
+    return shares
 
 
 def check_sizes(solver: str, solver_params: dict, model: nn.Module, plan: Sequence[tuple[Site, float]]) -> None:
@@ -601,7 +608,7 @@ def apply(
         raise DataError("the calibration tensor is empty: give at least one window")
     calibration = _check_tokens(model, adapter, calibration)
     solvers = parse_solver(solver)
-    check_solver(solvers, device, solver_params)
+    params_of = check_solver(solvers, device, solver_params)
     if isinstance(solvers, dict):
         for key in solvers:
             adapter.check_structure(key)
@@ -617,7 +624,6 @@ def apply(
     def solver_of(structure: str) -> str:
         return solvers if isinstance(solvers, str) else solvers[structure]
 
-    params_of = split_params([solvers] if isinstance(solvers, str) else list(solvers.values()), solver_params)
     for name, params in params_of.items():
         check_sizes(name, params, model, [(site, f) for site, f in plan if solver_of(site.structure) == name])
     label = solver_label(solvers)

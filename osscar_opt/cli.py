@@ -55,9 +55,7 @@ def parse_params(solver: str, items: Sequence[str]) -> dict:
     """Solver parameters from repeated NAME=VALUE flags, typed by its Params
     (for a solver per structure, "heads=obs-greedy+neurons=osscar", by the
     first of its solvers that has the parameter)."""
-    import dataclasses
-
-    from .apply import parse_solver
+    from .apply import declared_params, parse_solver
     from .registry import coerce_param, get_solver
 
     spec = parse_solver(solver)
@@ -67,7 +65,7 @@ def parse_params(solver: str, items: Sequence[str]) -> dict:
         if "=" not in item:
             raise OsscarError(f"solver parameters are NAME=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        cls = next((c for c in classes if key.strip() in {f.name for f in dataclasses.fields(c.Params)}), classes[0])
+        cls = next((c for c in classes if key.strip() in declared_params(c)), classes[0])
         params[key.strip()] = coerce_param(cls, key.strip(), value.strip())
     return params
 

@@ -139,16 +139,16 @@ def measure(dense, calibration, evaluation, validation, layer: int, structure: s
         folds = [extract(dense, Calibration(h), structures=(structure,), layers=[layer], keep=1.0 - sparsity,
                          damping=damping, progress=False)[0] for h in halves]
 
+    def pruned(S: tuple[int, ...], weights: np.ndarray):
+        """A copy of the dense model with only this site pruned to S, these refit weights."""
+        model = copy.deepcopy(dense)
+        remove_groups(model, adapter_for(model).site(structure, layer), np.asarray(S), weights)
+        return model
+
     def crossfit_loss(S: tuple[int, ...]) -> float | None:
         if halves is None:
             return None
-        losses = []
-        for a in (0, 1):
-            fitted = copy.deepcopy(dense)
-            remove_groups(fitted, adapter_for(fitted).site(structure, layer), np.asarray(S),
-                          evaluate(folds[a], S).weights)
-            losses.append(_mean_loss(fitted, halves[1 - a]))
-        return float(np.mean(losses))
+        return float(np.mean([_mean_loss(pruned(S, evaluate(folds[a], S).weights), halves[1 - a]) for a in (0, 1)]))
 
     late = {"calibration_kl": lambda S, model: kl_divergence(dense, model, loss_set),
             "crossfit_loss": lambda S, model: crossfit_loss(S)}  # added to rows measured before they existed
@@ -168,8 +168,7 @@ def measure(dense, calibration, evaluation, validation, layer: int, structure: s
             continue
         t = time.perf_counter()
         ev = evaluate(inst, S)
-        model = copy.deepcopy(dense)
-        remove_groups(model, adapter_for(model).site(structure, layer), np.asarray(S), ev.weights)
+        model = pruned(S, ev.weights)
         if S in done:  # measured before these criteria existed: add them (a row merged by support)
             _append(log, {"support": list(S), **{k: late[k](S, model) for k in missing}})
             print(f"{stem} {list(S)}: {', '.join(missing)} added ({time.perf_counter() - t:.0f} s)", flush=True)
