@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from osscar_opt.errors import SolverError
+from osscar_opt.evaluate import n_supports, supports  # noqa: F401  (exact.enumerate.supports)
 from osscar_opt.instance import Instance
 from osscar_opt.linalg import batched_objectives, output_factor
 from osscar_opt.registry import Result, Solver, Status, register
@@ -51,26 +52,6 @@ class EnumerateParams:
     def __post_init__(self):
         if self.method not in ("auto", "tree", "batched"):
             raise ValueError(f"method must be 'auto', 'tree' or 'batched', got {self.method!r}")
-
-
-def n_supports(instance: Instance) -> int:
-    part = instance.partition
-    if part is None:
-        return math.comb(instance.n_groups, instance.keep)
-    sizes = part.part_sizes()
-    return int(np.prod([math.comb(int(s), int(b)) for s, b in zip(sizes, part.budget)]))
-
-
-def supports(instance: Instance):
-    """Iterate over every feasible support (tuples of group ids)."""
-    part = instance.partition
-    if part is None:
-        yield from itertools.combinations(range(instance.n_groups), instance.keep)
-        return
-    members = [np.flatnonzero(part.parts == j).tolist() for j in range(part.n_parts)]
-    choices = [itertools.combinations(mem, int(b)) for mem, b in zip(members, part.budget)]
-    for combo in itertools.product(*[list(c) for c in choices]):
-        yield tuple(sorted(itertools.chain.from_iterable(combo)))
 
 
 @register

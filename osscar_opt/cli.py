@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .errors import CliError, OsscarError
-from .instance import DAMPING, DEFAULT_TARGETS, TARGET_DAMPING, TARGETS
+from .instance import DAMPING, DEFAULT_TARGETS, SELECT, TARGET_DAMPING, TARGETS
 
 Handler = Callable[[argparse.Namespace], int]
 _COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], Handler], str]] = {}
@@ -398,6 +398,9 @@ def _prune_args(p: argparse.ArgumentParser):
     p.add_argument("--compare", default=None, metavar="SOLVERS",
                    help="comma-separated solvers also run on every layer's instance (their supports unused): the "
                         "report gives their err beside the solver's and counts where it is lower")
+    p.add_argument("--select", choices=SELECT, default="err",
+                   help="how attention heads are chosen: 'err' the solver's support (default), 'loss' the one with "
+                        "the lowest estimated change of the calibration loss (causal LMs)")
     p.add_argument("--calib", default="pydoc", help="calibration text: pydoc, wikitext2, c4, ptb or a .txt/.jsonl file")
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
@@ -561,6 +564,8 @@ def _bench_prune_args(p: argparse.ArgumentParser):
                         "mode; rows labelled 'layer targets')")
     p.add_argument("--target-damping", type=target_damping, default=TARGET_DAMPING,
                    help="ridge of the dense-target correction, or 'validated' (default; fixed ridges are labelled)")
+    p.add_argument("--select", choices=SELECT, default="err",
+                   help="apply()'s choice of attention heads: 'err' (default) or 'loss' (rows labelled 'heads by loss')")
 
     def run(args: argparse.Namespace) -> int:
         from .benchmarks import prune
@@ -574,6 +579,9 @@ def _bench_prune_args(p: argparse.ArgumentParser):
 
         for solver in solvers:  # names, per-structure solvers and --device, before the model is loaded
             check_solver(solver, args.device, {})
+        from .prune_cli import check_select
+
+        check_select(args.model, args.select)
         try:
             seeds = [int(x) for x in args.calib_seeds.split(",")] if args.calib_seeds else [None]
         except ValueError:
@@ -591,7 +599,7 @@ def _bench_prune_args(p: argparse.ArgumentParser):
                   args.seq_len, args.eval_windows, args.device, args.out, damping=dampings, calib_seeds=seeds,
                   validation_windows=args.validation_windows, speed_at=None if args.no_speed else 0.5,
                   structures=args.structures.split(",") if args.structures else None, targets=args.targets,
-                  target_damping=args.target_damping)
+                  target_damping=args.target_damping, select=args.select)
         return 0
 
     return run

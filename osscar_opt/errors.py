@@ -21,6 +21,10 @@ class SolverError(OsscarError):
     """A solver was asked for something it cannot do, or failed numerically."""
 
 
+class PruneError(OsscarError, ValueError):
+    """apply() was asked for something it cannot do; the model is untouched."""
+
+
 class CliError(OsscarError, ValueError):
     """A command-line argument is invalid (checked before any long work starts)."""
 

@@ -13,6 +13,8 @@ independently of any solver's own bookkeeping (DESIGN.md section 1).
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -62,6 +64,27 @@ def is_feasible(instance: Instance, S: np.ndarray) -> bool:
         return True
     counts = np.bincount(part.parts[S], minlength=part.n_parts)
     return bool(np.array_equal(counts, part.budget))
+
+
+def n_supports(instance: Instance) -> int:
+    """The number of feasible supports (partition budgets met)."""
+    part = instance.partition
+    if part is None:
+        return math.comb(instance.n_groups, instance.keep)
+    sizes = part.part_sizes()
+    return int(np.prod([math.comb(int(s), int(b)) for s, b in zip(sizes, part.budget)]))
+
+
+def supports(instance: Instance):
+    """Iterate over every feasible support (sorted tuples of group ids)."""
+    part = instance.partition
+    if part is None:
+        yield from itertools.combinations(range(instance.n_groups), instance.keep)
+        return
+    members = [np.flatnonzero(part.parts == j).tolist() for j in range(part.n_parts)]
+    choices = [itertools.combinations(mem, int(b)) for mem, b in zip(members, part.budget)]
+    for combo in itertools.product(*[list(c) for c in choices]):
+        yield tuple(sorted(itertools.chain.from_iterable(combo)))
 
 
 def evaluate(instance: Instance, keep_groups: Sequence[int] | np.ndarray, weights: bool = True,

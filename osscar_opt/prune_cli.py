@@ -75,7 +75,7 @@ def prune_once(args: argparse.Namespace, sparsity: float, dense: dict | None = N
     report = apply(model, cal, _sparsity(args, sparsity), solver=args.solver, structures=structures,
                    sequential=not args.dense_activations, damping=args.damping, device=args.device,
                    targets=args.targets, target_damping=args.target_damping,
-                   compare=_compared(args),
+                   compare=_compared(args), select=getattr(args, "select", "err"),
                    **_solver_params(args))
     pruned = measure(model, tok, kind, args, reference=dense.get("embeddings"), speed=False)
     if not args.no_speed:
@@ -194,6 +194,15 @@ def _write(args: argparse.Namespace, out: Path, rows: list, dense: dict, last: d
     atomic_write(out / "report.md", lambda fh: fh.write("\n".join(md) + "\n"))
 
 
+def check_select(model: str, select: str) -> None:
+    """--select loss needs a causal LM: refused for an embedded encoder before it loads."""
+    from .models import EMBEDDED
+
+    if select == "loss" and model in EMBEDDED and EMBEDDED[model].kind != "causal-lm":
+        raise CliError(f"--select loss scores heads by a causal LM's next-token loss and {model} is an "
+                       f"{EMBEDDED[model].kind}: leave --select out")
+
+
 def prune_command(args: argparse.Namespace) -> int:
     from . import data
     from .apply import check_solver
@@ -205,6 +214,7 @@ def prune_command(args: argparse.Namespace) -> int:
     for other in _compared(args):
         check_solver(other, args.device, {})
     data.source_text(args.calib)
+    check_select(args.model, getattr(args, "select", "err"))
     sparsities = sparsity_list(args.sweep, "--sweep") if args.sweep else [args.sparsity]
     for flag, value in (("--sparsity", args.sparsity), ("--heads", args.heads), ("--neurons", args.neurons)):
         if value is not None and not 0.0 <= value < 1.0:
@@ -230,4 +240,4 @@ def prune_command(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["prune_command", "prune_once", "measure"]
+__all__ = ["check_select", "prune_command", "prune_once", "measure"]

@@ -774,9 +774,9 @@ def test_a_solver_per_structure_solves_each_structure_with_its_own_and_refuses_g
     from osscar_opt.errors import SolverError
 
     cal = random_tokens(8, 16, seed=2)
-    mixed = tiny_llama()
+    mixed = tiny_llama()  # select="err": every site keeps its solver's support
     report = apply(mixed, cal, 0.5, solver={"heads": "obs-greedy", "neurons": "magnitude"}, progress=False,
-                   compare=("obs-greedy", "magnitude"))
+                   compare=("obs-greedy", "magnitude"), select="err")
     assert report.solver == "heads=obs-greedy+neurons=magnitude"
     assert {s.structure for s in report.sites} == {"heads", "neurons"}
     for s in report.sites:
@@ -785,14 +785,14 @@ def test_a_solver_per_structure_solves_each_structure_with_its_own_and_refuses_g
     # the mapping mattered: magnitude's neurons are worse than obs-greedy's somewhere
     assert any(s.compare["obs-greedy"] < s.err - 1e-9 for s in report.sites if s.structure == "neurons")
     written = tiny_llama()
-    apply(written, cal, 0.5, solver="heads=obs-greedy+neurons=magnitude", progress=False)
+    apply(written, cal, 0.5, solver="heads=obs-greedy+neurons=magnitude", progress=False, select="err")
     assert all(torch.equal(v, written.state_dict()[k]) for k, v in mixed.state_dict().items())
     # local_search only osscar has (its heads then stay greedy), dtype both have: the same as two plain runs
     split = tiny_llama()
     rs = apply(split, cal, 0.5, solver={"heads": "osscar", "neurons": "obs-greedy"}, progress=False,
-               local_search=False, dtype="float64")
+               local_search=False, dtype="float64", select="err")
     assert rs.solver_params == {"local_search": False, "dtype": "float64"}
-    plain = apply(tiny_llama(), cal, 0.5, solver="obs-greedy", progress=False)
+    plain = apply(tiny_llama(), cal, 0.5, solver="obs-greedy", progress=False, select="err")
     assert [s.keep for s in rs.sites if s.structure == "neurons"] == \
         [s.keep for s in plain.sites if s.structure == "neurons"]
     model = tiny_llama()

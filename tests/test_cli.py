@@ -181,6 +181,8 @@ def test_every_command_that_writes_results_checks_its_flags_and_out_folder_first
         (["prune", "--device", "gpu"], "--device gpu: use cpu, cuda or cuda:N"),
         (["prune", "--compare", "obs-greedy,nope"], "nope"),
         (["prune", "--solver", "heads=osscar,neurons=nope"], "nope"),
+        (["prune", "--model", "minilm-l6", "--select", "loss"], "minilm-l6 is an encoder: leave --select out"),
+        (["bench-prune", "--model", "minilm-l6", "--select", "loss"], "minilm-l6 is an encoder: leave --select out"),
         (["prune", "--solver", "heads=osscar,neurons=obs-greedy", "-p", "swap_sized=2"], "swap_sized"),
         (["bench-prune", "--solvers", "osscar,heads=osscar+neurons"], "STRUCTURE=SOLVER"),
         (["bench-speed", "--device", "cpu", "--device", "cuda:x"], "--device cuda:x: use cpu, cuda or cuda:N"),
@@ -232,7 +234,7 @@ def test_bench_supports_measures_every_feasible_support_once_and_ranks_the_crite
     assert summary["picked"]["best on the evaluation half"]["perplexity"] == best
     assert all(-1.0 <= v <= 1.0 for v in summary["spearman"].values())
     assert set(summary["spearman"]) == {"err", "validation_err", "calibration_loss", "calibration_kl",
-                                        "crossfit_loss", "validation_perplexity"}
+                                        "crossfit_loss", "loss_estimate", "validation_perplexity"}
     assert all(r["calibration_kl"] > 0.0 for r in rows)  # every support moves the model on the calibration windows
     # the held-out score of the refit weights, applied to the calibration instance itself, is the err
     from osscar_opt.evaluate import evaluate
@@ -241,6 +243,13 @@ def test_bench_supports_measures_every_feasible_support_once_and_ranks_the_crite
     (inst,) = extract(model, cal, structures=("heads",), layers=[1], keep=0.5, progress=False)
     for r in rows:
         assert supports.held_out_err(inst, evaluate(inst, r["support"]).weights) == pytest.approx(r["err"], rel=1e-9)
+    # the estimated loss change is what apply(select="loss") minimizes over the same supports
+    from osscar_opt.loss_select import choose_by_loss, loss_curvature
+
+    curv = loss_curvature(model, [inst.meta["module"]], [cal])[inst.meta["module"]]
+    choice = choose_by_loss(inst, rows[0]["support"], curv)
+    assert summary["picked"]["loss_estimate"]["support"] == choice.keep.tolist()
+    assert min(r["loss_estimate"] for r in rows) == pytest.approx(choice.estimate, rel=1e-6)
     assert perplexity(model, ev) == supports._rows(log)[0]["dense_perplexity"]
     text = log.with_suffix(".md").read_text()
     assert "| layer err (the solvers' objective) |" in text and text.count("\n| [") == 4
@@ -260,16 +269,18 @@ def test_bench_supports_measures_every_feasible_support_once_and_ranks_the_crite
     merged = supports._supports(log)
     for r in rows:
         assert merged[tuple(r["support"])]["calibration_kl"] == pytest.approx(r["calibration_kl"], rel=1e-6)
-    # and one from before the cross-fitted loss: only that is added, with the same values
-    old = [{k: v for k, v in r.items() if k != "crossfit_loss"} for r in supports._rows(log)]
+    # and one from before the cross-fitted loss and the loss estimate: only those are added, with the same values
+    late = ("crossfit_loss", "loss_estimate")
+    old = [{k: v for k, v in r.items() if k not in late} for r in supports._rows(log)]
     log.write_text("".join(json.dumps(r) + "\n" for r in old))
     supports.measure(model, cal, ev, val, layer=1, structure="heads", sparsity=0.5, log=log, loss_windows=2,
                      solvers=())
     added = supports._rows(log)[len(old):]
-    assert len(added) == 4 and all(set(r) == {"support", "crossfit_loss"} for r in added)
+    assert len(added) == 4 and all(set(r) == {"support", *late} for r in added)
     merged = supports._supports(log)
     for r in rows:
-        assert merged[tuple(r["support"])]["crossfit_loss"] == pytest.approx(r["crossfit_loss"], rel=1e-6)
+        for key in late:
+            assert merged[tuple(r["support"])][key] == pytest.approx(r[key], rel=1e-6, abs=1e-12)
     lines = log.read_text()
     supports.measure(model, cal, ev, val, layer=1, structure="heads", sparsity=0.5, log=log, loss_windows=2,
                      solvers=())

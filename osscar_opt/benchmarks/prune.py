@@ -59,6 +59,8 @@ def _label(row: dict, seed: bool = True) -> str:
     if targets == "dense" and row.get("outliers", "dense") != GramHooks.outliers:
         # measured when the correction left out only the tokens massive in the dense model
         extra.append(f"outliers: {row.get('outliers', 'dense')} only")
+    if row.get("select", "err") != "err":  # rows measured before `select` existed chose heads by err
+        extra.insert(0, f"heads by {row['select']}")
     if seed and row.get("calib_seed") is not None:
         extra.append(f"calib seed {row['calib_seed']}")
     return row["solver"] + (f" ({', '.join(extra)})" if extra else "")
@@ -81,7 +83,8 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
         eval_windows: int = 40, device: str | None = None, out: str | Path | None = None,
         speed_at: float | None = 0.5, damping: float | Sequence[float] = DAMPING,
         calib_seeds: Sequence[int | None] = (None,), structures: Sequence[str] | None = None,
-        validation_windows: int = 0, targets: str | None = None, target_damping: float | None = TARGET_DAMPING) -> list[dict]:
+        validation_windows: int = 0, targets: str | None = None, target_damping: float | None = TARGET_DAMPING,
+        select: str | None = None) -> list[dict]:
     """One pruning per (seed, damping, solver, sparsity), appended to
     prune_<model>.jsonl as it finishes (a rerun skips those done), then the
     tables and plot.
@@ -92,8 +95,9 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
     windows (causal LMs: perplexity) or paragraphs (encoders: fidelity) after
     those the calibration uses (consecutive calibration only), for choosing
     the damping without the evaluation half.
-    targets, target_damping: apply()'s (rows other than its defaults, dense
-    targets with a validated ridge, are labelled)."""
+    targets, target_damping, select: apply()'s (rows other than its defaults,
+    dense targets with a validated ridge and heads chosen by err, are
+    labelled)."""
     import torch
 
     from .. import data, models
@@ -132,23 +136,25 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
         validation_reference = sentence_embeddings(dense_model, tok, validation)
     dampings = [float(damping)] if isinstance(damping, (int, float)) else [float(x) for x in damping]
     targets = targets or "dense"  # what apply() picks for the embedded models (sequential transformers)
+    select = select or "err"
     for seed, damping, solver, s in itertools.product(calib_seeds, dampings, solvers, sparsities):
         tag = ",".join(structures) if structures else None
         label = _label({"solver": solver, "damping": damping, "calib_seed": seed, "structures": tag,
-                        "targets": targets, "target_damping": target_damping, "outliers": GramHooks.outliers})
+                        "targets": targets, "target_damping": target_damping, "outliers": GramHooks.outliers,
+                        "select": select})
         if (label, s) in (done if validation is None or seed is not None else validated):
             continue
         cal = calibration_for(seed)
         model, _ = models.load(model_name, dtype=torch.float32, device=device)
         t = time.perf_counter()
         report = apply(model, cal, s, solver=solver, device=device, progress=False, damping=damping,
-                       structures=structures, targets=targets, target_damping=target_damping)
+                       structures=structures, targets=targets, target_damping=target_damping, select=select)
         seconds = time.perf_counter() - t
         res = evaluate_model(model, tok, kind=kind, n_windows=eval_windows, seq_len=seq, reference=reference)
         row = {"solver": solver, "sparsity": s, "damping": damping, "calib_seed": seed, "structures": tag,
                "targets": report.targets, "target_damping": report.target_damping,
                "outliers": GramHooks.outliers if report.targets == "dense" else None,
-               "parameters": res["parameters"],
+               "select": report.select, "parameters": res["parameters"],
                "prune_seconds": seconds, "solve_seconds": report.solve_seconds, "mean_err": report.mean_err,
                "perplexity": res.get("perplexity"), "fidelity": res.get("fidelity")}
         if validation is not None and seed is None:

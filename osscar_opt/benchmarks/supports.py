@@ -23,6 +23,10 @@ the model with its refit weights, and measured by:
   halves; the support refit on each half's instance and the model's loss
   measured on the other half, the two averaged (calibration data only, but
   never scored on the rows its refit saw);
+- estimated loss change: the second-order estimate of the change of the
+  calibration loss that apply(select="loss") minimizes (`loss_select`;
+  one backward pass over the calibration windows, no forward pass per
+  support);
 - validation perplexity: calibration-half windows after the calibration
   ones (never the evaluation half);
 - evaluation perplexity: the evaluation half (the figure the sweeps quote).
@@ -57,6 +61,7 @@ CRITERIA = (("err", "layer err (the solvers' objective)"),
             ("calibration_loss", "calibration loss"),
             ("calibration_kl", "calibration KL from the dense model"),
             ("crossfit_loss", "cross-fitted calibration loss"),
+            ("loss_estimate", "estimated loss change (select='loss')"),
             ("validation_perplexity", "validation perplexity"))
 
 
@@ -111,6 +116,7 @@ def measure(dense, calibration, evaluation, validation, layer: int, structure: s
     from ..evaluate import evaluate
     from ..evaluation import kl_divergence, perplexity
     from ..extract import extract
+    from ..loss_select import loss_curvature
     from ..registry import solve
     from ..surgery import remove_groups
     from exact.enumerate import n_supports, supports
@@ -150,8 +156,16 @@ def measure(dense, calibration, evaluation, validation, layer: int, structure: s
             return None
         return float(np.mean([_mean_loss(pruned(S, evaluate(folds[a], S).weights), halves[1 - a]) for a in (0, 1)]))
 
+    curvature = []  # the loss gradients at the site's consumer, taken once when a row needs them
+
+    def loss_estimate(S: tuple[int, ...]) -> float:
+        if not curvature:
+            curvature.append(loss_curvature(dense, [inst.meta["module"]], cal.batches(4))[inst.meta["module"]])
+        return curvature[0].estimate(inst, evaluate(inst, S).weights)
+
     late = {"calibration_kl": lambda S, model: kl_divergence(dense, model, loss_set),
-            "crossfit_loss": lambda S, model: crossfit_loss(S)}  # added to rows measured before they existed
+            "crossfit_loss": lambda S, model: crossfit_loss(S),
+            "loss_estimate": lambda S, model: loss_estimate(S)}  # added to rows measured before they existed
     dense_row = next((r for r in _rows(log) if r.get("support") is None and "dense_perplexity" in r), None)
     if dense_row is not None and dense_row.get("settings") != settings:
         raise PruneError(f"{log} holds rows measured with other settings ({dense_row.get('settings')}): "
@@ -253,7 +267,8 @@ def _markdown(rows: list[dict], summary: dict) -> str:
              f"is written back with its refit weights (damping {summary['damping']:g}; pydoc calibration "
              f"{summary['nsamples']} x {summary['seq_len']} tokens). Calibration loss and KL from the dense "
              f"model: the first {summary['loss_windows']} calibration windows; cross-fitted loss: refit on "
-             f"each half of the calibration windows, scored on the other half; validation: "
+             f"each half of the calibration windows, scored on the other half; estimated loss change: "
+             f"apply(select='loss')'s second-order estimate from the calibration loss gradients; validation: "
              f"{summary['validation_windows']} calibration-half windows after the calibration ones; evaluation: "
              f"{summary['eval_windows']} windows "
              f"of the evaluation half.",
@@ -272,13 +287,14 @@ def _markdown(rows: list[dict], summary: dict) -> str:
         lines.append(f"| {labels.get(key, key)} | {p['support']} | {p['perplexity']:.3f} | {p['rank']:g} |")
     lines += ["", "Every support, by evaluation perplexity:", "",
               "| support | err | validation err | calibration loss | calibration KL | cross-fitted loss | "
-              "validation perplexity | evaluation perplexity |",
-              "|---|---|---|---|---|---|---|---|"]
+              "estimated loss change | validation perplexity | evaluation perplexity |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["perplexity"]):
         val = "-" if r.get("validation_perplexity") is None else f"{r['validation_perplexity']:.3f}"
         verr = "-" if r.get("validation_err") is None else f"{r['validation_err']:.5f}"
         kl = "-" if r.get("calibration_kl") is None else f"{r['calibration_kl']:.5f}"
         xfit = "-" if r.get("crossfit_loss") is None else f"{r['crossfit_loss']:.4f}"
+        est = "-" if r.get("loss_estimate") is None else f"{r['loss_estimate']:+.5f}"
         lines.append(f"| {r['support']} | {r['err']:.5f} | {verr} | {r['calibration_loss']:.4f} | {kl} | {xfit} | "
-                     f"{val} | {r['perplexity']:.3f} |")
+                     f"{est} | {val} | {r['perplexity']:.3f} |")
     return "\n".join(lines) + "\n"

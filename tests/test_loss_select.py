@@ -1,0 +1,147 @@
+"""Choosing attention supports by the estimated change of the model's loss
+(`osscar_opt.loss_select`, apply(select=...)), on small models built in-process."""
+
+import numpy as np
+import pytest
+import torch
+
+from osscar_opt.apply import PruneError, apply
+from osscar_opt.evaluate import evaluate, evaluate_masked, n_supports, supports
+from osscar_opt.extract import extract
+from osscar_opt.loss_select import LossCurvature, choose_by_loss, loss_curvature
+
+from conftest import random_instance
+from small_models import ARCHITECTURES, random_tokens, tiny_llama
+
+
+def _mean_loss(model, tokens):
+    logits = model(input_ids=tokens).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+def test_curvature_is_the_weight_gradient_and_the_gradient_outer_products_of_the_mean_loss():
+    """C = sum_t x_t g_t' is the gradient of the mean calibration loss with
+    respect to the consumer's weight (transposed), and F = sum_t g_t g_t' with
+    g_t the gradient at the consumer's output: both checked against autograd
+    on the whole model, with the parameters taking gradients as usual."""
+    model = tiny_llama().double()
+    tokens = random_tokens(6, 12, seed=3)
+    name = "model.layers.1.self_attn.o_proj"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    (curv,) = loss_curvature(model, [name], [tokens[:4], tokens[4:]]).values()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert curv.tokens == 6 * 11
+
+    outputs = []
+    module = dict(model.named_modules())[name]
+    handle = module.register_forward_hook(lambda m, a, out: outputs.append(out) or out.retain_grad())
+    loss = _mean_loss(model, tokens)
+    loss.backward()
+    handle.remove()
+    np.testing.assert_allclose(curv.C, module.weight.grad.T.numpy(), rtol=1e-9, atol=1e-14)
+    g = outputs[0].grad.reshape(-1, outputs[0].shape[-1])
+    np.testing.assert_allclose(curv.F, (g.T @ g).numpy(), rtol=1e-9, atol=1e-16)
+
+
+def test_the_estimate_follows_the_loss_for_a_small_change_of_the_weights():
+    """The first-order part of the estimate is the directional derivative of
+    the mean loss (finite differences on the model), and the whole estimate is
+    quadratic in the change with the documented terms."""
+    model = tiny_llama().double()
+    tokens = random_tokens(6, 12, seed=4)
+    name = "model.layers.0.self_attn.o_proj"
+    (curv,) = loss_curvature(model, [name], [tokens]).values()
+    (inst,) = extract(model, tokens, structures=("heads",), layers=[0], keep=0.5, progress=False)
+    module = dict(model.named_modules())[name]
+    rng = np.random.default_rng(0)
+    D = rng.normal(size=inst.W.shape) * 1e-4
+    with torch.no_grad():
+        base = float(_mean_loss(model, tokens))
+        module.weight += torch.from_numpy(D.T)
+        moved = float(_mean_loss(model, tokens))
+        module.weight -= torch.from_numpy(D.T)
+    first = float(np.sum(D * curv.C))  # C: the gradient of the mean loss
+    assert moved - base == pytest.approx(first, rel=2e-3)
+    second = 0.5 * curv.tokens * float(np.sum((inst.H @ D) * (D @ curv.F)))
+    assert curv.estimate(inst, inst.W + D) == pytest.approx(first + second, rel=1e-12)
+
+
+def _curvature(inst, rng):
+    d, m = inst.W.shape
+    g = rng.normal(size=(50, m))
+    return LossCurvature(rng.normal(size=(d, m)), g.T @ g, 100)
+
+
+@pytest.mark.parametrize("partition", [None, [0, 0, 0, 1, 1, 1, 2, 2, 2]])
+def test_choose_by_loss_scores_every_support_or_climbs_to_a_swap_optimum(partition):
+    rng = np.random.default_rng(5)
+    inst = random_instance(rng, p=9, group_size=2, keep=3 if partition is None else 6, m=4, partition=partition)
+    curv = _curvature(inst, rng)
+    values = {S: curv.estimate(inst, evaluate(inst, S).weights) for S in supports(inst)}
+    assert len(values) == n_supports(inst)
+    start = min(values, key=lambda S: evaluate(inst, S).err)  # the err optimum
+    choice = choose_by_loss(inst, start, curv)
+    best = min(values, key=values.get)
+    assert choice.method == "all" and choice.scored == len(values)
+    assert tuple(choice.keep) == best and choice.estimate == pytest.approx(values[best])
+    assert choice.start_estimate == pytest.approx(values[start])
+    ev = evaluate(inst, best)
+    np.testing.assert_array_equal(choice.weights, ev.weights)
+    assert choice.err == ev.err
+
+    climbed = choose_by_loss(inst, start, curv, max_enumerate=1)
+    assert climbed.method == "swaps" and climbed.scored < len(values) + 1
+    assert climbed.estimate <= climbed.start_estimate
+    kept = set(climbed.keep.tolist())
+    parts = np.zeros(inst.n_groups, int) if partition is None else np.asarray(partition)
+    for S in supports(inst):  # no single in-part swap lowers it
+        if len(kept - set(S)) == 1 and len(set(parts[list(kept - set(S))]) | set(parts[list(set(S) - kept)])) == 1:
+            assert values[S] >= climbed.estimate - 1e-15
+
+
+def test_choose_by_loss_without_refit_scores_the_deployed_unrefit_weights():
+    rng = np.random.default_rng(6)
+    inst = random_instance(rng, p=6, keep=3, m=4)
+    curv = _curvature(inst, rng)
+    choice = choose_by_loss(inst, (0, 1, 2), curv, refits=False)
+    W = np.zeros_like(inst.W)
+    W[choice.keep] = inst.W[choice.keep]
+    np.testing.assert_array_equal(choice.weights, W)
+    assert choice.err == evaluate_masked(inst, choice.keep)[1]
+    masked = {S: curv.estimate(inst, np.where(np.isin(np.arange(6), S)[:, None], inst.W, 0.0)) for S in supports(inst)}
+    assert choice.estimate == pytest.approx(min(masked.values()))
+
+
+def test_apply_select_loss_writes_the_lowest_estimate_and_reports_the_solvers_choice():
+    """select='loss' on a causal LM: each head site writes the support with the
+    lowest estimate among all of its feasible supports (the solver's support,
+    err and estimate are reported beside it); the default, select='err',
+    writes the solver's. Encoders refuse 'loss'."""
+    cal = random_tokens(8, 16, seed=1)
+    by_loss, by_err = tiny_llama(), tiny_llama()
+    rl = apply(by_loss, cal, 0.5, solver="obs-greedy", progress=False, select="loss")
+    re_ = apply(by_err, cal, 0.5, solver="obs-greedy", progress=False)
+    assert rl.select == "loss" and re_.select == "err" and rl.select_seconds > 0
+    heads_l = [s for s in rl.sites if s.structure == "heads"]
+    heads_e = [s for s in re_.sites if s.structure == "heads"]
+    assert all(s.selection is None for s in re_.sites)
+    assert all(s.selection is None for s in rl.sites if s.structure == "neurons")
+    for sl, se in zip(heads_l, heads_e):
+        sel = sl.selection
+        assert sel["method"] == "all" and sel["scored"] == 4  # one of 2 query heads kept in each of 2 KV groups
+        assert sel["estimate"] <= sel["solver_estimate"]
+        assert sl.err >= sel["solver_err"] - 1e-12  # the solver's is the err optimum here
+    assert heads_l[0].selection["solver_keep"] == heads_e[0].keep  # same instance at the first site
+    assert heads_l[0].selection["solver_err"] == pytest.approx(heads_e[0].err)
+    assert "select=loss: 2 attention sites" in rl.to_markdown()
+    assert rl.to_dict()["select"] == "loss"
+
+    bert = ARCHITECTURES["bert"]()
+    tokens = random_tokens(4, 16, seed=2, vocab=bert.config.vocab_size)
+    before = {k: v.clone() for k, v in bert.state_dict().items()}
+    with pytest.raises(PruneError, match="select='loss'.*not one: use select='err'"):
+        apply(bert, tokens, 0.5, progress=False, select="loss")
+    with pytest.raises(PruneError, match="select must be 'loss' or 'err'"):
+        apply(bert, tokens, 0.5, progress=False, select="nope")
+    assert all(torch.equal(before[k], v) for k, v in bert.state_dict().items())
