@@ -96,8 +96,6 @@ def loss_curvature(model: nn.Module, consumers: Sequence[str], batches: Any, dev
     for name in consumers:
         if name not in modules:
             raise PruneError(f"no module {name!r} in the model: the loss gradients need the site's consumer")
-    if not hasattr(model, "lm_head") and not hasattr(model, "get_output_embeddings"):
-        raise PruneError("choosing supports by the loss needs a causal LM with an output head: use select='err'")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     sums: dict[str, list] = {n: [0.0, 0.0] for n in consumers}
     held: dict[str, list] = {n: [] for n in consumers}
@@ -130,7 +128,10 @@ def loss_curvature(model: nn.Module, consumers: Sequence[str], batches: Any, dev
             ids = ids.to(dev)
             mask = mask.to(dev) if mask is not None else None
             with torch.enable_grad():
-                logits = model(input_ids=ids, attention_mask=mask).logits
+                logits = getattr(model(input_ids=ids, attention_mask=mask), "logits", None)
+                if logits is None or logits.dim() != 3:
+                    raise PruneError(f"{type(model).__name__} gives no next-token logits: choosing supports by the "
+                                     "loss needs a causal LM; use select='err'")
                 loss, count = _shifted_loss_sum(logits, ids, mask)
                 del logits
                 if count:

@@ -19,14 +19,17 @@ def _mean_loss(model, tokens):
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
 
-def test_curvature_is_the_weight_gradient_and_the_gradient_outer_products_of_the_mean_loss():
+@pytest.mark.parametrize("arch, name", [("llama", "model.layers.1.self_attn.o_proj"),
+                                        ("gpt2", "transformer.h.1.attn.c_proj"),
+                                        ("opt", "model.decoder.layers.1.self_attn.out_proj")])
+def test_curvature_is_the_weight_gradient_and_the_gradient_outer_products_of_the_mean_loss(arch, name):
     """C = sum_t x_t g_t' is the gradient of the mean calibration loss with
-    respect to the consumer's weight (transposed), and F = sum_t g_t g_t' with
-    g_t the gradient at the consumer's output: both checked against autograd
-    on the whole model, with the parameters taking gradients as usual."""
-    model = tiny_llama().double()
+    respect to the consumer's weight (rows its inputs: Linear's transposed,
+    GPT-2's Conv1D as stored), and F = sum_t g_t g_t' with g_t the gradient
+    at the consumer's output: both checked against autograd on the whole
+    model, with the parameters taking gradients as usual."""
+    model = ARCHITECTURES[arch]().double()
     tokens = random_tokens(6, 12, seed=3)
-    name = "model.layers.1.self_attn.o_proj"
     before = {k: v.clone() for k, v in model.state_dict().items()}
     (curv,) = loss_curvature(model, [name], [tokens[:4], tokens[4:]]).values()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -39,7 +42,8 @@ def test_curvature_is_the_weight_gradient_and_the_gradient_outer_products_of_the
     loss = _mean_loss(model, tokens)
     loss.backward()
     handle.remove()
-    np.testing.assert_allclose(curv.C, module.weight.grad.T.numpy(), rtol=1e-9, atol=1e-14)
+    grad = module.weight.grad if arch == "gpt2" else module.weight.grad.T
+    np.testing.assert_allclose(curv.C, grad.numpy(), rtol=1e-9, atol=1e-14)
     g = outputs[0].grad.reshape(-1, outputs[0].shape[-1])
     np.testing.assert_allclose(curv.F, (g.T @ g).numpy(), rtol=1e-9, atol=1e-16)
 
@@ -137,11 +141,19 @@ def test_apply_select_loss_writes_the_lowest_estimate_and_reports_the_solvers_ch
     assert "select=loss: 2 attention sites" in rl.to_markdown()
     assert rl.to_dict()["select"] == "loss"
 
+    for arch in ("gpt2", "opt"):  # GPT-2's Conv1D and OPT's out_proj consumers
+        report = apply(ARCHITECTURES[arch](), cal, 0.5, progress=False, select="loss")
+        heads = [s for s in report.sites if s.structure == "heads"]
+        assert len(heads) == 2 and all(s.selection["estimate"] <= s.selection["solver_estimate"] for s in heads)
+
     bert = ARCHITECTURES["bert"]()
     tokens = random_tokens(4, 16, seed=2, vocab=bert.config.vocab_size)
     before = {k: v.clone() for k, v in bert.state_dict().items()}
     with pytest.raises(PruneError, match="select='loss'.*not one: use select='err'"):
         apply(bert, tokens, 0.5, progress=False, select="loss")
+    with pytest.raises(PruneError, match="gives no next-token logits"):
+        loss_curvature(bert, ["encoder.layer.0.attention.output.dense"], [tokens])
+    assert all(p.grad is None and p.requires_grad for p in bert.parameters())
     with pytest.raises(PruneError, match="select must be 'loss' or 'err'"):
         apply(bert, tokens, 0.5, progress=False, select="nope")
     assert all(torch.equal(before[k], v) for k, v in bert.state_dict().items())
