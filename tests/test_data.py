@@ -153,6 +153,9 @@ def test_bench_prune_labels_rows_other_than_the_default_targets():
     # dense-target rows from before the correction also left out the pruned model's massive tokens
     assert prune._label({"solver": "osscar", "damping": 0.01, "targets": "dense", "target_damping": None}) == \
         "osscar (outliers: dense only)"
+    # heads chosen by the loss estimate are labelled; by err (the default, and every row before select) not
+    assert prune._label({"solver": "osscar", "damping": 0.01, **DEFAULT, "select": "loss"}) == "osscar (heads by loss)"
+    assert prune._label({"solver": "osscar", "damping": 0.01, **DEFAULT, "select": "err"}) == "osscar"
 
 
 def test_bench_prune_picks_the_damping_by_validation_perplexity_only(tmp_path):
