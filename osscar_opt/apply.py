@@ -655,12 +655,8 @@ def apply(
         check_solver(other, device, {})
         check_sizes(other, {}, model, plan)
     chosen = [site for site, _ in plan if site.structure in ATTENTION_STRUCTURES]
-    causal = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
     if select not in SELECT:
         raise PruneError(f"select must be 'loss' or 'err', got {select!r}")
-    if select == "loss" and not causal:
-        raise PruneError(f"select='loss' scores supports by a causal LM's next-token loss and {type(model).__name__} "
-                         "is not one: use select='err'")
     dev = torch.device(device) if device is not None else torch.device("cpu")
     name = getattr(getattr(model, "config", None), "osscar_name", None) or \
         getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
@@ -674,7 +670,8 @@ def apply(
     start = time.perf_counter()
     model.eval()
     curvature = {}
-    if select == "loss" and chosen:  # the loss gradients at each attention consumer, on the model before pruning
+    if select == "loss" and chosen:  # the loss gradients at each attention consumer, before any change
+        # (a model without next-token logits is refused there, untouched)
         home = next(model.parameters()).device
         there = dev if offload is not True and fits_on(model, dev) else home
         try:
@@ -728,7 +725,7 @@ def apply(
                                        float(sum(r["seconds"] for r in rows)), keep.tolist(), fit,
                                        rows if len(views) > 1 else None,
                                        {n: _mean_or_none([r["compare"][n] for r in rows]) for n in compare} or None,
-                                       selection if len(views) == 1 and site.consumer in curvature else None))
+                                       selection))
 
     bar = tqdm(total=len(plan), desc=f"pruning ({label})", disable=not progress, leave=False)
     if not sequential or isinstance(adapter, ConvAdapter):

@@ -114,17 +114,12 @@ def loss_curvature(model: nn.Module, consumers: Sequence[str], batches: Any, dev
     try:
         for p, _ in flags:  # the backward pass stops at the consumers' outputs
             p.requires_grad_(False)
-        batches = list(batches)
-        total = 0
-        for batch in batches:  # the loss tokens of all batches: the gradients are those of their mean
-            ids = batch["input_ids"] if isinstance(batch, dict) else batch
-            mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-            total += int(ids[:, 1:].numel() if mask is None else (mask[:, 1:] != 0).sum())
+        batches = [(b["input_ids"], b.get("attention_mask")) if isinstance(b, dict) else (b, None) for b in batches]
+        # the loss tokens of all batches: the gradients are those of their mean
+        total = sum(int(ids[:, 1:].numel() if mask is None else (mask[:, 1:] != 0).sum()) for ids, mask in batches)
         if total == 0:
             raise DataError("the calibration windows hold no next-token pairs: give windows of 2 tokens or more")
-        for batch in batches:
-            ids = batch["input_ids"] if isinstance(batch, dict) else batch
-            mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+        for ids, mask in batches:
             ids = ids.to(dev)
             mask = mask.to(dev) if mask is not None else None
             with torch.enable_grad():
