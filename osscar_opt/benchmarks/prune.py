@@ -84,7 +84,7 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
         speed_at: float | None = 0.5, damping: float | Sequence[float] = DAMPING,
         calib_seeds: Sequence[int | None] = (None,), structures: Sequence[str] | None = None,
         validation_windows: int = 0, targets: str | None = None, target_damping: float | None = TARGET_DAMPING,
-        select: str | None = None) -> list[dict]:
+        select: str = "err") -> list[dict]:
     """One pruning per (seed, damping, solver, sparsity), appended to
     prune_<model>.jsonl as it finishes (a rerun skips those done), then the
     tables and plot.
@@ -136,7 +136,6 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
         validation_reference = sentence_embeddings(dense_model, tok, validation)
     dampings = [float(damping)] if isinstance(damping, (int, float)) else [float(x) for x in damping]
     targets = targets or "dense"  # what apply() picks for the embedded models (sequential transformers)
-    select = select or "err"
     for seed, damping, solver, s in itertools.product(calib_seeds, dampings, solvers, sparsities):
         tag = ",".join(structures) if structures else None
         label = _label({"solver": solver, "damping": damping, "calib_seed": seed, "structures": tag,
