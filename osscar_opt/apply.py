@@ -32,16 +32,18 @@ import dataclasses
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 import torch
 from torch import nn
 
-from .adapters import Adapter, ConvAdapter, Site, adapter_for, expert_sites, site_weight, text_config
+from .adapters import (Adapter, ConvAdapter, Site, adapter_for, expert_sites, set_weight_matrix, site_weight,
+                       text_config, weight_matrix)
 from .data import DataError
 from .errors import PruneError
-from .loss_select import choose_by_loss, loss_curvature
+from .evaluate import evaluate, support_array
+from .loss_select import choose_by_loss, held_out_loss, loss_curvature
 from .extract import (GramHooks, StateRecorder, _batches, as_calibration, as_structures, describe_calibration, keep_count,
                       run_model, site_instance, token_mask)
 from .instance import DAMPING, DEFAULT_TARGETS, SELECT, TARGET_DAMPING, TARGETS, check_damping
@@ -71,7 +73,9 @@ class SiteReport:
     # apply(compare=...): the err each other solver reaches on this site's instance (its support unused)
     compare: dict | None = None
     # apply(select="loss"): the solver's support and err, the estimated loss change of it and of the
-    # support written (keep, err above), the supports scored and how ("all" or "swaps")
+    # support written (keep, err above), the supports scored and how ("all" or "swaps");
+    # select="validation": the solver's support and err, the candidates (the solver's support, its
+    # start) and their held-out losses
     selection: dict | None = None
 
 
@@ -93,6 +97,9 @@ class PruneReport:
     target_damping: float | None = None
     select: str = "err"
     select_seconds: float = 0.0  # the backward pass and the scoring of supports (apply(select="loss"))
+    # apply(select="validation"): the windows' shape, the dense model's loss on them, the sites where the
+    # solver's support differed from its start and how many of them were written from the start
+    validation: dict | None = None
 
     @property
     def mean_err(self) -> dict:
@@ -137,7 +144,12 @@ class PruneReport:
             "",
         ]
         chosen = [s for s in self.sites if s.selection is not None]
-        if chosen:
+        if self.validation is not None:
+            v = self.validation
+            lines += [f"select=validation: at {v['sites']} attention sites the solver's support differed from its "
+                      f"start; {v['moved']} written from the start, of lower loss on {v['windows'][0]} held-out "
+                      f"windows ({self.select_seconds:.1f} s; dense model's loss {v['dense_loss']:.4f})", ""]
+        elif chosen:
             moved = [s for s in chosen if s.keep != s.selection["solver_keep"]]
             gain = sum(s.selection["solver_estimate"] - s.selection["estimate"] for s in chosen)
             lines += [f"select=loss: {len(chosen)} attention sites chosen by the estimated change of the calibration "
@@ -243,13 +255,32 @@ def _check_sparsity_keys(sparsity: Any, adapter: Adapter) -> None:
                                  "nor 'default'")
 
 
-def parse_solver(solver: Any) -> str | dict[str, str]:
+SolverKey = Union[str, tuple[int, str]]  # a structure, (layer, structure), or "default"
+
+
+def _solver_key(key: Any, example: str) -> SolverKey:
+    """"heads", "default", (0, "heads") or its written form "heads[0]"."""
+    if isinstance(key, tuple) and len(key) == 2 and isinstance(key[1], str) and key[1] and \
+            isinstance(key[0], (int, np.integer)) and not isinstance(key[0], bool):
+        return int(key[0]), key[1]
+    if isinstance(key, str) and key:
+        m = re.fullmatch(r"\s*([A-Za-z][\w-]*)\s*(?:\[\s*(\d+)\s*\])?\s*", key)
+        if m and m.group(2) is not None:
+            return int(m.group(2)), m.group(1)
+        if m:
+            return m.group(1)
+    raise PruneError(f"a solver mapping's keys are structures, STRUCTURE[LAYER] or 'default' ({example}), got {key!r}")
+
+
+def parse_solver(solver: Any) -> str | dict[SolverKey, str]:
     """A solver's name, or one solver per structure: {"heads": "obs-greedy",
     "neurons": "osscar"}, also written "heads=obs-greedy+neurons=osscar"
-    (or with commas)."""
+    (or with commas); a layer's site takes its own with (layer, structure)
+    keys, written "heads[0]=obs-greedy", and "default" names the solver of
+    every site no other key covers."""
     if isinstance(solver, str) and "=" not in solver:
         return solver
-    example = "e.g. 'heads=obs-greedy+neurons=osscar'"
+    example = "e.g. 'heads=obs-greedy+neurons=osscar' or 'default=osscar+heads[0]=obs-greedy'"
     if isinstance(solver, str):
         parts = [p.strip() for p in re.split(r"[+,]", solver) if p.strip()]
         if not parts or any("=" not in p for p in parts):
@@ -261,22 +292,34 @@ def parse_solver(solver: Any) -> str | dict[str, str]:
     else:
         raise PruneError(f"solver must be a registered solver's name or a mapping {{structure: name}} ({example}), "
                          f"got {solver!r}")
-    out: dict[str, str] = {}
+    out: dict[SolverKey, str] = {}
     for key, name in items:
-        if not isinstance(key, str) or not isinstance(name, str) or not key or not name or "=" in name:
+        if not isinstance(name, str) or not name or "=" in name:
             raise PruneError(f"a solver per structure maps structure names to solver names ({example}), "
                              f"got {key!r}: {name!r}")
-        if key in out:
-            raise PruneError(f"the solver of structure {key!r} is given twice in {solver!r}: give it once")
-        out[key] = name
+        k = _solver_key(key, example)
+        if k in out:
+            raise PruneError(f"the solver of {_key_text(k)!r} is given twice in {solver!r}: give it once")
+        out[k] = name
     if not out:
         raise PruneError(f"the solver mapping is empty: name a solver, or one per structure ({example})")
     return out
 
 
-def solver_label(solver: str | Mapping[str, str]) -> str:
+def _key_text(key: SolverKey) -> str:
+    return key if isinstance(key, str) else f"{key[1]}[{key[0]}]"
+
+
+def solver_for(solvers: str | Mapping[SolverKey, str], layer: int, structure: str) -> str | None:
+    """The solver of one site: its layer's key, else its structure's, else 'default'."""
+    if isinstance(solvers, str):
+        return solvers
+    return solvers.get((layer, structure), solvers.get(structure, solvers.get("default")))
+
+
+def solver_label(solver: str | Mapping[SolverKey, str]) -> str:
     """The name, or "heads=obs-greedy+neurons=osscar" for a solver per structure."""
-    return solver if isinstance(solver, str) else "+".join(f"{k}={v}" for k, v in solver.items())
+    return solver if isinstance(solver, str) else "+".join(f"{_key_text(k)}={v}" for k, v in solver.items())
 
 
 def declared_params(cls: Any) -> set[str]:
@@ -491,7 +534,7 @@ def apply(
     model: nn.Module,
     calibration: Any,
     sparsity: float | Mapping[Any, float],
-    solver: str | Mapping[str, str] = "osscar",
+    solver: str | Mapping[Any, str] = "osscar",
     structures: Sequence[str] | None = None,
     sequential: bool = True,
     damping: float = DAMPING,
@@ -505,6 +548,7 @@ def apply(
     offload: bool | None = None,
     compare: Sequence[str] = (),
     select: str = "err",
+    validation: Any = None,
     **solver_params: Any,
 ) -> PruneReport:
     """Prune `model` in place and return a report.
@@ -531,6 +575,9 @@ def apply(
         per structure, {"heads": "obs-greedy", "neurons": "osscar"} (also
         written "heads=obs-greedy+neurons=osscar"), covering every structure
         pruned; each solver takes the solver_params its parameters declare.
+        A (layer, structure) key gives one layer's site its own solver and
+        "default" every site no other key covers: {"default": "osscar",
+        (0, "heads"): "obs-greedy"}, written "default=osscar+heads[0]=obs-greedy".
     sequential: each layer sees the already-pruned upstream (default), else
         every layer is pruned on the dense model's activations.
     targets: what a sequential site's refit reproduces from its (pruned-
@@ -561,7 +608,15 @@ def apply(
         before pruning; every support keeps its refit weights. Causal LMs
         only. Not the default: on SmolLM2 it ranks one site's head choices
         better than err does, but the whole model's perplexity is higher
-        (see `loss_select`).
+        (see `loss_select`). "validation": where the solver reports the
+        support it started from (OSSCAR: its greedy's) and its local search
+        moved away from it, the one of the two with the lower next-token
+        loss on the `validation` windows is written (the model as pruned so
+        far, the later layers still dense; two forward passes of the
+        validation windows per such site). Causal LMs only; other solvers
+        keep their support.
+    validation: held-out token windows, (n, seq_len) ids, for
+        select="validation" (none of them among the calibration windows).
     device: where the forward passes and the solver run (default: CPU). The
         sequential mode holds one block there at a time.
     compare: other registered solvers, run with their default parameters on
@@ -631,22 +686,28 @@ def apply(
     solvers = parse_solver(solver)
     params_of = check_solver(solvers, device, solver_params)
     if isinstance(solvers, dict):
+        pruned = {(site.layer, site.structure) for site, _ in plan}
         for key in solvers:
-            adapter.check_structure(key)
-        stray = [k for k in solvers if k not in structures]
-        if stray:
-            raise PruneError(f"the solver mapping names {stray[0]!r}, which this call does not prune (structures: "
-                             f"{', '.join(structures)}): leave it out, or prune it")
-        missing = [s for s in dict.fromkeys(site.structure for site, _ in plan) if s not in solvers]
+            if key == "default":
+                continue
+            structure = key if isinstance(key, str) else key[1]
+            adapter.check_structure(structure)
+            if isinstance(key, tuple):
+                adapter.check_layer(key[0])
+            if structure not in structures or (isinstance(key, tuple) and key not in pruned):
+                raise PruneError(f"the solver mapping names {_key_text(key)!r}, which this call does not prune "
+                                 f"(structures: {', '.join(structures)}): leave it out, or prune it")
+        missing = [site for site, _ in plan if solver_for(solvers, site.layer, site.structure) is None]
         if missing:
-            raise PruneError(f"the solver mapping gives no solver for {missing[0]!r}, which this call prunes: add "
-                             f"{missing[0]}=NAME (e.g. '{solver_label(solvers)}+{missing[0]}=osscar')")
+            s = missing[0].structure
+            raise PruneError(f"the solver mapping gives no solver for {s!r} (layer {missing[0].layer}), which this "
+                             f"call prunes: add {s}=NAME or default=NAME (e.g. '{solver_label(solvers)}+{s}=osscar')")
 
-    def solver_of(structure: str) -> str:
-        return solvers if isinstance(solvers, str) else solvers[structure]
+    def solver_of(site: Site) -> str:
+        return solver_for(solvers, site.layer, site.structure)
 
     for name, params in params_of.items():
-        check_sizes(name, params, model, [(site, f) for site, f in plan if solver_of(site.structure) == name])
+        check_sizes(name, params, model, [(site, f) for site, f in plan if solver_of(site) == name])
     label = solver_label(solvers)
     compare = [compare] if isinstance(compare, str) else list(dict.fromkeys(compare))
     for other in compare:
@@ -656,7 +717,18 @@ def apply(
         check_sizes(other, {}, model, plan)
     chosen = [site for site, _ in plan if site.structure in ATTENTION_STRUCTURES]
     if select not in SELECT:
-        raise PruneError(f"select must be 'loss' or 'err', got {select!r}")
+        raise PruneError(f"select must be one of {', '.join(map(repr, SELECT))}, got {select!r}")
+    if (validation is None) != (select != "validation"):
+        raise PruneError("select='validation' needs held-out windows: pass validation=(n, seq_len) token ids that "
+                         "are not calibration windows" if validation is None else
+                         f"validation windows are only read by select='validation' (select is {select!r}): leave "
+                         "them out, or choose select='validation'")
+    if validation is not None:
+        validation = _check_tokens(model, adapter, torch.as_tensor(validation) if not isinstance(
+            validation, torch.Tensor) else validation)
+        if validation.dim() != 2 or validation.shape[0] == 0 or validation.shape[1] < 2:
+            raise DataError(f"validation windows must be (n, seq_len) token ids with n >= 1 and seq_len >= 2, got "
+                            f"shape {tuple(validation.shape)}")
     dev = torch.device(device) if device is not None else torch.device("cpu")
     name = getattr(getattr(model, "config", None), "osscar_name", None) or \
         getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
@@ -681,6 +753,25 @@ def apply(
         finally:
             model.to(home)
         report.select_seconds += time.perf_counter() - start
+    model_home = next(model.parameters()).device
+    block = home = None  # the sequential loop's current block and where it goes back (below)
+
+    def validation_loss() -> float:
+        """The model's held-out loss as it is now: all of it where it fits
+        (else where it is kept), the current block back on the device after."""
+        there = dev if offload is not True and fits_on(model, dev) else model_home
+        try:
+            model.to(there)
+            return held_out_loss(model, validation, batch_size, there)
+        finally:
+            model.to(model_home)
+            if block is not None:
+                block.to(dev)
+
+    if select == "validation":  # the dense model's, and a model without next-token logits refused, untouched
+        report.validation = {"windows": list(validation.shape), "dense_loss": validation_loss(), "sites": 0,
+                             "moved": 0}
+        report.select_seconds += time.perf_counter() - start
     meta = {"model": name, "architecture": adapter.name, "calibration": report.calibration,
             "activations": "sequential" if sequential else "dense"}
 
@@ -688,7 +779,7 @@ def apply(
                    correction: np.ndarray | None = None, fit: dict | None = None) -> None:
         views = expert_sites(site)  # [site], or one site per expert of stacked MoE experts
         keeps, weights, rows, selection = [], [], [], None
-        name = solver_of(site.structure)
+        name = solver_of(site)
         for view, (gram, samples) in zip(views, stats):
             inst = site_instance(model, view, gram, samples, keep=_keep_for(view, frac), damping=damping,
                                  meta=meta, correction=correction)
@@ -707,6 +798,32 @@ def apply(
                              "solver_estimate": choice.start_estimate, "scored": choice.scored,
                              "method": choice.method}
                 keep, err, picked = choice.keep, choice.err, choice.weights
+                report.select_seconds += time.perf_counter() - t
+            start_keep = sol.info.get("greedy_keep") if select == "validation" and len(views) == 1 and \
+                site.structure in ATTENTION_STRUCTURES else None
+            if start_keep is not None and sorted(start_keep) != sorted(keep.tolist()):
+                t = time.perf_counter()
+                ev = evaluate(inst, start_keep, device=device)
+                module = model.get_submodule(view.consumer)
+                original = weight_matrix(module).clone()
+                candidates = [(keep, err, picked), (np.asarray(ev.keep, dtype=np.int64), ev.err, ev.weights)]
+                losses = []
+                try:
+                    for k, _, w in candidates:
+                        if w is None:  # W_hat on the support, unrefit
+                            w = np.zeros_like(inst.W)
+                            rows_k = inst.rows_of(support_array(inst, k))
+                            w[rows_k] = inst.W[rows_k]
+                        set_weight_matrix(module, torch.from_numpy(np.asarray(w)))
+                        losses.append(validation_loss())
+                finally:
+                    set_weight_matrix(module, original)
+                best = int(np.argmin(losses))  # a tie keeps the solver's
+                selection = {"solver_keep": keep.tolist(), "solver_err": err, "method": "validation",
+                             "candidates": [c[0].tolist() for c in candidates], "losses": losses}
+                keep, err, picked = candidates[best]
+                report.validation["sites"] += 1
+                report.validation["moved"] += best != 0
                 report.select_seconds += time.perf_counter() - t
             keeps.append(offset + keep)
             if picked is not None:

@@ -393,14 +393,21 @@ def _prune_args(p: argparse.ArgumentParser):
                    "heads,neurons for most, plus shared-neurons for MoE models with shared experts; Llama also "
                    "query-heads: exact head count, KV heads duplicated where needed; kv-groups)")
     p.add_argument("--solver", default="osscar",
-                   help="a registered solver, or one per structure: heads=obs-greedy,neurons=osscar")
+                   help="a registered solver, or one per structure: heads=obs-greedy,neurons=osscar; one layer's "
+                        "site takes its own with STRUCTURE[LAYER] and default names the rest: "
+                        "'default=osscar,heads[0]=obs-greedy'")
     p.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE", help="solver parameter")
     p.add_argument("--compare", default=None, metavar="SOLVERS",
                    help="comma-separated solvers also run on every layer's instance (their supports unused): the "
                         "report gives their err beside the solver's and counts where it is lower")
     p.add_argument("--select", choices=SELECT, default="err",
-                   help="how attention heads are chosen: 'err' the solver's support (default), 'loss' the one with "
-                        "the lowest estimated change of the calibration loss (causal LMs)")
+                   help="how attention heads are chosen: 'err' the solver's support (default); 'validation' where "
+                        "OSSCAR's local search moved away from its greedy start, the one of the two with the lower "
+                        "loss on --validation-windows held-out windows; 'loss' the one with the lowest estimated "
+                        "change of the calibration loss (causal LMs)")
+    p.add_argument("--validation-windows", type=non_negative_int, default=None,
+                   help="held-out windows of --select validation, from the calibration half after the calibration "
+                        "windows (default 40)")
     p.add_argument("--calib", default="pydoc", help="calibration text: pydoc, wikitext2, c4, ptb or a .txt/.jsonl file")
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
@@ -538,7 +545,8 @@ def _bench_speed_args(p: argparse.ArgumentParser):
 def _bench_prune_args(p: argparse.ArgumentParser):
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--solvers", default=None, help="comma-separated (default: osscar and every heuristic); one "
-                   "solver per structure is written heads=obs-greedy+neurons=osscar")
+                   "solver per structure is written heads=obs-greedy+neurons=osscar, and one layer's own "
+                   "default=osscar+heads[0]=obs-greedy")
     p.add_argument("--sparsities", default="0.1,0.2,0.3,0.4,0.5,0.6")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
@@ -565,7 +573,9 @@ def _bench_prune_args(p: argparse.ArgumentParser):
     p.add_argument("--target-damping", type=target_damping, default=TARGET_DAMPING,
                    help="ridge of the dense-target correction, or 'validated' (default; fixed ridges are labelled)")
     p.add_argument("--select", choices=SELECT, default="err",
-                   help="apply()'s choice of attention heads: 'err' (default) or 'loss' (rows labelled 'heads by loss')")
+                   help="apply()'s choice of attention heads: 'err' (default), 'validation' (on the "
+                        "--validation-windows; rows labelled 'heads validated') or 'loss' (rows labelled 'heads by "
+                        "loss')")
 
     def run(args: argparse.Namespace) -> int:
         from .benchmarks import prune

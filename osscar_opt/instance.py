@@ -420,9 +420,10 @@ DEFAULT_TARGETS = None
 # the ridge of the dense-target correction, a fraction of the mean diagonal; None (the default):
 # ridge and shrinkage chosen per site by two-fold validation (`extract.fit_correction`)
 TARGET_DAMPING = None
-# how `osscar_opt.apply` picks an attention site's support: by the estimated change of the model's
-# loss ("loss", `loss_select`, causal LMs) or the solver's support ("err", the default)
-SELECT = ("loss", "err")
+# how `osscar_opt.apply` picks an attention site's support: the solver's ("err", the default), the one
+# of the solver's support and its start with the lower loss on held-out windows ("validation"), or by
+# the estimated change of the model's loss ("loss", `loss_select`); the last two for causal LMs
+SELECT = ("err", "validation", "loss")
 
 
 def check_damping(damping: Any) -> float:

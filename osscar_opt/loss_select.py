@@ -86,6 +86,30 @@ def _shifted_loss_sum(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tenso
     return loss, int((labels != -100).sum())
 
 
+def held_out_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, device: Any = None) -> float:
+    """Mean next-token loss of the causal LM `model` over (n, seq_len) token
+    windows, where its parameters are (or on `device`)."""
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for a in range(0, windows.shape[0], batch_size):
+                ids = windows[a : a + batch_size].to(dev)
+                logits = getattr(model(input_ids=ids), "logits", None)
+                if logits is None or logits.dim() != 3:
+                    raise PruneError(f"{type(model).__name__} gives no next-token logits: choosing supports by a "
+                                     "held-out loss needs a causal LM; use select='err'")
+                loss, n = _shifted_loss_sum(logits, ids, None)
+                total, count = total + float(loss), count + n
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise DataError("the validation windows hold no next-token pairs: give windows of 2 tokens or more")
+    return total / count
+
+
 def loss_curvature(model: nn.Module, consumers: Sequence[str], batches: Any, device: Any = None) -> dict[str, LossCurvature]:
     """One forward and backward pass of the causal LM `model` over the
     calibration `batches` (token-id tensors, or dicts with input_ids and an

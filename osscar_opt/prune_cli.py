@@ -71,11 +71,16 @@ def prune_once(args: argparse.Namespace, sparsity: float, dense: dict | None = N
         cal = data.encoder_calibration(tok, args.calib, args.nsamples, seq_len)
     else:
         cal = data.calibration(tok, args.calib, args.nsamples, seq_len, seed=args.calib_seed)
+    select = getattr(args, "select", "err")
+    validation = None
+    if select == "validation":  # the windows after the (consecutive) calibration ones: disjoint from them
+        n = validation_windows(args)
+        validation = data.windows(tok, args.calib, "calibration", args.nsamples + n, seq_len)[args.nsamples:]
     structures = _structures(args)
     report = apply(model, cal, _sparsity(args, sparsity), solver=args.solver, structures=structures,
                    sequential=not args.dense_activations, damping=args.damping, device=args.device,
                    targets=args.targets, target_damping=args.target_damping,
-                   compare=_compared(args), select=getattr(args, "select", "err"),
+                   compare=_compared(args), select=select, validation=validation,
                    **_solver_params(args))
     pruned = measure(model, tok, kind, args, reference=dense.get("embeddings"), speed=False)
     if not args.no_speed:
@@ -194,13 +199,34 @@ def _write(args: argparse.Namespace, out: Path, rows: list, dense: dict, last: d
     atomic_write(out / "report.md", lambda fh: fh.write("\n".join(md) + "\n"))
 
 
-def check_select(model: str, select: str) -> None:
-    """--select loss needs a causal LM: refused for an embedded encoder before it loads."""
+VALIDATION_WINDOWS = 40  # --select validation's held-out windows by default
+
+
+def validation_windows(args: argparse.Namespace) -> int:
+    """prune's --validation-windows: VALIDATION_WINDOWS unless given."""
+    n = getattr(args, "validation_windows", None)
+    return VALIDATION_WINDOWS if n is None else n
+
+
+def check_select(model: str, select: str, args: argparse.Namespace | None = None) -> None:
+    """--select loss/validation need a causal LM: refused for an embedded encoder before it loads;
+    with `args` (prune's), --select validation needs held-out windows disjoint from the calibration."""
     from .models import EMBEDDED
 
-    if select == "loss" and model in EMBEDDED and EMBEDDED[model].kind != "causal-lm":
-        raise CliError(f"--select loss scores heads by a causal LM's next-token loss and {model} is an "
+    if select in ("loss", "validation") and model in EMBEDDED and EMBEDDED[model].kind != "causal-lm":
+        raise CliError(f"--select {select} scores heads by a causal LM's next-token loss and {model} is an "
                        f"{EMBEDDED[model].kind}: leave --select out")
+    if args is None:
+        return
+    if select != "validation" and getattr(args, "validation_windows", None) is not None:
+        raise CliError("--validation-windows are the held-out windows of --select validation: add --select "
+                       "validation, or leave them out")
+    if select == "validation":
+        if validation_windows(args) < 1:
+            raise CliError("--select validation needs at least one held-out window: --validation-windows 40")
+        if getattr(args, "calib_seed", None) is not None:
+            raise CliError("--select validation holds out the windows after consecutive calibration windows; "
+                           "with --calib-seed they could overlap: leave --calib-seed out")
 
 
 def prune_command(args: argparse.Namespace) -> int:
@@ -214,7 +240,7 @@ def prune_command(args: argparse.Namespace) -> int:
     for other in _compared(args):
         check_solver(other, args.device, {})
     data.source_text(args.calib)
-    check_select(args.model, getattr(args, "select", "err"))
+    check_select(args.model, getattr(args, "select", "err"), args)
     sparsities = sparsity_list(args.sweep, "--sweep") if args.sweep else [args.sparsity]
     for flag, value in (("--sparsity", args.sparsity), ("--heads", args.heads), ("--neurons", args.neurons)):
         if value is not None and not 0.0 <= value < 1.0:

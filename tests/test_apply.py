@@ -765,6 +765,40 @@ def test_compare_runs_other_solvers_on_every_site_and_writes_only_the_solvers_su
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_layers_site_takes_its_own_solver_and_default_covers_the_rest():
+    """solver="default=obs-greedy+heads[0]=magnitude": layer 0's heads are
+    solved by magnitude, every other site by obs-greedy (each site's err is
+    its own solver's on the same instance); the mapping form with a
+    (layer, structure) key writes the same model; keys naming a layer or a
+    site the call does not prune, or leaving a site without a solver, are
+    refused with the model untouched."""
+    cal = random_tokens(8, 16, seed=2)
+    model = tiny_llama()
+    report = apply(model, cal, 0.5, solver="default=obs-greedy+heads[0]=magnitude", progress=False,
+                   compare=("obs-greedy", "magnitude"), select="err")
+    assert report.solver == "default=obs-greedy+heads[0]=magnitude"
+    assert len(report.sites) == 4
+    for s in report.sites:
+        own = "magnitude" if (s.layer, s.structure) == (0, "heads") else "obs-greedy"
+        assert s.err == pytest.approx(s.compare[own], rel=1e-9, abs=1e-12), (s.layer, s.structure)
+    first = report.sites[0]
+    assert (first.layer, first.structure) == (0, "heads") and first.compare["obs-greedy"] < first.err - 1e-9
+    same = tiny_llama()
+    apply(same, cal, 0.5, solver={(0, "heads"): "magnitude", "default": "obs-greedy"}, progress=False, select="err")
+    assert all(torch.equal(v, same.state_dict()[k]) for k, v in model.state_dict().items())
+    untouched = tiny_llama()
+    before = {k: v.clone() for k, v in untouched.state_dict().items()}
+    bad = [("default=osscar+heads[7]=magnitude", {}, "layer 7"),
+           ("heads[0]=magnitude+neurons=osscar", {}, "no solver for 'heads' (layer 1)"),
+           ("default=osscar+heads[0]=magnitude", {"layers": [1]}, "names 'heads[0]', which this call does not prune"),
+           ("default=osscar+heads[0]=magnitude", {"structures": ("neurons",)}, "does not prune"),
+           ("default=osscar+heads[x]=magnitude", {}, "STRUCTURE[LAYER]")]
+    for solver, kwargs, message in bad:
+        with pytest.raises(OsscarError, match=re.escape(message)):
+            apply(untouched, cal, 0.5, solver=solver, progress=False, **kwargs)
+        assert all(torch.equal(before[k], v) for k, v in untouched.state_dict().items()), solver
+
+
 def test_a_solver_per_structure_solves_each_structure_with_its_own_and_refuses_gaps_before_any_change():
     """solver={"heads": ..., "neurons": ...}: every site's err is the err its own
     solver reaches on the same instance (compare= runs both there), the string

@@ -1,14 +1,17 @@
 """Choosing attention supports by the estimated change of the model's loss
 (`osscar_opt.loss_select`, apply(select=...)), on small models built in-process."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
 
 from osscar_opt.apply import PruneError, apply
+from osscar_opt.data import DataError
 from osscar_opt.evaluate import evaluate, evaluate_masked, n_supports, supports
 from osscar_opt.extract import extract
-from osscar_opt.loss_select import LossCurvature, choose_by_loss, loss_curvature
+from osscar_opt.loss_select import LossCurvature, choose_by_loss, held_out_loss, loss_curvature
 
 from conftest import random_instance
 from small_models import ARCHITECTURES, random_tokens, tiny_llama
@@ -154,6 +157,54 @@ def test_apply_select_loss_writes_the_lowest_estimate_and_reports_the_solvers_ch
     with pytest.raises(PruneError, match="gives no next-token logits"):
         loss_curvature(bert, ["encoder.layer.0.attention.output.dense"], [tokens])
     assert all(p.grad is None and p.requires_grad for p in bert.parameters())
-    with pytest.raises(PruneError, match="select must be 'loss' or 'err'"):
+    with pytest.raises(PruneError, match="select must be one of 'err', 'validation', 'loss'"):
         apply(bert, tokens, 0.5, progress=False, select="nope")
     assert all(torch.equal(before[k], v) for k, v in bert.state_dict().items())
+
+
+def test_select_validation_writes_the_support_or_start_of_lower_held_out_loss():
+    """select='validation' with OSSCAR: at each attention site where its local
+    search left its greedy start, the two supports are scored by the model's
+    loss on the held-out windows and the lower is written; the last site's
+    score is the pruned model's own held-out loss. Bad input is refused with
+    the model untouched."""
+    cal, val = random_tokens(8, 16, seed=1), random_tokens(6, 16, seed=7)
+    kwargs = dict(solver="osscar", progress=False, structures=("heads",), stage_fraction=1.0)  # one-stage greedy
+    model = ARCHITECTURES["gpt2"]()
+    report = apply(model, cal, 0.5, select="validation", validation=val, **kwargs)
+    greedy = apply(ARCHITECTURES["gpt2"](), cal, 0.5, local_search=False, **kwargs)
+    searched = apply(ARCHITECTURES["gpt2"](), cal, 0.5, **kwargs)
+    chosen = [s for s in report.sites if s.selection is not None]
+    assert report.validation["sites"] == len(chosen) == 2 and report.validation["moved"] == 1
+    assert report.validation["dense_loss"] == pytest.approx(held_out_loss(ARCHITECTURES["gpt2"](), val), rel=1e-12)
+    for s in chosen:
+        sel = s.selection
+        assert sel["method"] == "validation" and sel["candidates"][0] == sel["solver_keep"] != sel["candidates"][1]
+        assert s.keep == sel["candidates"][int(np.argmin(sel["losses"]))]
+    # the first site is the same instance in all three runs: the solver's support and its greedy start
+    assert chosen[0].selection["solver_keep"] == searched.sites[0].keep
+    assert chosen[0].selection["candidates"][1] == greedy.sites[0].keep
+    assert held_out_loss(model, val) == pytest.approx(min(chosen[-1].selection["losses"]), rel=1e-5)
+    assert "select=validation: at 2 attention sites" in report.to_markdown()
+    assert report.to_dict()["validation"]["moved"] == 1
+
+    mapped = apply(ARCHITECTURES["gpt2"](), cal, 0.5, **dict(kwargs, solver={"heads": "osscar"}),
+                   select="validation", validation=val)
+    assert [s.keep for s in mapped.sites] == [s.keep for s in report.sites]
+    plain = apply(ARCHITECTURES["gpt2"](), cal, 0.5, solver="obs-greedy", progress=False, structures=("heads",),
+                  select="validation", validation=val)  # no start reported: nothing to choose from
+    assert plain.validation["sites"] == 0 and all(s.selection is None for s in plain.sites)
+    bert = ARCHITECTURES["bert"]()
+    llama = tiny_llama()
+    for m, kw, error, message in [
+            (llama, dict(select="validation"), PruneError, "select='validation' needs held-out windows"),
+            (llama, dict(validation=val), PruneError, "only read by select='validation'"),
+            (llama, dict(select="validation", validation=val + 1000), DataError, "outside the model's vocabulary"),
+            (llama, dict(select="validation", validation=val[:, :1]), DataError, "seq_len >= 2"),
+            (bert, dict(select="validation", validation=random_tokens(4, 16, seed=2, vocab=bert.config.vocab_size)),
+             PruneError, "gives no next-token logits")]:
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        with pytest.raises(error, match=re.escape(message)):
+            apply(m, cal if m is llama else random_tokens(4, 16, seed=2, vocab=bert.config.vocab_size), 0.5,
+                  progress=False, **kw)
+        assert all(torch.equal(before[k], v) for k, v in m.state_dict().items()), message

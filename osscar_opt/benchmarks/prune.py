@@ -60,7 +60,7 @@ def _label(row: dict, seed: bool = True) -> str:
         # measured when the correction left out only the tokens massive in the dense model
         extra.append(f"outliers: {row.get('outliers', 'dense')} only")
     if row.get("select", "err") != "err":  # rows measured before `select` existed chose heads by err
-        extra.insert(0, f"heads by {row['select']}")
+        extra.insert(0, "heads validated" if row["select"] == "validation" else f"heads by {row['select']}")
     if seed and row.get("calib_seed") is not None:
         extra.append(f"calib seed {row['calib_seed']}")
     return row["solver"] + (f" ({', '.join(extra)})" if extra else "")
@@ -101,7 +101,7 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
     import torch
 
     from .. import data, models
-    from ..apply import apply
+    from ..apply import PruneError, apply
     from ..evaluation import compare_latency, embedding_fidelity, evaluate_model, perplexity, sentence_embeddings
 
     out = Path(out) if out else RESULTS
@@ -110,6 +110,11 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
     done = {(_label(r), r["sparsity"]) for r in _rows(log) if r.get("solver")}
     kind = models.EMBEDDED[model_name].kind if model_name in models.EMBEDDED else "causal-lm"
     vkey = "validation_perplexity" if kind == "causal-lm" else "validation_fidelity"
+    if select == "validation" and (not validation_windows or kind != "causal-lm" or
+                                   any(x is not None for x in calib_seeds)):
+        raise PruneError("select='validation' holds out the validation windows after consecutive calibration "
+                         "windows of a causal LM: give validation_windows (--validation-windows 40) and no "
+                         "calibration seeds")
     validated = {(_label(r), r["sparsity"]) for r in _rows(log) if r.get(vkey) is not None}
     dense_model, tok = models.load(model_name, dtype=torch.float32, device=device)
     seq = min(seq_len, getattr(dense_model.config, "max_position_embeddings", seq_len))
@@ -147,7 +152,8 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
         model, _ = models.load(model_name, dtype=torch.float32, device=device)
         t = time.perf_counter()
         report = apply(model, cal, s, solver=solver, device=device, progress=False, damping=damping,
-                       structures=structures, targets=targets, target_damping=target_damping, select=select)
+                       structures=structures, targets=targets, target_damping=target_damping, select=select,
+                       validation=validation if select == "validation" else None)
         seconds = time.perf_counter() - t
         res = evaluate_model(model, tok, kind=kind, n_windows=eval_windows, seq_len=seq, reference=reference)
         row = {"solver": solver, "sparsity": s, "damping": damping, "calib_seed": seed, "structures": tag,
