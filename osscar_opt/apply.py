@@ -38,12 +38,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapters import (Adapter, ConvAdapter, Site, adapter_for, expert_sites, set_weight_matrix, site_weight,
+from .adapters import (Adapter, BertAdapter, ConvAdapter, Site, adapter_for, expert_sites, set_weight_matrix, site_weight,
                        text_config, weight_matrix)
-from .data import DataError
+from .data import Calibration, DataError
 from .errors import PruneError
 from .evaluate import evaluate, support_array
-from .loss_select import choose_by_loss, held_out_loss, loss_curvature
+from .loss_select import HeldOut, choose_by_loss, loss_curvature
 from .extract import (GramHooks, StateRecorder, _batches, as_calibration, as_structures, describe_calibration, keep_count,
                       run_model, site_instance, token_mask)
 from .instance import DAMPING, DEFAULT_TARGETS, SELECT, TARGET_DAMPING, TARGETS, check_damping
@@ -75,7 +75,7 @@ class SiteReport:
     # apply(select="loss"): the solver's support and err, the estimated loss change of it and of the
     # support written (keep, err above), the supports scored and how ("all" or "swaps");
     # select="validation": the solver's support and err, the candidates (the solver's support, its
-    # start) and their held-out losses
+    # start) and their held-out scores
     selection: dict | None = None
 
 
@@ -97,8 +97,9 @@ class PruneReport:
     target_damping: float | None = None
     select: str = "err"
     select_seconds: float = 0.0  # the backward pass and the scoring of supports (apply(select="loss"))
-    # apply(select="validation"): the windows' shape, the dense model's loss on them, the sites where the
-    # solver's support differed from its start and how many of them were written from the start
+    # apply(select="validation"): the held-out inputs' shape, the structures checked, the score (causal LMs:
+    # "loss", encoders: "1 - fidelity") and the dense model's, the sites where the solver's support
+    # differed from its start and how many of them were written from the start
     validation: dict | None = None
 
     @property
@@ -146,9 +147,10 @@ class PruneReport:
         chosen = [s for s in self.sites if s.selection is not None]
         if self.validation is not None:
             v = self.validation
-            lines += [f"select=validation: at {v['sites']} attention sites the solver's support differed from its "
-                      f"start; {v['moved']} written from the start, of lower loss on {v['windows'][0]} held-out "
-                      f"windows ({self.select_seconds:.1f} s; dense model's loss {v['dense_loss']:.4f})", ""]
+            lines += [f"select=validation ({', '.join(v['structures'])}): at {v['sites']} sites the solver's support "
+                      f"differed from its start; {v['moved']} written from the start, of better {v['score']} on "
+                      f"{v['inputs'][0]} held-out inputs ({self.select_seconds:.1f} s; the dense model's "
+                      f"{v['score']}: {v['dense_score']:.4f})", ""]
         elif chosen:
             moved = [s for s in chosen if s.keep != s.selection["solver_keep"]]
             gain = sum(s.selection["solver_estimate"] - s.selection["estimate"] for s in chosen)
@@ -549,6 +551,7 @@ def apply(
     compare: Sequence[str] = (),
     select: str = "err",
     validation: Any = None,
+    validate: Sequence[str] | None = None,
     **solver_params: Any,
 ) -> PruneReport:
     """Prune `model` in place and return a report.
@@ -608,15 +611,20 @@ def apply(
         before pruning; every support keeps its refit weights. Causal LMs
         only. Not the default: on SmolLM2 it ranks one site's head choices
         better than err does, but the whole model's perplexity is higher
-        (see `loss_select`). "validation": where the solver reports the
-        support it started from (OSSCAR: its greedy's) and its local search
-        moved away from it, the one of the two with the lower next-token
-        loss on the `validation` windows is written (the model as pruned so
-        far, the later layers still dense; two forward passes of the
-        validation windows per such site). Causal LMs only; other solvers
-        keep their support.
-    validation: held-out token windows, (n, seq_len) ids, for
-        select="validation" (none of them among the calibration windows).
+        (see `loss_select`). "validation": at each site of the `validate`
+        structures where the solver reports the support it started from
+        (OSSCAR: its greedy's) and its local search moved away from it, the
+        one of the two with the better score on the `validation` inputs is
+        written: a causal LM's next-token loss, an encoder's 1 - cosine
+        similarity of its mean-pooled embeddings to the dense model's (the
+        model as pruned so far, the later layers still dense; two forward
+        passes of the validation inputs per such site). Solvers that report
+        no start keep their support.
+    validation: held-out inputs for select="validation", none of them
+        among the calibration: (n, seq_len) token ids, or for an encoder a
+        `data.Calibration` (or a tokenizer's output) with its attention mask.
+    validate: the structures select="validation" checks (default: the
+        attention heads; ("heads", "neurons") also the FFN neurons).
     device: where the forward passes and the solver run (default: CPU). The
         sequential mode holds one block there at a time.
     compare: other registered solvers, run with their default parameters on
@@ -723,12 +731,23 @@ def apply(
                          "are not calibration windows" if validation is None else
                          f"validation windows are only read by select='validation' (select is {select!r}): leave "
                          "them out, or choose select='validation'")
+    held_out = None
+    validated = tuple(s for s in structures if s in ATTENTION_STRUCTURES) if validate is None else \
+        as_structures(validate)
+    if validate is not None and select != "validation":
+        raise PruneError(f"validate names the structures select='validation' checks (select is {select!r}): "
+                         "leave it out, or choose select='validation'")
+    stray = [s for s in validated if s not in structures]
+    if stray:
+        raise PruneError(f"validate names {stray[0]!r}, which this call does not prune (structures: "
+                         f"{', '.join(structures)}): leave it out, or prune it")
     if validation is not None:
-        validation = _check_tokens(model, adapter, torch.as_tensor(validation) if not isinstance(
-            validation, torch.Tensor) else validation)
-        if validation.dim() != 2 or validation.shape[0] == 0 or validation.shape[1] < 2:
-            raise DataError(f"validation windows must be (n, seq_len) token ids with n >= 1 and seq_len >= 2, got "
-                            f"shape {tuple(validation.shape)}")
+        if isinstance(validation, Mapping) and "input_ids" in validation:  # a tokenizer's output
+            validation = Calibration(validation["input_ids"], attention_mask=validation.get("attention_mask"))
+        elif not isinstance(validation, Calibration):
+            validation = Calibration(torch.as_tensor(as_calibration(validation)))
+        _check_tokens(model, adapter, validation)
+        held_out = HeldOut(validation, encoder=isinstance(adapter, BertAdapter), batch_size=batch_size)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     name = getattr(getattr(model, "config", None), "osscar_name", None) or \
         getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
@@ -762,15 +781,16 @@ def apply(
         there = dev if offload is not True and fits_on(model, dev) else model_home
         try:
             model.to(there)
-            return held_out_loss(model, validation, batch_size, there)
+            return held_out(model, there)
         finally:
             model.to(model_home)
             if block is not None:
                 block.to(dev)
 
     if select == "validation":  # the dense model's, and a model without next-token logits refused, untouched
-        report.validation = {"windows": list(validation.shape), "dense_loss": validation_loss(), "sites": 0,
-                             "moved": 0}
+        report.validation = {"inputs": list(validation.input_ids.shape), "structures": list(validated),
+                             "score": "1 - fidelity" if held_out.encoder else "loss",
+                             "dense_score": validation_loss(), "sites": 0, "moved": 0}
         report.select_seconds += time.perf_counter() - start
     meta = {"model": name, "architecture": adapter.name, "calibration": report.calibration,
             "activations": "sequential" if sequential else "dense"}
@@ -800,7 +820,7 @@ def apply(
                 keep, err, picked = choice.keep, choice.err, choice.weights
                 report.select_seconds += time.perf_counter() - t
             start_keep = sol.info.get("greedy_keep") if select == "validation" and len(views) == 1 and \
-                site.structure in ATTENTION_STRUCTURES else None
+                site.structure in validated else None
             if start_keep is not None and sorted(start_keep) != sorted(keep.tolist()):
                 t = time.perf_counter()
                 ev = evaluate(inst, start_keep, device=device)
@@ -820,7 +840,7 @@ def apply(
                     set_weight_matrix(module, original)
                 best = int(np.argmin(losses))  # a tie keeps the solver's
                 selection = {"solver_keep": keep.tolist(), "solver_err": err, "method": "validation",
-                             "candidates": [c[0].tolist() for c in candidates], "losses": losses}
+                             "candidates": [c[0].tolist() for c in candidates], "scores": losses}
                 keep, err, picked = candidates[best]
                 report.validation["sites"] += 1
                 report.validation["moved"] += best != 0

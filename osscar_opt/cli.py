@@ -402,12 +402,16 @@ def _prune_args(p: argparse.ArgumentParser):
                         "report gives their err beside the solver's and counts where it is lower")
     p.add_argument("--select", choices=SELECT, default="err",
                    help="how attention heads are chosen: 'err' the solver's support (default); 'validation' where "
-                        "OSSCAR's local search moved away from its greedy start, the one of the two with the lower "
-                        "loss on --validation-windows held-out windows; 'loss' the one with the lowest estimated "
-                        "change of the calibration loss (causal LMs)")
+                        "OSSCAR's local search moved away from its greedy start, the one of the two with the better "
+                        "score on --validation-windows held-out windows (next-token loss; encoders: embedding "
+                        "fidelity); 'loss' the one with the lowest estimated change of the calibration loss (causal "
+                        "LMs)")
     p.add_argument("--validation-windows", type=non_negative_int, default=None,
-                   help="held-out windows of --select validation, from the calibration half after the calibration "
-                        "windows (default 40)")
+                   help="held-out windows (encoders: paragraphs) of --select validation, from the calibration half "
+                        "after the calibration ones (default 40)")
+    p.add_argument("--validate", default=None, metavar="STRUCTURES",
+                   help="comma-separated structures --select validation checks (default: the heads), e.g. "
+                        "heads,neurons")
     p.add_argument("--calib", default="pydoc", help="calibration text: pydoc, wikitext2, c4, ptb or a .txt/.jsonl file")
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
@@ -576,6 +580,8 @@ def _bench_prune_args(p: argparse.ArgumentParser):
                    help="apply()'s choice of attention heads: 'err' (default), 'validation' (on the "
                         "--validation-windows; rows labelled 'heads validated') or 'loss' (rows labelled 'heads by "
                         "loss')")
+    p.add_argument("--validate", default=None, metavar="STRUCTURES",
+                   help="comma-separated structures --select validation checks (default: the heads)")
 
     def run(args: argparse.Namespace) -> int:
         from .benchmarks import prune
@@ -592,6 +598,8 @@ def _bench_prune_args(p: argparse.ArgumentParser):
         from .prune_cli import check_select
 
         check_select(args.model, args.select)
+        if args.validate is not None and args.select != "validation":
+            raise OsscarError("--validate belongs to --select validation: add --select validation, or leave it out")
         try:
             seeds = [int(x) for x in args.calib_seeds.split(",")] if args.calib_seeds else [None]
         except ValueError:
@@ -609,7 +617,8 @@ def _bench_prune_args(p: argparse.ArgumentParser):
                   args.seq_len, args.eval_windows, args.device, args.out, damping=dampings, calib_seeds=seeds,
                   validation_windows=args.validation_windows, speed_at=None if args.no_speed else 0.5,
                   structures=args.structures.split(",") if args.structures else None, targets=args.targets,
-                  target_damping=args.target_damping, select=args.select)
+                  target_damping=args.target_damping, select=args.select,
+                  validate=None if args.validate is None else [x.strip() for x in args.validate.split(",") if x.strip()])
         return 0
 
     return run

@@ -257,12 +257,16 @@ def encoder_calibration(tokenizer: Any, source: str = "pydoc", nsamples: int = 3
 
 
 def paragraphs(tokenizer: Any, source: str = "pydoc", n: int = 256, max_length: int = 128,
-               split: str = "calibration", seed: int | None = None) -> Calibration:
+               split: str = "calibration", seed: int | None = None, skip: int = 0) -> Calibration:
     """Calibration for encoders: paragraphs of the split tokenized like sentence
     inputs (special tokens, padding to max_length, attention mask); padded
-    positions are left out of the Gram matrices. The first n paragraphs, or
-    with a seed n drawn at random without replacement."""
-    texts = paragraph_texts(source, split, None if seed is not None else n)
+    positions are left out of the Gram matrices. The first n paragraphs (after
+    the first `skip`: held-out ones after a calibration), or with a seed n
+    drawn at random without replacement."""
+    texts = paragraph_texts(source, split, None if seed is not None else n + skip)[skip if seed is None else 0:]
+    if not texts:
+        raise DataError(f"the {_split_name(split)} half of {source!r} has no paragraph after the first {skip}: "
+                        "use fewer calibration samples")
     if seed is not None:
         pick = np.random.default_rng(seed).choice(len(texts), size=min(n, len(texts)), replace=False)
         texts = [texts[i] for i in np.sort(pick)]

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .data import DataError
+from .data import Calibration, DataError
 from .errors import PruneError
 from .evaluate import evaluate, evaluate_masked, n_supports, support_array, supports
 from .instance import Instance
@@ -86,28 +86,66 @@ def _shifted_loss_sum(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tenso
     return loss, int((labels != -100).sum())
 
 
+class HeldOut:
+    """A model's score on held-out inputs, lower is better: a causal LM's mean
+    next-token loss, or an encoder's 1 - mean cosine similarity of its
+    mean-pooled embeddings to those of the model first scored (the dense
+    one). `inputs`: a `Calibration` ((n, seq_len) ids, and for encoders
+    their attention mask)."""
+
+    def __init__(self, inputs: Any, encoder: bool, batch_size: int = 8):
+        self.ids = inputs.input_ids
+        self.mask = getattr(inputs, "attention_mask", None)
+        self.encoder, self.batch_size = encoder, batch_size
+        self.reference: torch.Tensor | None = None
+        if not encoder and self.ids.shape[1] < 2:
+            raise DataError(f"validation windows of a causal LM need at least 2 tokens, got shape "
+                            f"{tuple(self.ids.shape)}")
+
+    def __call__(self, model: nn.Module, device: Any = None) -> float:
+        dev = torch.device(device) if device is not None else next(model.parameters()).device
+        total, count, pooled = 0.0, 0, []
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for a in range(0, self.ids.shape[0], self.batch_size):
+                    ids = self.ids[a : a + self.batch_size].to(dev)
+                    mask = None if self.mask is None else self.mask[a : a + self.batch_size].to(dev)
+                    out = model(input_ids=ids, attention_mask=mask)
+                    if self.encoder:
+                        hidden = getattr(out, "last_hidden_state", None)
+                        if hidden is None:
+                            raise PruneError(f"{type(model).__name__} gives no last_hidden_state: held-out "
+                                             "scoring of an encoder compares its mean-pooled embeddings; use "
+                                             "select='err'")
+                        m = (torch.ones(ids.shape, device=dev) if mask is None else mask).unsqueeze(-1)
+                        m = m.to(hidden.dtype)
+                        p = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+                        pooled.append(nn.functional.normalize(p.double(), dim=-1).cpu())
+                        continue
+                    logits = getattr(out, "logits", None)
+                    if logits is None or logits.dim() != 3:
+                        raise PruneError(f"{type(model).__name__} gives no next-token logits: choosing supports "
+                                         "by a held-out loss needs a causal LM; use select='err'")
+                    loss, n = _shifted_loss_sum(logits, ids, mask)
+                    total, count = total + float(loss), count + n
+        finally:
+            model.train(was_training)
+        if self.encoder:
+            emb = torch.cat(pooled)
+            if self.reference is None:
+                self.reference = emb
+            return float(1.0 - (emb * self.reference).sum(1).mean())
+        if count == 0:
+            raise DataError("the validation windows hold no next-token pairs: give windows of 2 tokens or more")
+        return total / count
+
+
 def held_out_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, device: Any = None) -> float:
     """Mean next-token loss of the causal LM `model` over (n, seq_len) token
     windows, where its parameters are (or on `device`)."""
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for a in range(0, windows.shape[0], batch_size):
-                ids = windows[a : a + batch_size].to(dev)
-                logits = getattr(model(input_ids=ids), "logits", None)
-                if logits is None or logits.dim() != 3:
-                    raise PruneError(f"{type(model).__name__} gives no next-token logits: choosing supports by a "
-                                     "held-out loss needs a causal LM; use select='err'")
-                loss, n = _shifted_loss_sum(logits, ids, None)
-                total, count = total + float(loss), count + n
-    finally:
-        model.train(was_training)
-    if count == 0:
-        raise DataError("the validation windows hold no next-token pairs: give windows of 2 tokens or more")
-    return total / count
+    return HeldOut(Calibration(windows), encoder=False, batch_size=batch_size)(model, device)
 
 
 def loss_curvature(model: nn.Module, consumers: Sequence[str], batches: Any, device: Any = None) -> dict[str, LossCurvature]:

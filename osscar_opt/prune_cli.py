@@ -73,7 +73,10 @@ def prune_once(args: argparse.Namespace, sparsity: float, dense: dict | None = N
         cal = data.calibration(tok, args.calib, args.nsamples, seq_len, seed=args.calib_seed)
     select = getattr(args, "select", "err")
     validation = None
-    if select == "validation":  # the windows after the (consecutive) calibration ones: disjoint from them
+    if select == "validation" and kind == "encoder":  # the paragraphs after the calibration ones
+        validation = data.paragraphs(tok, args.calib, validation_windows(args), min(seq_len, 128),
+                                     skip=args.nsamples * data.PARAGRAPHS_PER_SAMPLE)
+    elif select == "validation":  # the windows after the (consecutive) calibration ones: disjoint from them
         n = validation_windows(args)
         validation = data.windows(tok, args.calib, "calibration", args.nsamples + n, seq_len)[args.nsamples:]
     structures = _structures(args)
@@ -81,6 +84,7 @@ def prune_once(args: argparse.Namespace, sparsity: float, dense: dict | None = N
                    sequential=not args.dense_activations, damping=args.damping, device=args.device,
                    targets=args.targets, target_damping=args.target_damping,
                    compare=_compared(args), select=select, validation=validation,
+                   validate=_validated(args),
                    **_solver_params(args))
     pruned = measure(model, tok, kind, args, reference=dense.get("embeddings"), speed=False)
     if not args.no_speed:
@@ -202,6 +206,12 @@ def _write(args: argparse.Namespace, out: Path, rows: list, dense: dict, last: d
 VALIDATION_WINDOWS = 40  # --select validation's held-out windows by default
 
 
+def _validated(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """--validate: the structures --select validation checks (None: apply's default, the heads)."""
+    text = getattr(args, "validate", None)
+    return None if text is None else tuple(x.strip() for x in text.split(",") if x.strip())
+
+
 def validation_windows(args: argparse.Namespace) -> int:
     """prune's --validation-windows: VALIDATION_WINDOWS unless given."""
     n = getattr(args, "validation_windows", None)
@@ -213,14 +223,15 @@ def check_select(model: str, select: str, args: argparse.Namespace | None = None
     with `args` (prune's), --select validation needs held-out windows disjoint from the calibration."""
     from .models import EMBEDDED
 
-    if select in ("loss", "validation") and model in EMBEDDED and EMBEDDED[model].kind != "causal-lm":
+    if select == "loss" and model in EMBEDDED and EMBEDDED[model].kind != "causal-lm":
         raise CliError(f"--select {select} scores heads by a causal LM's next-token loss and {model} is an "
                        f"{EMBEDDED[model].kind}: leave --select out")
     if args is None:
         return
-    if select != "validation" and getattr(args, "validation_windows", None) is not None:
-        raise CliError("--validation-windows are the held-out windows of --select validation: add --select "
-                       "validation, or leave them out")
+    for flag, value in (("--validation-windows", getattr(args, "validation_windows", None)),
+                        ("--validate", getattr(args, "validate", None))):
+        if select != "validation" and value is not None:
+            raise CliError(f"{flag} belongs to --select validation: add --select validation, or leave it out")
     if select == "validation":
         if validation_windows(args) < 1:
             raise CliError("--select validation needs at least one held-out window: --validation-windows 40")

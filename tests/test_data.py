@@ -120,6 +120,11 @@ def test_seeded_paragraphs_are_a_reproducible_draw_of_the_split():
     assert len(drawn) == 16
     expected = {tok.decode(tok(t, truncation=True, max_length=32)["input_ids"], skip_special_tokens=True) for t in texts}
     assert drawn <= expected
+    # held-out paragraphs after the first ones: the next n, none of the first
+    after = data.paragraphs(tok, "pydoc", n=8, max_length=32, skip=16)
+    assert torch.equal(after.input_ids, data.paragraphs(tok, "pydoc", n=24, max_length=32).input_ids[16:])
+    with pytest.raises(data.DataError, match="no paragraph after the first"):
+        data.paragraphs(tok, "pydoc", n=8, max_length=32, skip=len(texts))
 
 
 def test_bench_prune_reports_seeded_runs_apart_with_mean_and_spread(tmp_path):
@@ -155,6 +160,10 @@ def test_bench_prune_labels_rows_other_than_the_default_targets():
         "osscar (outliers: dense only)"
     # heads chosen by the loss estimate are labelled; by err (the default, and every row before select) not
     assert prune._label({"solver": "osscar", "damping": 0.01, **DEFAULT, "select": "loss"}) == "osscar (heads by loss)"
+    assert prune._label({"solver": "osscar", "damping": 0.01, **DEFAULT, "select": "validation"}) == \
+        "osscar (heads validated)"
+    assert prune._label({"solver": "osscar", "damping": 0.01, **DEFAULT, "select": "validation",
+                         "validate": ["heads", "neurons"]}) == "osscar (heads,neurons validated)"
     assert prune._label({"solver": "osscar", "damping": 0.01, **DEFAULT, "select": "err"}) == "osscar"
 
 

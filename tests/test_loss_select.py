@@ -1,6 +1,7 @@
 """Choosing attention supports by the estimated change of the model's loss
 (`osscar_opt.loss_select`, apply(select=...)), on small models built in-process."""
 
+import copy
 import re
 
 import numpy as np
@@ -176,16 +177,17 @@ def test_select_validation_writes_the_support_or_start_of_lower_held_out_loss():
     searched = apply(ARCHITECTURES["gpt2"](), cal, 0.5, **kwargs)
     chosen = [s for s in report.sites if s.selection is not None]
     assert report.validation["sites"] == len(chosen) == 2 and report.validation["moved"] == 1
-    assert report.validation["dense_loss"] == pytest.approx(held_out_loss(ARCHITECTURES["gpt2"](), val), rel=1e-12)
+    assert report.validation["dense_score"] == pytest.approx(held_out_loss(ARCHITECTURES["gpt2"](), val), rel=1e-12)
+    assert report.validation["structures"] == ["heads"] and report.validation["score"] == "loss"
     for s in chosen:
         sel = s.selection
         assert sel["method"] == "validation" and sel["candidates"][0] == sel["solver_keep"] != sel["candidates"][1]
-        assert s.keep == sel["candidates"][int(np.argmin(sel["losses"]))]
+        assert s.keep == sel["candidates"][int(np.argmin(sel["scores"]))]
     # the first site is the same instance in all three runs: the solver's support and its greedy start
     assert chosen[0].selection["solver_keep"] == searched.sites[0].keep
     assert chosen[0].selection["candidates"][1] == greedy.sites[0].keep
-    assert held_out_loss(model, val) == pytest.approx(min(chosen[-1].selection["losses"]), rel=1e-5)
-    assert "select=validation: at 2 attention sites" in report.to_markdown()
+    assert held_out_loss(model, val) == pytest.approx(min(chosen[-1].selection["scores"]), rel=1e-5)
+    assert "select=validation (heads): at 2 sites" in report.to_markdown()
     assert report.to_dict()["validation"]["moved"] == 1
 
     mapped = apply(ARCHITECTURES["gpt2"](), cal, 0.5, **dict(kwargs, solver={"heads": "osscar"}),
@@ -194,17 +196,55 @@ def test_select_validation_writes_the_support_or_start_of_lower_held_out_loss():
     plain = apply(ARCHITECTURES["gpt2"](), cal, 0.5, solver="obs-greedy", progress=False, structures=("heads",),
                   select="validation", validation=val)  # no start reported: nothing to choose from
     assert plain.validation["sites"] == 0 and all(s.selection is None for s in plain.sites)
-    bert = ARCHITECTURES["bert"]()
     llama = tiny_llama()
-    for m, kw, error, message in [
-            (llama, dict(select="validation"), PruneError, "select='validation' needs held-out windows"),
-            (llama, dict(validation=val), PruneError, "only read by select='validation'"),
-            (llama, dict(select="validation", validation=val + 1000), DataError, "outside the model's vocabulary"),
-            (llama, dict(select="validation", validation=val[:, :1]), DataError, "seq_len >= 2"),
-            (bert, dict(select="validation", validation=random_tokens(4, 16, seed=2, vocab=bert.config.vocab_size)),
-             PruneError, "gives no next-token logits")]:
-        before = {k: v.clone() for k, v in m.state_dict().items()}
+    for kw, error, message in [
+            (dict(select="validation"), PruneError, "select='validation' needs held-out windows"),
+            (dict(validation=val), PruneError, "only read by select='validation'"),
+            (dict(select="validation", validation=val + 1000), DataError, "outside the model's vocabulary"),
+            (dict(select="validation", validation=val[:, :1]), DataError, "need at least 2 tokens"),
+            (dict(select="validation", validation=val, validate=("kv-groups",)), PruneError,
+             "validate names 'kv-groups', which this call does not prune"),
+            (dict(validate=("heads",)), PruneError, "validate names the structures select='validation' checks")]:
+        before = {k: v.clone() for k, v in llama.state_dict().items()}
         with pytest.raises(error, match=re.escape(message)):
-            apply(m, cal if m is llama else random_tokens(4, 16, seed=2, vocab=bert.config.vocab_size), 0.5,
-                  progress=False, **kw)
-        assert all(torch.equal(before[k], v) for k, v in m.state_dict().items()), message
+            apply(llama, cal, 0.5, progress=False, **kw)
+        assert all(torch.equal(before[k], v) for k, v in llama.state_dict().items()), message
+
+
+def test_select_validation_on_an_encoder_scores_embedding_fidelity_and_can_check_neurons():
+    """An encoder's held-out score is 1 - the mean cosine of its mean-pooled
+    embeddings (padding masked) to the dense model's; validate=("heads",
+    "neurons") checks both structures, and each written support is the
+    better-scoring of OSSCAR's support and its greedy start."""
+    from osscar_opt.data import Calibration
+    from osscar_opt.loss_select import HeldOut
+
+    bert = ARCHITECTURES["bert"]()
+    vocab = bert.config.vocab_size
+    cal = random_tokens(8, 16, seed=2, vocab=vocab)
+    ids = random_tokens(6, 16, seed=5, vocab=vocab)
+    mask = torch.ones_like(ids)
+    mask[:3, 10:] = 0  # padded tails
+    val = {"input_ids": ids, "attention_mask": mask}
+    dense = copy.deepcopy(bert)
+    report = apply(bert, cal, 0.5, solver="osscar", progress=False, select="validation", validation=val,
+                   validate=("heads", "neurons"), stage_fraction=1.0)
+    v = report.validation
+    assert v["score"] == "1 - fidelity" and v["structures"] == ["heads", "neurons"]
+    assert v["dense_score"] == pytest.approx(0.0, abs=1e-12)
+    chosen = [s for s in report.sites if s.selection is not None]
+    assert v["sites"] == len(chosen) >= 1 and "neurons" in {s.structure for s in chosen}
+    for s in chosen:
+        assert s.keep == s.selection["candidates"][int(np.argmin(s.selection["scores"]))]
+    # the score by hand: mean-pooled over unpadded tokens, normalized, cosine to the dense model's
+    def embed(model):
+        with torch.no_grad():
+            h = model(input_ids=ids, attention_mask=mask).last_hidden_state.double()
+        m = mask.unsqueeze(-1).double()
+        return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+    score = HeldOut(Calibration(ids, attention_mask=mask), encoder=True)
+    assert score(dense) == pytest.approx(0.0, abs=1e-12)
+    by_hand = 1.0 - float((embed(bert) * embed(dense)).sum(1).mean())
+    assert score(bert) == pytest.approx(by_hand, rel=1e-6) and by_hand > 0  # pooled in fp32 there
+    assert chosen[-1] is report.sites[-1]  # the last site's score is the pruned model's
+    assert by_hand == pytest.approx(min(chosen[-1].selection["scores"]), rel=1e-4, abs=1e-7)

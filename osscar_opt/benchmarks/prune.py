@@ -60,7 +60,8 @@ def _label(row: dict, seed: bool = True) -> str:
         # measured when the correction left out only the tokens massive in the dense model
         extra.append(f"outliers: {row.get('outliers', 'dense')} only")
     if row.get("select", "err") != "err":  # rows measured before `select` existed chose heads by err
-        extra.insert(0, "heads validated" if row["select"] == "validation" else f"heads by {row['select']}")
+        extra.insert(0, f"{','.join(row.get('validate') or ['heads'])} validated" if row["select"] == "validation"
+                     else f"heads by {row['select']}")
     if seed and row.get("calib_seed") is not None:
         extra.append(f"calib seed {row['calib_seed']}")
     return row["solver"] + (f" ({', '.join(extra)})" if extra else "")
@@ -84,7 +85,7 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
         speed_at: float | None = 0.5, damping: float | Sequence[float] = DAMPING,
         calib_seeds: Sequence[int | None] = (None,), structures: Sequence[str] | None = None,
         validation_windows: int = 0, targets: str | None = None, target_damping: float | None = TARGET_DAMPING,
-        select: str = "err") -> list[dict]:
+        select: str = "err", validate: Sequence[str] | None = None) -> list[dict]:
     """One pruning per (seed, damping, solver, sparsity), appended to
     prune_<model>.jsonl as it finishes (a rerun skips those done), then the
     tables and plot.
@@ -95,7 +96,7 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
     windows (causal LMs: perplexity) or paragraphs (encoders: fidelity) after
     those the calibration uses (consecutive calibration only), for choosing
     the damping without the evaluation half.
-    targets, target_damping, select: apply()'s (rows other than its defaults,
+    targets, target_damping, select, validate: apply()'s (rows other than its defaults,
     dense targets with a validated ridge and heads chosen by err, are
     labelled)."""
     import torch
@@ -110,11 +111,12 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
     done = {(_label(r), r["sparsity"]) for r in _rows(log) if r.get("solver")}
     kind = models.EMBEDDED[model_name].kind if model_name in models.EMBEDDED else "causal-lm"
     vkey = "validation_perplexity" if kind == "causal-lm" else "validation_fidelity"
-    if select == "validation" and (not validation_windows or kind != "causal-lm" or
-                                   any(x is not None for x in calib_seeds)):
+    if select == "validation" and (not validation_windows or any(x is not None for x in calib_seeds)):
         raise PruneError("select='validation' holds out the validation windows after consecutive calibration "
-                         "windows of a causal LM: give validation_windows (--validation-windows 40) and no "
-                         "calibration seeds")
+                         "windows: give validation_windows (--validation-windows 40) and no calibration seeds")
+    if validate is not None and select != "validation":
+        raise PruneError("validate names the structures select='validation' checks: add select='validation'")
+    validate = None if validate is None else tuple(validate)
     validated = {(_label(r), r["sparsity"]) for r in _rows(log) if r.get(vkey) is not None}
     dense_model, tok = models.load(model_name, dtype=torch.float32, device=device)
     seq = min(seq_len, getattr(dense_model.config, "max_position_embeddings", seq_len))
@@ -139,13 +141,17 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
             raise data.DataError(f"the pydoc calibration half has no paragraph after the {n_cal} calibration ones: "
                                  "use a smaller --nsamples")
         validation_reference = sentence_embeddings(dense_model, tok, validation)
+    held_out = None  # what select="validation" scores: the same windows / paragraphs
+    if select == "validation":
+        held_out = validation if kind == "causal-lm" else data.paragraphs(
+            tok, "pydoc", validation_windows, min(seq, 128), skip=nsamples * data.PARAGRAPHS_PER_SAMPLE)
     dampings = [float(damping)] if isinstance(damping, (int, float)) else [float(x) for x in damping]
     targets = targets or "dense"  # what apply() picks for the embedded models (sequential transformers)
     for seed, damping, solver, s in itertools.product(calib_seeds, dampings, solvers, sparsities):
         tag = ",".join(structures) if structures else None
         label = _label({"solver": solver, "damping": damping, "calib_seed": seed, "structures": tag,
                         "targets": targets, "target_damping": target_damping, "outliers": GramHooks.outliers,
-                        "select": select})
+                        "select": select, "validate": validate})
         if (label, s) in (done if validation is None or seed is not None else validated):
             continue
         cal = calibration_for(seed)
@@ -153,15 +159,17 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
         t = time.perf_counter()
         report = apply(model, cal, s, solver=solver, device=device, progress=False, damping=damping,
                        structures=structures, targets=targets, target_damping=target_damping, select=select,
-                       validation=validation if select == "validation" else None)
+                       validation=held_out, validate=validate)
         seconds = time.perf_counter() - t
         res = evaluate_model(model, tok, kind=kind, n_windows=eval_windows, seq_len=seq, reference=reference)
         row = {"solver": solver, "sparsity": s, "damping": damping, "calib_seed": seed, "structures": tag,
                "targets": report.targets, "target_damping": report.target_damping,
                "outliers": GramHooks.outliers if report.targets == "dense" else None,
-               "select": report.select, "parameters": res["parameters"],
+               "select": report.select, "validate": validate, "parameters": res["parameters"],
                "prune_seconds": seconds, "solve_seconds": report.solve_seconds, "mean_err": report.mean_err,
                "perplexity": res.get("perplexity"), "fidelity": res.get("fidelity")}
+        if report.validation is not None:  # select="validation": the sites checked and those written from the start
+            row["selection"] = {k: report.validation[k] for k in ("structures", "sites", "moved", "dense_score")}
         if validation is not None and seed is None:
             if kind == "causal-lm":
                 row[vkey] = perplexity(model, validation)
