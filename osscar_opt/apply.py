@@ -619,7 +619,7 @@ def apply(
         similarity of its mean-pooled embeddings to the dense model's (the
         model as pruned so far, the later layers still dense; two forward
         passes of the validation inputs per such site). Solvers that report
-        no start keep their support.
+        no start keep their support; stacked MoE experts are not checked.
     validation: held-out inputs for select="validation", none of them
         among the calibration: (n, seq_len) token ids, or for an encoder a
         `data.Calibration` (or a tokenizer's output) with its attention mask.
@@ -775,9 +775,9 @@ def apply(
     model_home = next(model.parameters()).device
     block = home = None  # the sequential loop's current block and where it goes back (below)
 
-    def validation_loss() -> float:
-        """The model's held-out loss as it is now: all of it where it fits
-        (else where it is kept), the current block back on the device after."""
+    def held_out_score() -> float:
+        """The model's held-out score as it is now (`HeldOut`): all of it where
+        it fits (else where it is kept), the current block back on the device after."""
         there = dev if offload is not True and fits_on(model, dev) else model_home
         try:
             model.to(there)
@@ -787,10 +787,10 @@ def apply(
             if block is not None:
                 block.to(dev)
 
-    if select == "validation":  # the dense model's, and a model without next-token logits refused, untouched
+    if select == "validation":  # the dense model's, and a model it cannot score refused, untouched
         report.validation = {"inputs": list(validation.input_ids.shape), "structures": list(validated),
                              "score": "1 - fidelity" if held_out.encoder else "loss",
-                             "dense_score": validation_loss(), "sites": 0, "moved": 0}
+                             "dense_score": held_out_score(), "sites": 0, "moved": 0}
         report.select_seconds += time.perf_counter() - start
     meta = {"model": name, "architecture": adapter.name, "calibration": report.calibration,
             "activations": "sequential" if sequential else "dense"}
@@ -827,20 +827,20 @@ def apply(
                 module = model.get_submodule(view.consumer)
                 original = weight_matrix(module).clone()
                 candidates = [(keep, err, picked), (np.asarray(ev.keep, dtype=np.int64), ev.err, ev.weights)]
-                losses = []
+                scores = []
                 try:
                     for k, _, w in candidates:
-                        if w is None:  # W_hat on the support, unrefit
-                            w = np.zeros_like(inst.W)
-                            rows_k = inst.rows_of(support_array(inst, k))
-                            w[rows_k] = inst.W[rows_k]
-                        set_weight_matrix(module, torch.from_numpy(np.asarray(w)))
-                        losses.append(validation_loss())
+                        if w is None:  # the consumer's own rows on the support, unrefit (as remove_groups writes)
+                            w = torch.zeros_like(original)
+                            rows_k = torch.from_numpy(inst.rows_of(support_array(inst, k)))
+                            w[rows_k] = original[rows_k]
+                        set_weight_matrix(module, torch.as_tensor(np.asarray(w)) if not torch.is_tensor(w) else w)
+                        scores.append(held_out_score())
                 finally:
                     set_weight_matrix(module, original)
-                best = int(np.argmin(losses))  # a tie keeps the solver's
+                best = int(np.argmin(scores))  # a tie keeps the solver's
                 selection = {"solver_keep": keep.tolist(), "solver_err": err, "method": "validation",
-                             "candidates": [c[0].tolist() for c in candidates], "scores": losses}
+                             "candidates": [c[0].tolist() for c in candidates], "scores": scores}
                 keep, err, picked = candidates[best]
                 report.validation["sites"] += 1
                 report.validation["moved"] += best != 0

@@ -33,6 +33,10 @@ the 27 supports at both layers. Over the whole model (`bench-prune
 --select loss`) the perplexity is higher than with the solver's supports
 (17.98 against 16.61 at 20%, 18.74 against 17.68 at 30%), so apply's
 default stays select="err".
+
+`HeldOut` scores a model on held-out inputs for apply(select="validation"),
+which keeps each of OSSCAR's local-search moves only where that score
+agrees (see `osscar_opt.apply`).
 """
 
 from __future__ import annotations

@@ -222,23 +222,27 @@ def _damping_table(rows: list[dict], metric: str) -> list[str]:
     groups: dict[tuple[str, float], list[dict]] = {}
     for r in rows:
         groups.setdefault((_label({**r, "damping": DAMPING}), r["sparsity"]), []).append(r)
-    n_val = max(r.get("validation_windows", 0) for r in rows)
-    lines = ["", f"Damping chosen on {n_val} validation {unit} of the calibration half (after the calibration "
-             f"{unit}, never the evaluation half): validation / evaluation {metric} per damping tried, the "
-             "chosen one in bold.", "",
-             "| solver | sparsity | dampings tried: validation / evaluation | chosen | evaluation at the chosen |",
-             "|---|---|---|---|---|"]
+    table, n_val = [], 0
     for (label, sp), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         latest = {r.get("damping", DAMPING): r for r in rs}  # a rerun's row replaces the earlier one
+        if len(latest) < 2:  # one damping: nothing was chosen (rows measured on validation windows for another end)
+            continue
+        n_val = max([n_val] + [r.get("validation_windows", 0) for r in latest.values()])
         ordered = sorted(latest.values(), key=lambda r: r.get("damping", DAMPING))
         chosen = pick(ordered, key=lambda r: r[vkey])
         cells = []
         for r in ordered:
             text = f"{r.get('damping', DAMPING):g}: {fmt.format(r[vkey])} / {fmt.format(r[metric])}"
             cells.append(f"**{text}**" if r is chosen else text)
-        lines.append(f"| {label} | {sp:.0%} | {'; '.join(cells)} | {chosen.get('damping', DAMPING):g} | "
+        table.append(f"| {label} | {sp:.0%} | {'; '.join(cells)} | {chosen.get('damping', DAMPING):g} | "
                      f"{fmt.format(chosen[metric])} |")
-    return lines
+    if not table:
+        return []
+    return ["", f"Damping chosen on {n_val} validation {unit} of the calibration half (after the calibration "
+            f"{unit}, never the evaluation half): validation / evaluation {metric} per damping tried, the "
+            "chosen one in bold.", "",
+            "| solver | sparsity | dampings tried: validation / evaluation | chosen | evaluation at the chosen |",
+            "|---|---|---|---|---|", *table]
 
 
 def _write(model_name: str, kind: str, rows: list[dict], out: Path) -> None:
