@@ -150,7 +150,7 @@ class PruneReport:
             lines += [f"select=validation ({', '.join(v['structures'])}): at {v['sites']} sites the solver's support "
                       f"differed from its start; {v['moved']} written from the start, of better {v['score']} on "
                       f"{v['inputs'][0]} held-out inputs ({self.select_seconds:.1f} s; the dense model's "
-                      f"{v['score']}: {v['dense_score']:.4f})", ""]
+                      f"{v['score']}: {abs(v['dense_score']) if v['score'] != 'loss' else v['dense_score']:.4f})", ""]
         elif chosen:
             moved = [s for s in chosen if s.keep != s.selection["solver_keep"]]
             gain = sum(s.selection["solver_estimate"] - s.selection["estimate"] for s in chosen)

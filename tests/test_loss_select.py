@@ -232,6 +232,7 @@ def test_select_validation_on_an_encoder_scores_embedding_fidelity_and_can_check
     v = report.validation
     assert v["score"] == "1 - fidelity" and v["structures"] == ["heads", "neurons"]
     assert v["dense_score"] == pytest.approx(0.0, abs=1e-12)
+    assert "the dense model's 1 - fidelity: 0.0000)" in report.to_markdown()  # not -0.0000 from round-off
     chosen = [s for s in report.sites if s.selection is not None]
     assert v["sites"] == len(chosen) >= 1 and "neurons" in {s.structure for s in chosen}
     for s in chosen:
