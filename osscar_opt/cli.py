@@ -595,7 +595,7 @@ def _bench_prune_args(p: argparse.ArgumentParser):
 
         for solver in solvers:  # names, per-structure solvers and --device, before the model is loaded
             check_solver(solver, args.device, {})
-        from .prune_cli import check_select
+        from .prune_cli import _validated, check_select
 
         check_select(args.model, args.select)
         if args.validate is not None and args.select != "validation":
@@ -618,7 +618,7 @@ def _bench_prune_args(p: argparse.ArgumentParser):
                   validation_windows=args.validation_windows, speed_at=None if args.no_speed else 0.5,
                   structures=args.structures.split(",") if args.structures else None, targets=args.targets,
                   target_damping=args.target_damping, select=args.select,
-                  validate=None if args.validate is None else [x.strip() for x in args.validate.split(",") if x.strip()])
+                  validate=_validated(args))
         return 0
 
     return run

@@ -421,8 +421,8 @@ DEFAULT_TARGETS = None
 # ridge and shrinkage chosen per site by two-fold validation (`extract.fit_correction`)
 TARGET_DAMPING = None
 # how `osscar_opt.apply` picks an attention site's support: the solver's ("err", the default), the one
-# of the solver's support and its start with the lower loss on held-out windows ("validation"), or by
-# the estimated change of the model's loss ("loss", `loss_select`); the last two for causal LMs
+# of the solver's support and its start with the better held-out score ("validation"), or by the
+# estimated change of the model's loss ("loss", `loss_select`, causal LMs only)
 SELECT = ("err", "validation", "loss")
 
 

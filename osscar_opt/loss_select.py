@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .data import Calibration, DataError
+from .data import DataError
 from .errors import PruneError
 from .evaluate import evaluate, evaluate_masked, n_supports, support_array, supports
 from .instance import Instance
@@ -144,12 +144,6 @@ class HeldOut:
         if count == 0:
             raise DataError("the validation windows hold no next-token pairs: give windows of 2 tokens or more")
         return total / count
-
-
-def held_out_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, device: Any = None) -> float:
-    """Mean next-token loss of the causal LM `model` over (n, seq_len) token
-    windows, where its parameters are (or on `device`)."""
-    return HeldOut(Calibration(windows), encoder=False, batch_size=batch_size)(model, device)
 
 
 def loss_curvature(model: nn.Module, consumers: Sequence[str], batches: Any, device: Any = None) -> dict[str, LossCurvature]:

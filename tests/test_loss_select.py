@@ -12,7 +12,8 @@ from osscar_opt.apply import PruneError, apply
 from osscar_opt.data import DataError
 from osscar_opt.evaluate import evaluate, evaluate_masked, n_supports, supports
 from osscar_opt.extract import extract
-from osscar_opt.loss_select import LossCurvature, choose_by_loss, held_out_loss, loss_curvature
+from osscar_opt.data import Calibration
+from osscar_opt.loss_select import HeldOut, LossCurvature, choose_by_loss, loss_curvature
 
 from conftest import random_instance
 from small_models import ARCHITECTURES, random_tokens, tiny_llama
@@ -170,6 +171,10 @@ def test_select_validation_writes_the_support_or_start_of_lower_held_out_loss():
     score is the pruned model's own held-out loss. Bad input is refused with
     the model untouched."""
     cal, val = random_tokens(8, 16, seed=1), random_tokens(6, 16, seed=7)
+
+    def held_out_loss(model, windows):
+        return HeldOut(Calibration(windows), encoder=False)(model)
+
     kwargs = dict(solver="osscar", progress=False, structures=("heads",), stage_fraction=1.0)  # one-stage greedy
     model = ARCHITECTURES["gpt2"]()
     report = apply(model, cal, 0.5, select="validation", validation=val, **kwargs)
@@ -216,9 +221,6 @@ def test_select_validation_on_an_encoder_scores_embedding_fidelity_and_can_check
     embeddings (padding masked) to the dense model's; validate=("heads",
     "neurons") checks both structures, and each written support is the
     better-scoring of OSSCAR's support and its greedy start."""
-    from osscar_opt.data import Calibration
-    from osscar_opt.loss_select import HeldOut
-
     bert = ARCHITECTURES["bert"]()
     vocab = bert.config.vocab_size
     cal = random_tokens(8, 16, seed=2, vocab=vocab)
