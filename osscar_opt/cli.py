@@ -407,8 +407,8 @@ def _prune_args(p: argparse.ArgumentParser):
                         "fidelity); 'loss' the one with the lowest estimated change of the calibration loss (causal "
                         "LMs)")
     p.add_argument("--validation-windows", type=non_negative_int, default=None,
-                   help="held-out windows (encoders: paragraphs) of --select validation, from the calibration half "
-                        "after the calibration ones (default 40)")
+                   help="held-out windows (encoders: paragraphs) of --select validation, from the calibration half, "
+                        "sharing no token with the calibration ones (default 40)")
     p.add_argument("--validate", default=None, metavar="STRUCTURES",
                    help="comma-separated structures --select validation checks (default: the heads), e.g. "
                         "heads,neurons")
@@ -563,8 +563,8 @@ def _bench_prune_args(p: argparse.ArgumentParser):
     p.add_argument("--no-speed", action="store_true", help="skip the latency comparison at 50%%")
     p.add_argument("--validation-windows", type=non_negative_int, default=0,
                    help="also measure quality on this many calibration-half windows (causal LMs: perplexity) or "
-                        "paragraphs (encoders: fidelity) after the calibration ones; the report then picks the "
-                        "damping by them")
+                        "paragraphs (encoders: fidelity) apart from the calibration ones (what --select validation "
+                        "scores); the report then picks the damping by them")
     p.add_argument("--calib-seeds", default=None,
                    help="comma-separated seeds: repeat every run with calibration windows drawn at random positions "
                         "(one draw per seed; the report adds mean and spread)")

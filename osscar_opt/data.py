@@ -160,19 +160,52 @@ def windows(
             f"the {split} split of {name!r} has {ids.size} tokens, fewer than one window of {seq_len}: "
             "use a longer text or a shorter --seq-len"
         )
+    starts = _window_starts(ids.size, n_windows, seq_len, seed, f"the {split} split of {name!r}")
+    return torch.as_tensor(np.stack([ids[s : s + seq_len] for s in starts]))
+
+
+def _window_starts(size: int, n_windows: int, seq_len: int, seed: int | None, what: str) -> np.ndarray:
+    """Where `windows` cuts its windows from `size` tokens: consecutively from
+    the start, or with a seed at starts drawn uniformly."""
     if seed is None:
-        available = ids.size // seq_len
+        available = size // seq_len
         if available < n_windows:
-            raise DataError(
-                f"the {split} split of {name!r} holds {available} windows of {seq_len} tokens, "
-                f"{n_windows} requested: ask for fewer windows or shorter ones"
-            )
-        out = ids[: n_windows * seq_len].reshape(n_windows, seq_len)
-    else:
-        rng = np.random.default_rng(seed)
-        starts = rng.integers(0, ids.size - seq_len + 1, size=n_windows)
-        out = np.stack([ids[s : s + seq_len] for s in starts])
-    return torch.as_tensor(out)
+            raise DataError(f"{what} holds {available} windows of {seq_len} tokens, {n_windows} requested: "
+                            "ask for fewer windows or shorter ones")
+        return np.arange(n_windows) * seq_len
+    return np.random.default_rng(seed).integers(0, size - seq_len + 1, size=n_windows)
+
+
+def validation_windows(tokenizer: Any, name: str = "pydoc", n_windows: int = 40, seq_len: int = 512,
+                     calibration_windows: int = 32, seed: int | None = None):
+    """A (n_windows, seq_len) LongTensor of calibration-half windows sharing no
+    token with those `calibration(tokenizer, name, calibration_windows,
+    seq_len, seed)` draws: the consecutive windows of the half, in order,
+    skipping any that overlaps one of them (without a seed, the windows right
+    after the calibration ones). For choices made on data the pruning did not
+    see (apply(select="validation")), never on the evaluation half."""
+    import torch
+
+    if n_windows < 1 or calibration_windows < 1 or seq_len < 1:
+        raise DataError(f"need n_windows, calibration_windows and seq_len >= 1, got {n_windows}, "
+                        f"{calibration_windows} and {seq_len}")
+    ids = token_ids(tokenizer, name, "calibration")
+    what = f"the calibration split of {name!r}"
+    if ids.size < seq_len:
+        raise DataError(f"{what} has {ids.size} tokens, fewer than one window of {seq_len}: use a longer text or "
+                        "a shorter --seq-len")
+    taken = np.zeros(ids.size + 1, dtype=np.int64)  # +1 at each calibration start, -1 past its end
+    for s in _window_starts(ids.size, calibration_windows, seq_len, seed, what):
+        taken[s] += 1
+        taken[s + seq_len] -= 1
+    used = np.cumsum(taken)[:-1] > 0
+    slots = ids.size // seq_len
+    free = np.flatnonzero(~used[: slots * seq_len].reshape(slots, seq_len).any(axis=1))
+    if free.size < n_windows:
+        raise DataError(f"{what} holds {free.size} windows of {seq_len} tokens apart from the "
+                        f"{calibration_windows} calibration ones, {n_windows} held-out requested: ask for fewer "
+                        "held-out or calibration windows, or shorter ones")
+    return torch.as_tensor(np.stack([ids[i * seq_len : (i + 1) * seq_len] for i in free[:n_windows]]))
 
 
 class Calibration:
@@ -256,20 +289,46 @@ def encoder_calibration(tokenizer: Any, source: str = "pydoc", nsamples: int = 3
     return paragraphs(tokenizer, source, n=nsamples * PARAGRAPHS_PER_SAMPLE, max_length=min(seq_len, 128), seed=seed)
 
 
+def _paragraph_pick(count: int, n: int, seed: int | None) -> np.ndarray:
+    """Which of `count` paragraphs `paragraphs(n=n, seed=seed)` takes, in order."""
+    if seed is None:
+        return np.arange(min(n, count))
+    return np.sort(np.random.default_rng(seed).choice(count, size=min(n, count), replace=False))
+
+
 def paragraphs(tokenizer: Any, source: str = "pydoc", n: int = 256, max_length: int = 128,
-               split: str = "calibration", seed: int | None = None, skip: int = 0) -> Calibration:
+               split: str = "calibration", seed: int | None = None) -> Calibration:
     """Calibration for encoders: paragraphs of the split tokenized like sentence
     inputs (special tokens, padding to max_length, attention mask); padded
-    positions are left out of the Gram matrices. The first n paragraphs (after
-    the first `skip`: held-out ones after a calibration), or with a seed n
-    drawn at random without replacement."""
-    texts = paragraph_texts(source, split, None if seed is not None else n + skip)[skip if seed is None else 0:]
-    if not texts:
-        raise DataError(f"the {_split_name(split)} half of {source!r} has no paragraph after the first {skip}: "
-                        "use fewer calibration samples")
-    if seed is not None:
-        pick = np.random.default_rng(seed).choice(len(texts), size=min(n, len(texts)), replace=False)
-        texts = [texts[i] for i in np.sort(pick)]
+    positions are left out of the Gram matrices. The first n paragraphs, or
+    with a seed n drawn at random without replacement."""
+    texts = paragraph_texts(source, split)
+    return _tokenized([texts[i] for i in _paragraph_pick(len(texts), n, seed)], tokenizer, source, split,
+                      max_length, seed)
+
+
+def validation_paragraph_texts(source: str = "pydoc", n: int = 256, calibration_paragraphs: int = 256,
+                               seed: int | None = None) -> list[str]:
+    """The encoder counterpart of `validation_windows`: the first n paragraphs
+    of the calibration half, in order, that `paragraphs(n=calibration_paragraphs,
+    seed=seed)` does not take."""
+    texts = paragraph_texts(source, "calibration")
+    left = np.setdiff1d(np.arange(len(texts)), _paragraph_pick(len(texts), calibration_paragraphs, seed))
+    if left.size == 0:
+        raise DataError(f"the calibration half of {source!r} has no paragraph apart from the "
+                        f"{calibration_paragraphs} calibration ones: use fewer calibration samples")
+    return [texts[i] for i in left[:n]]
+
+
+def validation_paragraphs(tokenizer: Any, source: str = "pydoc", n: int = 256, max_length: int = 128,
+                          calibration_paragraphs: int = 256, seed: int | None = None) -> Calibration:
+    """`validation_paragraph_texts` tokenized like `paragraphs`."""
+    return _tokenized(validation_paragraph_texts(source, n, calibration_paragraphs, seed), tokenizer, source,
+                      "calibration", max_length, None)
+
+
+def _tokenized(texts: list[str], tokenizer: Any, source: str, split: str, max_length: int,
+               seed: int | None) -> Calibration:
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     return Calibration(enc["input_ids"], source=source, split=_split_name(split), attention_mask=enc["attention_mask"], seed=seed,
                        tokenizer_name=getattr(tokenizer, "name_or_path", None), kind="paragraphs")

@@ -68,17 +68,14 @@ def prune_once(args: argparse.Namespace, sparsity: float, dense: dict | None = N
         dense = measure(model, tok, kind, args, speed=False)
     seq_len = min(args.seq_len, getattr(model.config, "max_position_embeddings", args.seq_len))
     if kind == "encoder":  # sentence-like inputs, padded tokens masked out of the Gram matrices
-        cal = data.encoder_calibration(tok, args.calib, args.nsamples, seq_len)
+        cal = data.encoder_calibration(tok, args.calib, args.nsamples, seq_len, seed=args.calib_seed)
     else:
         cal = data.calibration(tok, args.calib, args.nsamples, seq_len, seed=args.calib_seed)
     select = getattr(args, "select", "err")
     validation = None
-    if select == "validation" and kind == "encoder":  # the paragraphs after the calibration ones
-        validation = data.paragraphs(tok, args.calib, validation_windows(args), min(seq_len, 128),
-                                     skip=args.nsamples * data.PARAGRAPHS_PER_SAMPLE)
-    elif select == "validation":  # the windows after the (consecutive) calibration ones: disjoint from them
-        n = validation_windows(args)
-        validation = data.windows(tok, args.calib, "calibration", args.nsamples + n, seq_len)[args.nsamples:]
+    if select == "validation":  # calibration-half windows / paragraphs disjoint from the calibration ones
+        validation = held_out(tok, kind, args.calib, validation_windows(args), args.nsamples, seq_len,
+                              args.calib_seed)
     structures = _structures(args)
     report = apply(model, cal, _sparsity(args, sparsity), solver=args.solver, structures=structures,
                    sequential=not args.dense_activations, damping=args.damping, device=args.device,
@@ -232,12 +229,21 @@ def check_select(model: str, select: str, args: argparse.Namespace | None = None
                         ("--validate", getattr(args, "validate", None))):
         if select != "validation" and value is not None:
             raise CliError(f"{flag} belongs to --select validation: add --select validation, or leave it out")
-    if select == "validation":
-        if validation_windows(args) < 1:
-            raise CliError("--select validation needs at least one held-out window: --validation-windows 40")
-        if getattr(args, "calib_seed", None) is not None:
-            raise CliError("--select validation holds out the windows after consecutive calibration windows; "
-                           "with --calib-seed they could overlap: leave --calib-seed out")
+    if select == "validation" and validation_windows(args) < 1:
+        raise CliError("--select validation needs at least one held-out window: --validation-windows 40")
+
+
+def held_out(tok: Any, kind: str, source: str, n: int, nsamples: int, seq_len: int, seed: int | None) -> Any:
+    """The held-out inputs of --select validation: n calibration-half windows
+    (encoders: paragraphs) sharing nothing with the `nsamples` calibration
+    ones drawn with `seed` (`data.validation_windows`)."""
+    from . import data
+
+    if kind == "encoder":
+        return data.validation_paragraphs(tok, source, n, min(seq_len, 128), nsamples * data.PARAGRAPHS_PER_SAMPLE,
+                                          seed)
+    return data.Calibration(data.validation_windows(tok, source, n, seq_len, nsamples, seed), source=source,
+                            tokenizer_name=getattr(tok, "name_or_path", None))
 
 
 def prune_command(args: argparse.Namespace) -> int:

@@ -120,11 +120,42 @@ def test_seeded_paragraphs_are_a_reproducible_draw_of_the_split():
     assert len(drawn) == 16
     expected = {tok.decode(tok(t, truncation=True, max_length=32)["input_ids"], skip_special_tokens=True) for t in texts}
     assert drawn <= expected
-    # held-out paragraphs after the first ones: the next n, none of the first
-    after = data.paragraphs(tok, "pydoc", n=8, max_length=32, skip=16)
+    # validation paragraphs after consecutive ones: the next n
+    after = data.validation_paragraphs(tok, "pydoc", n=8, max_length=32, calibration_paragraphs=16)
     assert torch.equal(after.input_ids, data.paragraphs(tok, "pydoc", n=24, max_length=32).input_ids[16:])
-    with pytest.raises(data.DataError, match="no paragraph after the first"):
-        data.paragraphs(tok, "pydoc", n=8, max_length=32, skip=len(texts))
+    # after a seeded draw: the first n paragraphs it did not take, in order
+    held = data.validation_paragraph_texts("pydoc", n=40, calibration_paragraphs=200, seed=3)
+    picked = data.paragraphs(tok, "pydoc", n=200, max_length=512, seed=3)
+    picked = {tok.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(picked.input_ids, picked.attention_mask)}
+    plain = [tok.decode(tok(t, truncation=True, max_length=512)["input_ids"], skip_special_tokens=True) for t in held]
+    assert len(held) == 40 and not set(plain) & picked
+    rest = [t for t in texts if tok.decode(tok(t, truncation=True, max_length=512)["input_ids"],
+                                           skip_special_tokens=True) not in picked]
+    assert held == rest[:40]
+    with pytest.raises(data.DataError, match="no paragraph apart from the .* calibration ones: use fewer"):
+        data.validation_paragraphs(tok, "pydoc", n=8, max_length=32, calibration_paragraphs=len(texts))
+
+
+def test_validation_windows_share_no_token_with_the_calibration_windows():
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(models.embedded_path("minilm-l6")))
+    ids = data.token_ids(tok, "pydoc", "calibration")
+    L = 64
+    # consecutive calibration: the windows right after it
+    assert torch.equal(data.validation_windows(tok, "pydoc", 5, L, calibration_windows=10),
+                       data.windows(tok, "pydoc", "calibration", 15, L)[10:])
+    # a seeded draw: its windows start where the documented generator draws them...
+    starts = np.random.default_rng(7).integers(0, ids.size - L + 1, size=200)
+    cal = data.calibration(tok, "pydoc", 200, L, seed=7).input_ids
+    assert torch.equal(cal, torch.as_tensor(np.stack([ids[c : c + L] for c in starts])))
+    # ...and the validation windows are the first 60 slots of L tokens that overlap none of them
+    free = [i * L for i in range(ids.size // L) if all(abs(i * L - c) >= L for c in starts)]
+    val = data.validation_windows(tok, "pydoc", 60, L, calibration_windows=200, seed=7)
+    assert torch.equal(val, torch.as_tensor(np.stack([ids[f : f + L] for f in free[:60]])))
+    assert free[59] > 59 * L  # the draw did take slots among the first ones
+    with pytest.raises(data.DataError, match="apart from the 200 calibration ones, 5000 held-out requested"):
+        data.validation_windows(tok, "pydoc", 5000, L, calibration_windows=200, seed=7)
 
 
 def test_bench_prune_reports_seeded_runs_apart_with_mean_and_spread(tmp_path):

@@ -159,6 +159,28 @@ def test_prune_sweep_writes_a_quality_versus_sparsity_table(tmp_path, capsys):
     assert not (out / "model").exists()
 
 
+def test_prune_validates_on_paragraphs_apart_from_a_seeded_draw(tmp_path, capsys):
+    """--select validation with --calib-seed: the calibration paragraphs are the
+    seed's draw and the held-out ones the first paragraphs it did not take."""
+    import json
+
+    from osscar_opt import data
+    from osscar_opt.cli import main
+
+    out = tmp_path / "val"
+    assert main(["prune", "--model", "minilm-l6", "--sparsity", "0.4", "--nsamples", "4", "--calib-seed", "3",
+                 "--select", "validation", "--validation-windows", "16", "--validate", "heads,neurons", "--no-speed",
+                 "--out", str(out)]) == 0
+    assert "select=validation (heads, neurons)" in (out / "report.md").read_text()
+    report = json.loads((out / "report.json").read_text())["last_report"]
+    assert report["calibration"]["seed"] == 3 and report["calibration"]["windows"] == 32
+    assert report["validation"]["inputs"] == [16, 128] and report["validation"]["score"] == "1 - fidelity"
+    assert 0 < report["validation"]["sites"] <= 12  # 6 layers, heads and neurons
+    texts = data.paragraph_texts("pydoc", "calibration")
+    held = data.validation_paragraph_texts("pydoc", 16, 32, seed=3)
+    assert held != texts[32:48] and not set(held) & {texts[i] for i in data._paragraph_pick(len(texts), 32, 3)}
+
+
 def test_evaluate_model_offloaded_gives_the_same_perplexity_and_leaves_the_model(smollm2):
     """evaluate_model(offload=True) runs the real model block by block (on the
     CPU here; on CUDA in test_shaped) with the same perplexity, skips the

@@ -93,9 +93,11 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
     structures: pruned instead of the architecture's default (rows labelled
     with them, e.g. "osscar (query-heads,neurons)").
     validation_windows: also measure quality on that many calibration-half
-    windows (causal LMs: perplexity) or paragraphs (encoders: fidelity) after
-    those the calibration uses (consecutive calibration only), for choosing
-    the damping without the evaluation half.
+    windows (causal LMs: perplexity) or paragraphs (encoders: fidelity)
+    sharing nothing with those the calibration uses (consecutive calibration
+    only), for choosing the damping without the evaluation half; the same
+    inputs, drawn apart from each seed's calibration, are what
+    select="validation" scores.
     targets, target_damping, select, validate: apply()'s (rows other than its defaults,
     dense targets with a validated ridge and heads chosen by err, are
     labelled)."""
@@ -104,6 +106,7 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
     from .. import data, models
     from ..apply import PruneError, apply
     from ..evaluation import compare_latency, embedding_fidelity, evaluate_model, perplexity, sentence_embeddings
+    from ..prune_cli import held_out
 
     out = Path(out) if out else RESULTS
     writable_folder(out)
@@ -111,9 +114,9 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
     done = {(_label(r), r["sparsity"]) for r in _rows(log) if r.get("solver")}
     kind = models.EMBEDDED[model_name].kind if model_name in models.EMBEDDED else "causal-lm"
     vkey = "validation_perplexity" if kind == "causal-lm" else "validation_fidelity"
-    if select == "validation" and (not validation_windows or any(x is not None for x in calib_seeds)):
-        raise PruneError("select='validation' holds out the validation windows after consecutive calibration "
-                         "windows: give validation_windows (--validation-windows 40) and no calibration seeds")
+    if select == "validation" and not validation_windows:
+        raise PruneError("select='validation' scores its choices on held-out calibration-half windows: give "
+                         "validation_windows (--validation-windows 40)")
     if validate is not None and select != "validation":
         raise PruneError("validate names the structures select='validation' checks: add select='validation'")
     validate = None if validate is None else tuple(validate)
@@ -131,20 +134,24 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
         return data.calibration(tok, "pydoc", nsamples, seq, seed=seed)
 
     evaluation = data.windows(tok, "pydoc", "evaluation", 1, seq) if kind == "causal-lm" else None
-    validation = None  # after the calibration windows / paragraphs: disjoint from them
-    if validation_windows and kind == "causal-lm":
-        validation = data.windows(tok, "pydoc", "calibration", nsamples + validation_windows, seq)[nsamples:]
-    elif validation_windows and kind == "encoder":
-        n_cal = nsamples * data.PARAGRAPHS_PER_SAMPLE
-        validation = data.paragraph_texts("pydoc", "calibration")[n_cal : n_cal + validation_windows]
-        if not validation:
-            raise data.DataError(f"the pydoc calibration half has no paragraph after the {n_cal} calibration ones: "
-                                 "use a smaller --nsamples")
-        validation_reference = sentence_embeddings(dense_model, tok, validation)
-    held_out = None  # what select="validation" scores: the same windows / paragraphs
-    if select == "validation":
-        held_out = validation if kind == "causal-lm" else data.paragraphs(
-            tok, "pydoc", validation_windows, min(seq, 128), skip=nsamples * data.PARAGRAPHS_PER_SAMPLE)
+    held: dict = {}
+
+    def validation_for(seed: int | None):
+        """The calibration-half windows (encoders: paragraph texts and their dense
+        embeddings) sharing nothing with seed's calibration, and the same as the
+        inputs select="validation" scores; None without validation_windows."""
+        if not validation_windows:
+            return None, None, None
+        if seed not in held:
+            scored = held_out(tok, kind, "pydoc", validation_windows, nsamples, seq, seed)
+            if kind == "causal-lm":
+                held[seed] = scored.input_ids, None, scored
+            else:
+                texts = data.validation_paragraph_texts("pydoc", validation_windows,
+                                                        nsamples * data.PARAGRAPHS_PER_SAMPLE, seed)
+                held[seed] = texts, sentence_embeddings(dense_model, tok, texts), scored
+        return held[seed]
+
     dampings = [float(damping)] if isinstance(damping, (int, float)) else [float(x) for x in damping]
     targets = targets or "dense"  # what apply() picks for the embedded models (sequential transformers)
     for seed, damping, solver, s in itertools.product(calib_seeds, dampings, solvers, sparsities):
@@ -152,14 +159,16 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
         label = _label({"solver": solver, "damping": damping, "calib_seed": seed, "structures": tag,
                         "targets": targets, "target_damping": target_damping, "outliers": GramHooks.outliers,
                         "select": select, "validate": validate})
-        if (label, s) in (done if validation is None or seed is not None else validated):
+        if (label, s) in (done if not validation_windows or seed is not None else validated):
             continue
         cal = calibration_for(seed)
+        validation, validation_reference, scored = validation_for(seed)
         model, _ = models.load(model_name, dtype=torch.float32, device=device)
         t = time.perf_counter()
         report = apply(model, cal, s, solver=solver, device=device, progress=False, damping=damping,
                        structures=structures, targets=targets, target_damping=target_damping, select=select,
-                       validation=held_out, validate=validate)
+                       validation=scored if select == "validation" else None,
+                       validate=validate)
         seconds = time.perf_counter() - t
         res = evaluate_model(model, tok, kind=kind, n_windows=eval_windows, seq_len=seq, reference=reference)
         row = {"solver": solver, "sparsity": s, "damping": damping, "calib_seed": seed, "structures": tag,
@@ -170,7 +179,7 @@ def run(model_name: str = "smollm2-135m", solvers: Sequence[str] = DEFAULT_SOLVE
                "perplexity": res.get("perplexity"), "fidelity": res.get("fidelity")}
         if report.validation is not None:  # select="validation": the sites checked and those written from the start
             row["selection"] = {k: report.validation[k] for k in ("structures", "sites", "moved", "dense_score")}
-        if validation is not None and seed is None:
+        if validation is not None and seed is None:  # the damping choice (consecutive calibration only)
             if kind == "causal-lm":
                 row[vkey] = perplexity(model, validation)
             else:
