@@ -623,6 +623,9 @@ def apply(
     validation: held-out inputs for select="validation", none of them
         among the calibration: (n, seq_len) token ids, or for an encoder a
         `data.Calibration` (or a tokenizer's output) with its attention mask.
+        `data.validation_windows` / `data.validation_paragraphs` cut them
+        from the calibration half apart from a (seeded or consecutive)
+        calibration draw.
     validate: the structures select="validation" checks (default: the
         attention heads; ("heads", "neurons") also the FFN neurons).
     device: where the forward passes and the solver run (default: CPU). The

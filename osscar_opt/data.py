@@ -6,6 +6,9 @@ It is tokenized once and split by token position into two halves: the
 calibration half (first) and the evaluation half (second). Windows are cut
 from the start of a half, consecutively, so calibration and evaluation never
 overlap; a seed instead draws window starts at random inside the half.
+Held-out windows for choices made during pruning (`validation_windows`,
+`validation_paragraphs`) are the calibration half's windows or paragraphs
+that a calibration draw did not touch, never the evaluation half.
 
 Other sources: `wikitext2`, `c4`, `ptb` through the `datasets` package when it
 and the data are available locally, and local `.txt` / `.jsonl` files (split
@@ -177,7 +180,7 @@ def _window_starts(size: int, n_windows: int, seq_len: int, seed: int | None, wh
 
 
 def validation_windows(tokenizer: Any, name: str = "pydoc", n_windows: int = 40, seq_len: int = 512,
-                     calibration_windows: int = 32, seed: int | None = None):
+                       calibration_windows: int = 32, seed: int | None = None):
     """A (n_windows, seq_len) LongTensor of calibration-half windows sharing no
     token with those `calibration(tokenizer, name, calibration_windows,
     seq_len, seed)` draws: the consecutive windows of the half, in order,
