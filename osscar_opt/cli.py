@@ -426,7 +426,7 @@ def _prune_args(p: argparse.ArgumentParser):
                         "(default: ridge and shrinkage chosen per layer by two-fold validation)")
     p.add_argument("--calib-seed", type=non_negative_int, default=None,
                    help="draw the calibration windows at random positions of the calibration half with this seed "
-                        "(default: consecutive windows from its start)")
+                        "(encoders: paragraphs drawn at random; default: consecutive ones from its start)")
     p.add_argument("--damping", type=float, default=DAMPING,
                    help=f"ridge added to each Gram matrix, as a fraction of its mean diagonal (default {DAMPING})")
     p.add_argument("--device", default=None,
