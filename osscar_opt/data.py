@@ -152,6 +152,13 @@ def windows(
     """
     import torch
 
+    ids = _split_ids(tokenizer, name, split, n_windows, seq_len, seed)
+    starts = _window_starts(ids.size, n_windows, seq_len, seed, f"the {split} split of {name!r}")
+    return torch.as_tensor(np.stack([ids[s : s + seq_len] for s in starts]))
+
+
+def _split_ids(tokenizer: Any, name: str, split: str, n_windows: int, seq_len: int, seed: int | None) -> np.ndarray:
+    """The split's token ids, once the window arguments are checked."""
     if n_windows < 1 or seq_len < 1:
         raise DataError(f"need n_windows >= 1 and seq_len >= 1, got {n_windows} and {seq_len}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
@@ -159,12 +166,9 @@ def windows(
                         f"got {seed!r}")
     ids = token_ids(tokenizer, name, split)
     if ids.size < seq_len:
-        raise DataError(
-            f"the {split} split of {name!r} has {ids.size} tokens, fewer than one window of {seq_len}: "
-            "use a longer text or a shorter --seq-len"
-        )
-    starts = _window_starts(ids.size, n_windows, seq_len, seed, f"the {split} split of {name!r}")
-    return torch.as_tensor(np.stack([ids[s : s + seq_len] for s in starts]))
+        raise DataError(f"the {split} split of {name!r} has {ids.size} tokens, fewer than one window of {seq_len}: "
+                        "use a longer text or a shorter --seq-len")
+    return ids
 
 
 def _window_starts(size: int, n_windows: int, seq_len: int, seed: int | None, what: str) -> np.ndarray:
@@ -189,25 +193,16 @@ def validation_windows(tokenizer: Any, name: str = "pydoc", n_windows: int = 40,
     see (apply(select="validation")), never on the evaluation half."""
     import torch
 
-    if n_windows < 1 or calibration_windows < 1 or seq_len < 1:
-        raise DataError(f"need n_windows, calibration_windows and seq_len >= 1, got {n_windows}, "
-                        f"{calibration_windows} and {seq_len}")
-    ids = token_ids(tokenizer, name, "calibration")
-    what = f"the calibration split of {name!r}"
-    if ids.size < seq_len:
-        raise DataError(f"{what} has {ids.size} tokens, fewer than one window of {seq_len}: use a longer text or "
-                        "a shorter --seq-len")
-    taken = np.zeros(ids.size + 1, dtype=np.int64)  # +1 at each calibration start, -1 past its end
-    for s in _window_starts(ids.size, calibration_windows, seq_len, seed, what):
-        taken[s] += 1
-        taken[s + seq_len] -= 1
-    used = np.cumsum(taken)[:-1] > 0
+    ids = _split_ids(tokenizer, name, "calibration", min(n_windows, calibration_windows), seq_len, seed)
+    used = np.zeros(ids.size, dtype=bool)
+    for s in _window_starts(ids.size, calibration_windows, seq_len, seed, f"the calibration split of {name!r}"):
+        used[s : s + seq_len] = True
     slots = ids.size // seq_len
     free = np.flatnonzero(~used[: slots * seq_len].reshape(slots, seq_len).any(axis=1))
     if free.size < n_windows:
-        raise DataError(f"{what} holds {free.size} windows of {seq_len} tokens apart from the "
-                        f"{calibration_windows} calibration ones, {n_windows} held-out requested: ask for fewer "
-                        "held-out or calibration windows, or shorter ones")
+        raise DataError(f"the calibration split of {name!r} holds {free.size} windows of {seq_len} tokens apart "
+                        f"from the {calibration_windows} calibration ones, {n_windows} held-out requested: ask for "
+                        "fewer held-out or calibration windows, or shorter ones")
     return torch.as_tensor(np.stack([ids[i * seq_len : (i + 1) * seq_len] for i in free[:n_windows]]))
 
 
