@@ -45,7 +45,7 @@ from .errors import PruneError
 from .evaluate import evaluate, support_array
 from .loss_select import HeldOut, choose_by_loss, loss_curvature
 from .extract import (GramHooks, StateRecorder, _batches, as_calibration, as_structures, describe_calibration, keep_count,
-                      run_model, site_instance, token_mask)
+                      _Stop, _to, run_model, site_instance, token_mask)
 from .instance import DAMPING, DEFAULT_TARGETS, SELECT, TARGET_DAMPING, TARGETS, check_damping
 from .placement import fits_on, placed
 from .registry import solve
@@ -432,10 +432,6 @@ def _keep_for(site: Site, fraction: float) -> int | float:
     return max(1, int(round(keep_frac * site.n_groups)))
 
 
-class _Stop(Exception):
-    pass
-
-
 # keyword arguments of a block that carry a KV cache: never replayed
 _CACHE_KWARGS = ("use_cache", "past_key_values", "past_key_value", "cache", "layer_past")
 
@@ -502,18 +498,6 @@ def _within(prefix: str, path: str) -> str:
     if not path.startswith(prefix + "."):
         raise PruneError(f"{path} is not inside the block {prefix}")
     return path[len(prefix) + 1:]
-
-
-def _to(x: Any, device: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, tuple):
-        return tuple(_to(v, device) for v in x)
-    if isinstance(x, list):
-        return [_to(v, device) for v in x]
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    return x
 
 
 def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict, Any]], device: Any, keep_outputs: bool,
@@ -618,7 +602,10 @@ def apply(
         written: a causal LM's next-token loss, an encoder's 1 - cosine
         similarity of its mean-pooled embeddings to the dense model's (the
         model as pruned so far, the later layers still dense; two forward
-        passes of the validation inputs per such site). Solvers that report
+        passes of the validation inputs per such site through the blocks
+        from the site's on, the finished blocks' outputs recorded once and
+        reused, so a site at layer l costs about (L - l) / L of two full
+        passes, plus one pass over the whole run). Solvers that report
         no start keep their support; stacked MoE experts are not checked.
     validation: held-out inputs for select="validation", none of them
         among the calibration: (n, seq_len) token ids, or for an encoder a
@@ -778,13 +765,17 @@ def apply(
     model_home = next(model.parameters()).device
     block = home = None  # the sequential loop's current block and where it goes back (below)
 
-    def held_out_score() -> float:
+    def held_out_score(layer: int = 0) -> float:
         """The model's held-out score as it is now (`HeldOut`): all of it where
-        it fits (else where it is kept), the current block back on the device after."""
+        it fits (else where it is kept), the current block back on the device after.
+        The blocks before `layer` are finished: their held-out outputs are
+        recorded once and the score runs only the blocks from `layer` on."""
         there = dev if offload is not True and fits_on(model, dev) else model_home
         try:
             model.to(there)
-            return held_out(model, there)
+            finished = [] if isinstance(adapter, ConvAdapter) else [adapter.block(j) for j in range(layer)]
+            held_out.record(model, finished, there)
+            return held_out(model, there, skip=finished)
         finally:
             model.to(model_home)
             if block is not None:
@@ -838,7 +829,7 @@ def apply(
                             rows_k = torch.from_numpy(inst.rows_of(support_array(inst, k)))
                             w[rows_k] = original[rows_k]
                         set_weight_matrix(module, torch.as_tensor(np.asarray(w)) if not torch.is_tensor(w) else w)
-                        scores.append(held_out_score())
+                        scores.append(held_out_score(site.layer))
                 finally:
                     set_weight_matrix(module, original)
                 best = int(np.argmin(scores))  # a tie keeps the solver's
@@ -859,6 +850,8 @@ def apply(
                 rows[-1].setdefault("compare", {})[other] = None if alt.status.value == "ERROR" else alt.deployed_err
         keep = np.concatenate(keeps)
         remove_groups(model, site, keep, np.concatenate(weights) if len(weights) == len(views) else None)
+        if held_out is not None and site.layer < held_out.n_recorded:  # a recorded block changed
+            held_out.forget()
         status = ",".join(dict.fromkeys(r["status"] for r in rows))
         report.sites.append(SiteReport(site.layer, site.structure, site.consumer, site.n_groups, int(keep.size),
                                        float(np.mean([r["err"] for r in rows])), status,

@@ -463,6 +463,20 @@ def describe_calibration(calibration: Any) -> dict:
     return {"source": type(calibration).__name__}
 
 
+def _to(x: Any, device: Any, copy: bool = False) -> Any:
+    """`x` (a tensor, or tuples, lists and dicts of them) on `device`; with
+    copy, new tensors also where they are there already."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device, copy=copy)
+    if isinstance(x, tuple):
+        return tuple(_to(v, device, copy) for v in x)
+    if isinstance(x, list):
+        return [_to(v, device, copy) for v in x]
+    if isinstance(x, dict):
+        return {k: _to(v, device, copy) for k, v in x.items()}
+    return x
+
+
 class _Stop(Exception):
     pass
 

@@ -41,6 +41,7 @@ agrees (see `osscar_opt.apply`).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -50,6 +51,7 @@ import torch.nn as nn
 
 from .data import DataError
 from .errors import PruneError
+from .extract import _Stop, _to
 from .evaluate import evaluate, evaluate_masked, n_supports, support_array, supports
 from .instance import Instance
 
@@ -95,28 +97,110 @@ class HeldOut:
     next-token loss, or an encoder's 1 - mean cosine similarity of its
     mean-pooled embeddings to those of the model first scored (the dense
     one). `inputs`: a `Calibration` ((n, seq_len) ids, and for encoders
-    their attention mask)."""
+    their attention mask).
+
+    Scoring a pruned model again and again while its first blocks no longer
+    change (apply(select="validation") checks sites in block order) need not
+    rerun them: `record(model, blocks)` keeps the inputs' outputs of the last
+    of `blocks` (the model's first k), and `__call__(..., skip=blocks)` then
+    runs only the blocks after them, each skipped block standing in by the
+    recorded output. The score is the full pass's: the later blocks see the
+    same inputs. A later `record` with more blocks carries on from the
+    recorded ones; `forget()` drops them (call it when one of them changes)."""
 
     def __init__(self, inputs: Any, encoder: bool, batch_size: int = 8):
         self.ids = inputs.input_ids
         self.mask = getattr(inputs, "attention_mask", None)
         self.encoder, self.batch_size = encoder, batch_size
         self.reference: torch.Tensor | None = None
+        self.recorded: list = []  # per batch, the output of the last of the first `n_recorded` blocks (on the CPU)
+        self.n_recorded = 0
         if not encoder and self.ids.shape[1] < 2:
             raise DataError(f"validation windows of a causal LM need at least 2 tokens, got shape "
                             f"{tuple(self.ids.shape)}")
 
-    def __call__(self, model: nn.Module, device: Any = None) -> float:
+    def forget(self) -> None:
+        self.recorded, self.n_recorded = [], 0
+
+    def _batches(self, dev: torch.device):
+        for a in range(0, self.ids.shape[0], self.batch_size):
+            yield (self.ids[a : a + self.batch_size].to(dev),
+                   None if self.mask is None else self.mask[a : a + self.batch_size].to(dev))
+
+    def _forward(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> Any:
+        extra = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
+        return model(input_ids=ids, attention_mask=mask, **extra)
+
+    @contextlib.contextmanager
+    def _skipping(self, blocks: Sequence[nn.Module], dev: torch.device):
+        """Blocks `blocks` (the model's first ones, as recorded) return the
+        recorded output of the current batch instead of running; the batch
+        advances with each call of the first."""
+        if len(blocks) != self.n_recorded:
+            raise PruneError(f"{len(blocks)} blocks to skip, but the held-out outputs of {self.n_recorded} are "
+                             "recorded: call record() with those blocks first")
+        if not blocks:
+            yield
+            return
+        state = {"batch": -1, "out": None}
+
+        def first(*args, **kwargs):
+            state["batch"] += 1
+            state["out"] = _to(self.recorded[state["batch"]], dev, copy=True)  # a later block may write in place
+            return state["out"]
+
+        def rest(*args, **kwargs):
+            return state["out"]
+
+        for j, block in enumerate(blocks):
+            block.forward = first if j == 0 else rest  # the instance attribute shadows the class's forward
+        try:
+            yield
+        finally:
+            for block in blocks:
+                block.__dict__.pop("forward", None)
+
+    def record(self, model: nn.Module, blocks: Sequence[nn.Module], device: Any = None) -> None:
+        """Record the held-out outputs of the last of `blocks` (the model's
+        first blocks, as they are now and will stay while skipped), running
+        only those after the ones already recorded."""
+        if len(blocks) == self.n_recorded:
+            return
+        if len(blocks) < self.n_recorded:
+            self.forget()
+        if not blocks:
+            return
+        dev = torch.device(device) if device is not None else next(model.parameters()).device
+        outputs = []
+
+        def grab(module, args, output):
+            outputs.append(_to(output, "cpu"))
+            raise _Stop
+
+        handle = blocks[-1].register_forward_hook(grab)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), self._skipping(blocks[: self.n_recorded], dev):
+                for ids, mask in self._batches(dev):
+                    try:
+                        self._forward(model, ids, mask)
+                    except _Stop:
+                        pass
+        finally:
+            handle.remove()
+            model.train(was_training)
+        self.recorded, self.n_recorded = outputs, len(blocks)
+
+    def __call__(self, model: nn.Module, device: Any = None, skip: Sequence[nn.Module] = ()) -> float:
         dev = torch.device(device) if device is not None else next(model.parameters()).device
         total, count, pooled = 0.0, 0, []
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad():
-                for a in range(0, self.ids.shape[0], self.batch_size):
-                    ids = self.ids[a : a + self.batch_size].to(dev)
-                    mask = None if self.mask is None else self.mask[a : a + self.batch_size].to(dev)
-                    out = model(input_ids=ids, attention_mask=mask)
+            with torch.no_grad(), self._skipping(skip, dev):
+                for ids, mask in self._batches(dev):
+                    out = self._forward(model, ids, mask)
                     if self.encoder:
                         hidden = getattr(out, "last_hidden_state", None)
                         if hidden is None:

@@ -251,3 +251,63 @@ def test_select_validation_on_an_encoder_scores_embedding_fidelity_and_can_check
     assert score(bert) == pytest.approx(by_hand, rel=1e-6) and by_hand > 0  # pooled in fp32 there
     assert chosen[-1] is report.sites[-1]  # the last site's score is the pruned model's
     assert by_hand == pytest.approx(min(chosen[-1].selection["scores"]), rel=1e-4, abs=1e-7)
+
+
+def _three_layers(family):
+    from small_models import tiny_bert, tiny_gpt2, tiny_gpt_neox, tiny_llama_like, tiny_moe, tiny_opt
+
+    kind, _, name = family.partition(":")
+    return {"llama": lambda: tiny_llama(layers=3), "bert": lambda: tiny_bert(layers=3),
+            "opt": lambda: tiny_opt(layers=3), "gpt2": lambda: tiny_gpt2(layers=3),
+            "gpt_neox": lambda: tiny_gpt_neox(layers=3), "like": lambda: tiny_llama_like(name, layers=3),
+            "moe": lambda: tiny_moe(name, layers=3)}[kind]().eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "bert", "opt", "gpt2", "gpt_neox", "like:gemma2", "like:cohere",
+                                    "like:gemma3", "like:phi3", "moe:mixtral", "moe:deepseek_v3", "moe:gpt_oss"])
+def test_held_out_score_after_recorded_blocks_is_the_full_pass_score(family):
+    """Scoring from recorded outputs of the first k blocks gives the full
+    pass's score (sliding-window and full layers in turn, parallel residuals,
+    MoE routing, padded encoder inputs), the skipped blocks never run, a
+    longer record carries on from a shorter one, and a changed block is
+    seen once forgotten."""
+    from osscar_opt.adapters import adapter_for
+
+    model = _three_layers(family)
+    adapter = adapter_for(model)
+    encoder = family == "bert"
+    vocab = model.config.vocab_size
+    ids = random_tokens(7, 12, seed=4, vocab=vocab)  # 7 windows in batches of 3: a short last batch
+    mask = torch.ones_like(ids)
+    mask[:2, 8:] = 0
+    inputs = Calibration(ids, attention_mask=mask if encoder else None)
+    score = HeldOut(inputs, encoder=encoder, batch_size=3)
+    dense = score(model)  # the encoder's reference
+    blocks = [adapter.block(j) for j in range(adapter.n_layers)]
+    probes = [next(m for m in b.children()) for b in blocks]  # a submodule: runs only inside the block's forward
+    inner = []
+    handles = [p.register_forward_pre_hook(lambda m, a, j=j: inner.append(j)) for j, p in enumerate(probes)]
+    score.record(model, blocks[:1])
+    inner.clear()
+    assert score(model, skip=blocks[:1]) == pytest.approx(dense, rel=1e-6, abs=1e-9)
+    assert 0 not in inner and {1, 2} <= set(inner)
+    score.record(model, blocks[:2])  # carries on: block 0 stands in, block 1 runs
+    assert score.n_recorded == 2 and len(score.recorded) == 3
+    inner.clear()
+    assert score(model, skip=blocks[:2]) == pytest.approx(dense, rel=1e-6, abs=1e-9)
+    assert set(inner) == {2}
+    with pytest.raises(PruneError, match="2 are recorded: call record"):
+        score(model, skip=blocks[:1])
+    with torch.no_grad():  # block 1 changes: its recorded outputs are stale until forgotten
+        for p in blocks[1].parameters():
+            p.mul_(0.5)
+    changed = HeldOut(inputs, encoder=encoder, batch_size=3)
+    changed.reference = score.reference
+    full = changed(model)
+    assert full != pytest.approx(dense, rel=1e-6)
+    score.forget()
+    score.record(model, blocks[:2])
+    assert score(model, skip=blocks[:2]) == pytest.approx(full, rel=1e-6, abs=1e-9)
+    for h in handles:
+        h.remove()
+    assert not any("forward" in vars(b) for b in blocks)  # the blocks' own forward back
