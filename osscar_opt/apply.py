@@ -737,7 +737,7 @@ def apply(
         elif not isinstance(validation, Calibration):
             validation = Calibration(torch.as_tensor(as_calibration(validation)))
         _check_tokens(model, adapter, validation)
-        held_out = HeldOut(validation, encoder=isinstance(adapter, BertAdapter), batch_size=batch_size)
+        held_out = HeldOut(validation, encoder=isinstance(adapter, BertAdapter))
     dev = torch.device(device) if device is not None else torch.device("cpu")
     name = getattr(getattr(model, "config", None), "osscar_name", None) or \
         getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__

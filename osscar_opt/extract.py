@@ -481,6 +481,11 @@ class _Stop(Exception):
     pass
 
 
+def no_cache(model: nn.Module) -> dict:
+    """The keyword that turns a forward pass's KV cache off, where the model has one."""
+    return {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
+
+
 def run_model(model: nn.Module, adapter: Adapter, batch: Any, device: Any = None, stop_after: int | None = None) -> None:
     """Forward one batch through the model body (no task head), optionally
     stopping after block `stop_after`."""
@@ -496,7 +501,7 @@ def run_model(model: nn.Module, adapter: Adapter, batch: Any, device: Any = None
     try:
         with torch.no_grad():
             # no KV cache: blocks are re-run on captured inputs by the driver
-            extra = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
+            extra = no_cache(model)
             if isinstance(batch, dict):
                 body(**{k: v.to(device) if device is not None else v for k, v in batch.items()}, **extra)
             elif isinstance(batch, torch.Tensor) and not torch.is_floating_point(batch):

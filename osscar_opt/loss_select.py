@@ -51,7 +51,8 @@ import torch.nn as nn
 
 from .data import DataError
 from .errors import PruneError
-from .extract import _Stop, _to
+from .evaluation import scoring_batch
+from .extract import _Stop, _to, no_cache
 from .evaluate import evaluate, evaluate_masked, n_supports, support_array, supports
 from .instance import Instance
 
@@ -97,7 +98,8 @@ class HeldOut:
     next-token loss, or an encoder's 1 - mean cosine similarity of its
     mean-pooled embeddings to those of the model first scored (the dense
     one). `inputs`: a `Calibration` ((n, seq_len) ids, and for encoders
-    their attention mask).
+    their attention mask); `batch_size` windows at a time (default
+    `evaluation.scoring_batch` on the device first scored on, then kept).
 
     Scoring a pruned model again and again while its first blocks no longer
     change (apply(select="validation") checks sites in block order) need not
@@ -108,7 +110,7 @@ class HeldOut:
     same inputs. A later `record` with more blocks carries on from the
     recorded ones; `forget()` drops them (call it when one of them changes)."""
 
-    def __init__(self, inputs: Any, encoder: bool, batch_size: int = 8):
+    def __init__(self, inputs: Any, encoder: bool, batch_size: int | None = None):
         self.ids = inputs.input_ids
         self.mask = getattr(inputs, "attention_mask", None)
         self.encoder, self.batch_size = encoder, batch_size
@@ -123,13 +125,14 @@ class HeldOut:
         self.recorded, self.n_recorded = [], 0
 
     def _batches(self, dev: torch.device):
+        if self.batch_size is None:  # fixed at first use: recorded outputs follow the batches
+            self.batch_size = scoring_batch(self.ids.shape[1], dev)
         for a in range(0, self.ids.shape[0], self.batch_size):
             yield (self.ids[a : a + self.batch_size].to(dev),
                    None if self.mask is None else self.mask[a : a + self.batch_size].to(dev))
 
     def _forward(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> Any:
-        extra = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
-        return model(input_ids=ids, attention_mask=mask, **extra)
+        return model(input_ids=ids, attention_mask=mask, **no_cache(model))
 
     @contextlib.contextmanager
     def _skipping(self, blocks: Sequence[nn.Module], dev: torch.device):

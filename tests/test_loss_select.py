@@ -311,3 +311,26 @@ def test_held_out_score_after_recorded_blocks_is_the_full_pass_score(family):
     for h in handles:
         h.remove()
     assert not any("forward" in vars(b) for b in blocks)  # the blocks' own forward back
+
+
+def test_scoring_batches_hold_about_1024_tokens_on_a_cpu_and_give_the_same_scores():
+    """Perplexity and HeldOut score in batches of `scoring_batch` windows
+    (1024 tokens on a CPU, 8 windows on an accelerator) when not told, with
+    the scores of any other batching."""
+    from osscar_opt.evaluation import perplexity, scoring_batch
+
+    assert [scoring_batch(n, "cpu") for n in (128, 300, 512, 4096)] == [8, 3, 2, 1]
+    assert scoring_batch(512, "cuda") == scoring_batch(512, torch.device("cuda", 0)) == 8
+    model = tiny_llama()
+    windows = random_tokens(7, 300, seed=2)
+    calls = []
+    handle = model.model.register_forward_pre_hook(lambda m, a, k: calls.append(k["input_ids"].shape[0]),
+                                                   with_kwargs=True)
+    by_default = perplexity(model, windows)
+    assert calls == [3, 3, 1]
+    assert by_default == pytest.approx(perplexity(model, windows, batch_size=7), rel=1e-6)
+    calls.clear()
+    score = HeldOut(Calibration(windows), encoder=False)
+    assert score(model) == pytest.approx(HeldOut(Calibration(windows), encoder=False, batch_size=7)(model), rel=1e-6)
+    assert calls[:3] == [3, 3, 1] and score.batch_size == 3
+    handle.remove()
