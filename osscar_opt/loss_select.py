@@ -105,7 +105,7 @@ class HeldOut:
     change (apply(select="validation") checks sites in block order) need not
     rerun them: `record(model, blocks)` keeps the inputs' outputs of the last
     of `blocks` (the model's first k), and `__call__(..., skip=blocks)` then
-    runs only the blocks after them, each skipped block standing in by the
+    runs only the blocks after them, each skipped block returning the
     recorded output. The score is the full pass's: the later blocks see the
     same inputs. A later `record` with more blocks carries on from the
     recorded ones; `forget()` drops them (call it when one of them changes)."""
