@@ -42,6 +42,21 @@ def scoring_batch(seq_len: int, device: Any) -> int:
     return max(1, CPU_BATCH_TOKENS // max(1, int(seq_len)))
 
 
+def next_token_loss_sum(logits: torch.Tensor, ids: torch.Tensor,
+                        mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Sum of the next-token cross-entropies of (batch, seq_len) windows and
+    how many there are (positions whose label is padding left out; half-
+    precision logits scored in float32)."""
+    labels = ids[:, 1:].clone()
+    if mask is not None:
+        labels[mask[:, 1:] == 0] = -100
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                             ignore_index=-100, reduction="sum")
+    return loss, int((labels != -100).sum())
+
+
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int | None = None, device: Any = None) -> float:
     """exp(mean next-token loss) over (n, seq_len) windows of token ids
     (`batch_size` windows at a time; default `scoring_batch`)."""
@@ -52,11 +67,9 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int | None =
     with torch.no_grad():
         for a in range(0, windows.shape[0], batch_size):
             x = windows[a : a + batch_size].to(dev)
-            logits = model(input_ids=x, **no_cache(model)).logits.float()
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
+            loss, n = next_token_loss_sum(model(input_ids=x, **no_cache(model)).logits, x)
             total += float(loss)
-            count += x[:, 1:].numel()
+            count += n
     return math.exp(total / count)
 
 
@@ -72,8 +85,8 @@ def kl_divergence(reference: nn.Module, model: nn.Module, windows: torch.Tensor,
     with torch.no_grad():
         for a in range(0, windows.shape[0], batch_size):
             x = windows[a : a + batch_size].to(dev)
-            p = torch.log_softmax(reference(input_ids=x).logits[:, :-1].float(), dim=-1)
-            q = torch.log_softmax(model(input_ids=x).logits[:, :-1].float(), dim=-1)
+            p = torch.log_softmax(reference(input_ids=x, **no_cache(reference)).logits[:, :-1].float(), dim=-1)
+            q = torch.log_softmax(model(input_ids=x, **no_cache(model)).logits[:, :-1].float(), dim=-1)
             total += float((p.exp() * (p - q)).sum())
             count += p.shape[0] * p.shape[1]
     return total / count

@@ -51,7 +51,7 @@ import torch.nn as nn
 
 from .data import DataError
 from .errors import PruneError
-from .evaluation import scoring_batch
+from .evaluation import next_token_loss_sum, scoring_batch
 from .extract import _Stop, _to, no_cache
 from .evaluate import evaluate, evaluate_masked, n_supports, support_array, supports
 from .instance import Instance
@@ -79,18 +79,6 @@ class LossCurvature:
         first = float(np.einsum("ij,ij->", D, self.C))
         second = 0.5 * self.tokens * float(np.einsum("ij,ij->", instance.H @ D, D @ self.F))
         return first + second
-
-
-def _shifted_loss_sum(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropies and their count (padding excluded)."""
-    labels = ids[:, 1:].clone()
-    if mask is not None:
-        labels[mask[:, 1:] == 0] = -100
-    if logits.dtype not in (torch.float32, torch.float64):  # half-precision models: the loss in fp32
-        logits = logits.float()
-    loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                       ignore_index=-100, reduction="sum")
-    return loss, int((labels != -100).sum())
 
 
 class HeldOut:
@@ -219,7 +207,7 @@ class HeldOut:
                     if logits is None or logits.dim() != 3:
                         raise PruneError(f"{type(model).__name__} gives no next-token logits: choosing supports "
                                          "by a held-out loss needs a causal LM; use select='err'")
-                    loss, n = _shifted_loss_sum(logits, ids, mask)
+                    loss, n = next_token_loss_sum(logits, ids, mask)
                     total, count = total + float(loss), count + n
         finally:
             model.train(was_training)
@@ -274,7 +262,7 @@ def loss_curvature(model: nn.Module, consumers: Sequence[str], batches: Any, dev
                 if logits is None or logits.dim() != 3:
                     raise PruneError(f"{type(model).__name__} gives no next-token logits: choosing supports by the "
                                      "loss needs a causal LM; use select='err'")
-                loss, count = _shifted_loss_sum(logits, ids, mask)
+                loss, count = next_token_loss_sum(logits, ids, mask)
                 del logits
                 if count:
                     (loss / total).backward()

@@ -2,6 +2,7 @@
 and on a CNN trained on real data (scikit-learn's digits)."""
 
 import copy
+import math
 import re
 
 import numpy as np
@@ -733,6 +734,33 @@ def test_kl_divergence_is_zero_for_the_same_model_and_matches_torch_kl_div():
     expected = torch.nn.functional.kl_div(q, p, log_target=True, reduction="sum").item() / (3 * 15)
     got = kl_divergence(dense, pruned, tokens, batch_size=2)
     assert got > 0.0 and got == pytest.approx(expected, rel=1e-3)  # float32 logits against float64
+
+
+def test_the_next_token_loss_leaves_padding_out_and_is_what_perplexity_averages():
+    """The one next-token loss of perplexity() and the held-out check: each
+    position scores the token after it, a position whose next token is padding
+    is left out, half-precision logits are scored in float32; perplexity is
+    exp of its mean over every position, in any batching."""
+    from osscar_opt.evaluation import next_token_loss_sum, perplexity
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 11, generator=gen)
+    ids = torch.randint(0, 11, (2, 5), generator=gen)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    by_hand = [-torch.log_softmax(logits[b, t], -1)[ids[b, t + 1]] for b in range(2) for t in range(4)
+               if mask[b, t + 1]]
+    loss, n = next_token_loss_sum(logits, ids, mask)
+    assert n == 6 and loss.item() == pytest.approx(float(sum(by_hand)), rel=1e-6)
+    half, n_half = next_token_loss_sum(logits.half(), ids, mask)
+    assert half.dtype == torch.float32 and n_half == 6 and half.item() == pytest.approx(loss.item(), rel=1e-2)
+
+    model = tiny_llama()
+    tokens = random_tokens(3, 16, seed=4)
+    with torch.no_grad():
+        total, count = next_token_loss_sum(model(input_ids=tokens).logits, tokens)
+    assert count == 3 * 15
+    for batch in (1, 2, None):
+        assert perplexity(model, tokens, batch_size=batch) == pytest.approx(math.exp(total.item() / count), rel=1e-5)
 
 
 def test_compare_runs_other_solvers_on_every_site_and_writes_only_the_solvers_support():
