@@ -42,11 +42,11 @@ from .adapters import (Adapter, BertAdapter, ConvAdapter, Site, adapter_for, exp
                        text_config, weight_matrix)
 from .data import Calibration, DataError
 from .errors import PruneError
-from .evaluate import evaluate, support_array
+from .evaluate import evaluate, evaluate_masked
 from .loss_select import HeldOut, choose_by_loss, loss_curvature
 from .extract import (GramHooks, StateRecorder, _batches, as_calibration, as_structures, describe_calibration, keep_count,
                       _Stop, _to, run_model, site_instance, token_mask)
-from .instance import DAMPING, DEFAULT_TARGETS, SELECT, TARGET_DAMPING, TARGETS, check_damping
+from .instance import DAMPING, Instance, DEFAULT_TARGETS, SELECT, TARGET_DAMPING, TARGETS, check_damping
 from .placement import fits_on, placed
 from .registry import solve
 
@@ -367,7 +367,6 @@ def check_sizes(solver: str, solver_params: dict, model: nn.Module, plan: Sequen
     max_supports) would otherwise fail at the first large layer, after
     pruning the ones before it. Each distinct shape is shown to the solver's
     `skip` as an instance of that size (identity H)."""
-    from .instance import Instance
     from .registry import Solver, available_solver, make_params
 
     cls = available_solver(solver)
@@ -515,6 +514,19 @@ def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict, Any]], device: 
                 outs.append(((hidden.to("cpu"),) + tuple(args[1:]), by_kind, mask))
     return outs
 
+
+
+def _deployed(inst: Instance, keep: Any, refit: bool, device: Any = None) -> tuple[np.ndarray, float, np.ndarray]:
+    """(support, err, weights) as a solver with the same rule deploys it: the
+    refit weights, or for a method that does not refit W_hat with the other
+    rows zeroed and the err of those."""
+    ev = evaluate(inst, keep, device=device)
+    if refit:
+        return np.asarray(ev.keep, dtype=np.int64), ev.err, ev.weights
+    weights = np.zeros_like(inst.W)
+    rows = inst.rows_of(ev.keep)
+    weights[rows] = inst.W[rows]
+    return np.asarray(ev.keep, dtype=np.int64), evaluate_masked(inst, ev.keep)[1], weights
 
 def apply(
     model: nn.Module,
@@ -817,18 +829,14 @@ def apply(
                 site.structure in validated else None
             if start_keep is not None and sorted(start_keep) != sorted(keep.tolist()):
                 t = time.perf_counter()
-                ev = evaluate(inst, start_keep, device=device)
+                start = _deployed(inst, start_keep, refit="err_no_refit" not in sol.info, device=device)
                 module = model.get_submodule(view.consumer)
                 original = weight_matrix(module).clone()
-                candidates = [(keep, err, picked), (np.asarray(ev.keep, dtype=np.int64), ev.err, ev.weights)]
+                candidates = [(keep, err, picked), start]
                 scores = []
                 try:
-                    for k, _, w in candidates:
-                        if w is None:  # the consumer's own rows on the support, unrefit (as remove_groups writes)
-                            w = torch.zeros_like(original)
-                            rows_k = torch.from_numpy(inst.rows_of(support_array(inst, k)))
-                            w[rows_k] = original[rows_k]
-                        set_weight_matrix(module, torch.as_tensor(np.asarray(w)) if not torch.is_tensor(w) else w)
+                    for _, _, w in candidates:
+                        set_weight_matrix(module, torch.as_tensor(np.asarray(w)))
                         scores.append(held_out_score(site.layer))
                 finally:
                     set_weight_matrix(module, original)

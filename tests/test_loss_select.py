@@ -216,6 +216,40 @@ def test_select_validation_writes_the_support_or_start_of_lower_held_out_loss():
         assert all(torch.equal(before[k], v) for k, v in llama.state_dict().items()), message
 
 
+def test_select_validation_scores_a_solver_that_does_not_refit_with_unrefit_weights():
+    """A registered solver that deploys W_hat unrefit (refits=False) and reports
+    a greedy start: both candidates are scored, and written, as that solver
+    deploys them, so every kept row is the dense model's own row."""
+    from osscar_opt.adapters import adapter_for, weight_matrix
+    from osscar_opt.osscar import Osscar
+    from osscar_opt.registry import _REGISTRY, register
+
+    class UnrefitOsscar(Osscar):
+        name = "osscar-unrefit-test"
+        refits = False
+
+    cal, val = random_tokens(8, 16, seed=1), random_tokens(6, 16, seed=7)
+    dense = ARCHITECTURES["gpt2"]()
+    model = copy.deepcopy(dense)
+    register(UnrefitOsscar)
+    try:
+        report = apply(model, cal, 0.5, solver=UnrefitOsscar.name, progress=False, structures=("heads",),
+                       stage_fraction=1.0, targets="layer", select="validation", validation=val)
+    finally:
+        _REGISTRY.pop(UnrefitOsscar.name, None)
+    chosen = [s for s in report.sites if s.selection is not None]
+    assert report.validation["sites"] == len(chosen) >= 1 and report.validation["moved"] >= 1  # a start written
+    size = adapter_for(dense).site("heads", 0).group_size
+    for s in report.sites:
+        rows = torch.cat([torch.arange(g * size, (g + 1) * size) for g in s.keep])
+        assert torch.equal(weight_matrix(model.get_submodule(s.module)),
+                           weight_matrix(dense.get_submodule(s.module))[rows])
+    for s in chosen:
+        assert s.keep == s.selection["candidates"][int(np.argmin(s.selection["scores"]))]
+    final = HeldOut(Calibration(val), encoder=False)(model)
+    assert final == pytest.approx(min(chosen[-1].selection["scores"]), rel=1e-5)
+
+
 def test_select_validation_on_an_encoder_scores_embedding_fidelity_and_can_check_neurons():
     """An encoder's held-out score is 1 - the mean cosine of its mean-pooled
     embeddings (padding masked) to the dense model's; validate=("heads",
