@@ -42,11 +42,11 @@ from .adapters import (Adapter, BertAdapter, ConvAdapter, Site, adapter_for, exp
                        text_config, weight_matrix)
 from .data import Calibration, DataError
 from .errors import PruneError
-from .evaluate import evaluate, evaluate_masked
+from .evaluate import deployed
 from .loss_select import HeldOut, choose_by_loss, loss_curvature
 from .extract import (GramHooks, StateRecorder, _batches, as_calibration, as_structures, describe_calibration, keep_count,
                       _Stop, _to, run_model, site_instance, token_mask)
-from .instance import DAMPING, Instance, DEFAULT_TARGETS, SELECT, TARGET_DAMPING, TARGETS, check_damping
+from .instance import DAMPING, DEFAULT_TARGETS, SELECT, TARGET_DAMPING, TARGETS, check_damping
 from .placement import fits_on, placed
 from .registry import solve
 
@@ -367,6 +367,7 @@ def check_sizes(solver: str, solver_params: dict, model: nn.Module, plan: Sequen
     max_supports) would otherwise fail at the first large layer, after
     pruning the ones before it. Each distinct shape is shown to the solver's
     `skip` as an instance of that size (identity H)."""
+    from .instance import Instance
     from .registry import Solver, available_solver, make_params
 
     cls = available_solver(solver)
@@ -514,19 +515,6 @@ def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict, Any]], device: 
                 outs.append(((hidden.to("cpu"),) + tuple(args[1:]), by_kind, mask))
     return outs
 
-
-
-def _deployed(inst: Instance, keep: Any, refit: bool, device: Any = None) -> tuple[np.ndarray, float, np.ndarray]:
-    """(support, err, weights) as a solver with the same rule deploys it: the
-    refit weights, or for a method that does not refit W_hat with the other
-    rows zeroed and the err of those."""
-    ev = evaluate(inst, keep, device=device)
-    if refit:
-        return np.asarray(ev.keep, dtype=np.int64), ev.err, ev.weights
-    weights = np.zeros_like(inst.W)
-    rows = inst.rows_of(ev.keep)
-    weights[rows] = inst.W[rows]
-    return np.asarray(ev.keep, dtype=np.int64), evaluate_masked(inst, ev.keep)[1], weights
 
 def apply(
     model: nn.Module,
@@ -829,10 +817,10 @@ def apply(
                 site.structure in validated else None
             if start_keep is not None and sorted(start_keep) != sorted(keep.tolist()):
                 t = time.perf_counter()
-                start = _deployed(inst, start_keep, refit="err_no_refit" not in sol.info, device=device)
+                S0, w0, err0 = deployed(inst, start_keep, refits="err_no_refit" not in sol.info, device=device)
                 module = model.get_submodule(view.consumer)
                 original = weight_matrix(module).clone()
-                candidates = [(keep, err, picked), start]
+                candidates = [(keep, err, picked), (np.asarray(S0, dtype=np.int64), err0, w0)]
                 scores = []
                 try:
                     for _, _, w in candidates:

@@ -144,3 +144,25 @@ def evaluate_masked(instance: Instance, keep_groups: Sequence[int] | np.ndarray)
         quad = 0.5 * float(np.einsum("ij,ij->", Wp, instance.H[np.ix_(rows, rows)] @ Wp))
     objective = quad + instance.full_objective
     return objective, err_of_objective(instance, objective)
+
+
+def masked_weights(instance: Instance, keep_groups: Sequence[int] | np.ndarray) -> np.ndarray:
+    """W_hat with the pruned groups' rows zeroed: what a method that does not
+    refit deploys on the support."""
+    rows = instance.rows_of(support_array(instance, keep_groups))
+    weights = np.zeros_like(instance.W)
+    weights[rows] = instance.W[rows]
+    return weights
+
+
+def deployed(instance: Instance, keep_groups: Sequence[int] | np.ndarray, refits: bool = True,
+             device: str | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """(support, weights, err) as a method deploys the support: its refit
+    weights and err(S), or for a method that does not refit, `masked_weights`
+    and their err (`evaluate_masked`)."""
+    if refits:
+        ev = evaluate(instance, keep_groups, device=device)
+        return ev.keep, ev.weights, ev.err
+    S = support_array(instance, keep_groups)
+    return S, masked_weights(instance, S), evaluate_masked(instance, S)[1]
+

@@ -53,7 +53,7 @@ from .data import DataError
 from .errors import PruneError
 from .evaluation import next_token_loss_sum, scoring_batch
 from .extract import _Stop, _to, no_cache
-from .evaluate import evaluate, evaluate_masked, n_supports, support_array, supports
+from .evaluate import deployed, n_supports, supports
 from .instance import Instance
 
 MAX_ENUMERATE = 512  # score every feasible support up to this many, else swap from the solver's
@@ -324,14 +324,7 @@ def choose_by_loss(instance: Instance, start: Sequence[int], curvature: LossCurv
 
     def score(S: tuple[int, ...]) -> float:
         if S not in cache:
-            if refits:
-                ev = evaluate(instance, S, device=device)
-                weights, err = ev.weights, ev.err
-            else:
-                weights = np.zeros_like(instance.W)
-                rows = instance.rows_of(support_array(instance, S))
-                weights[rows] = instance.W[rows]
-                err = evaluate_masked(instance, S)[1]
+            _, weights, err = deployed(instance, S, refits, device=device)
             cache[S] = (curvature.estimate(instance, weights), weights, err)
         return cache[S][0]
 

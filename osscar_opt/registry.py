@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .errors import InstanceError, SolverError
-from .evaluate import evaluate, evaluate_masked, support_array
+from .evaluate import evaluate, evaluate_masked, masked_weights, support_array
 from .instance import Instance
 from .linalg import cpu_threads, spare_thread_cap
 
@@ -433,9 +433,7 @@ def finish(
         bound = ev.objective
     weights = ev.weights
     if not refits:
-        rows = instance.rows_of(S)
-        weights = np.zeros_like(instance.W)
-        weights[rows] = instance.W[rows]
+        weights = masked_weights(instance, S)
         result.info["objective_no_refit"], result.info["err_no_refit"] = evaluate_masked(instance, S)
     return Solution(
         solver, status, S, ev.objective, ev.err, weights, bound, seconds, params, device,

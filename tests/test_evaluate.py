@@ -69,3 +69,22 @@ def test_evaluation_on_cuda_gives_the_cpu_values(small_instance):
     gpu = oo.evaluate(small_instance, S, device="cuda")
     assert gpu.objective == pytest.approx(cpu.objective, rel=1e-12)
     np.testing.assert_allclose(gpu.weights, cpu.weights, rtol=1e-9, atol=1e-12)
+
+
+def test_deployed_is_the_refit_or_the_target_rows_on_the_support():
+    """What a method deploys on a support: with refit, the evaluator's weights
+    and err; without, W_hat's rows of the kept groups (the rest zero), whose
+    err is evaluate_masked's and its quadratic form's."""
+    from conftest import random_instance
+    from osscar_opt.evaluate import deployed, evaluate, evaluate_masked
+
+    inst = random_instance(np.random.default_rng(3), p=6, group_size=2, keep=3)
+    S, W, err = deployed(inst, [4, 0, 2])
+    ev = evaluate(inst, [0, 2, 4])
+    assert S.tolist() == [0, 2, 4] and err == ev.err and np.array_equal(W, ev.weights)
+    S, W, err = deployed(inst, [4, 0, 2], refits=False)
+    rows = np.concatenate([np.arange(2 * g, 2 * g + 2) for g in (0, 2, 4)])
+    assert np.array_equal(W[rows], inst.W[rows]) and not np.delete(W, rows, axis=0).any()
+    D = W - inst.W
+    by_hand = 0.5 * np.einsum("ij,ij->", D, inst.H @ D) / -inst.full_objective
+    assert err == evaluate_masked(inst, S)[1] and err == pytest.approx(by_hand, rel=1e-10) and err > ev.err
